@@ -1,0 +1,110 @@
+"""Projected gradient descent (Madry et al. 2018) and FGSM (Goodfellow et al. 2015)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from robcomp.attacks.base import ATTACKS
+from robcomp.attacks.norms import NormName, get_norm
+
+
+@ATTACKS.register("pgd")
+@dataclass(frozen=True, kw_only=True)
+class PGD:
+    """Projected gradient ascent on the cross-entropy (Madry et al. 2018, "Towards Deep Learning
+    Models Resistant to Adversarial Attacks").
+
+    Attributes:
+        eps: radius of the threat model, in pixel units of [0, 1] inputs.
+        norm: ``linf`` or ``l2``.
+        steps: gradient steps per restart.
+        step_size: size of each step; default ``2.5 * eps / steps`` (Madry et al.).
+        random_start: start from a uniform point in the eps ball instead of ``x``.
+        restarts: independent runs; a point counts as broken if any run breaks it.
+        seed: seeds the random starts, so the attack is deterministic.
+    """
+
+    eps: float
+    norm: NormName = "linf"
+    steps: int = 10
+    step_size: float | None = None
+    random_start: bool = True
+    restarts: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.eps < 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        if self.steps < 1 or self.restarts < 1:
+            raise ValueError("steps and restarts must be >= 1")
+        get_norm(self.norm)
+
+    @property
+    def alpha(self) -> float:
+        return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
+
+    def label(self) -> str:
+        return f"pgd{self.steps}-{self.norm}"
+
+    def _run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        norm = get_norm(self.norm)
+        delta = norm.random_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
+        x_adv = (x + delta).clamp(0.0, 1.0)
+        for _ in range(self.steps):
+            x_adv.requires_grad_(True)
+            # Summed loss: each sample's gradient is independent of the batch size.
+            loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            with torch.no_grad():
+                step = x_adv + self.alpha * norm.ascent(grad)
+                x_adv = (x + norm.project(step - x, self.eps)).clamp(0.0, 1.0)
+        return x_adv.detach()
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        generator = torch.Generator().manual_seed(self.seed)
+        x_best = x.clone()
+        todo = torch.ones(len(x), dtype=torch.bool)  # points no restart has broken yet
+        for _ in range(self.restarts):
+            idx = todo.nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            x_adv = self._run(model, x[idx], y[idx], generator)
+            x_best[idx] = x_adv
+            with torch.no_grad():
+                broken = model(x_adv).argmax(1) != y[idx]
+            todo[idx[broken]] = False
+        return x_best
+
+
+@ATTACKS.register("fgsm")
+@dataclass(frozen=True, kw_only=True)
+class FGSM:
+    """The fast gradient sign method (Goodfellow et al. 2015): PGD with one full step.
+
+    With ``norm="l2"`` it is the fast gradient method (one step of size eps along the gradient).
+    """
+
+    eps: float
+    norm: NormName = "linf"
+    random_start: bool = False
+    seed: int = 0
+
+    def label(self) -> str:
+        return f"fgsm-{self.norm}"
+
+    def as_pgd(self) -> PGD:
+        return PGD(
+            eps=self.eps,
+            norm=self.norm,
+            steps=1,
+            step_size=self.eps,
+            random_start=self.random_start,
+            seed=self.seed,
+        )
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return self.as_pgd()(model, x, y)

@@ -1,0 +1,251 @@
+"""The robcomp command line. Thin: each command parses, calls one public function, prints."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from robcomp.config import ConfigError, parse_override
+from robcomp.data.base import DatasetNotFound
+from robcomp.registry import RegistryError
+
+app = typer.Typer(
+    help="robcomp: how much robustness does compression cost, and which method keeps the most?",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+USER_ERRORS = (ConfigError, DatasetNotFound, RegistryError, FileNotFoundError, ValueError)
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key, e.g. --set train.epochs=3 (repeatable)."),
+]
+
+
+def user_errors(fn: F) -> F:
+    """Show mistakes a user can fix as one red message and exit 2, without a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@app.callback()
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each epoch and cell.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+
+
+def _run_and_report(source: Path | dict[str, Any], overrides: list[str], out: Path) -> None:
+    from robcomp import progress
+    from robcomp.experiments import STORE_NAME, load_experiment, run_experiment
+    from robcomp.report import leaderboard_rows, leaderboard_table, write_report
+    from robcomp.experiments.store import ResultStore
+
+    experiment = load_experiment(source, overrides)
+    console.print(f"[bold]{experiment.name}[/]: {len(experiment.cells)} cells -> {out}")
+    start = time.perf_counter()
+    with progress.display(console):
+        summary = run_experiment(experiment, out)
+    console.print(
+        f"ran {summary.ran} cells, skipped {summary.skipped} already done, "
+        f"{len(summary.failed)} failed, in {time.perf_counter() - start:.1f} s"
+    )
+    for failed in summary.failed:
+        console.print(f"[red]cell {failed.cell_id} failed:[/] {failed.error}", highlight=False)
+    files = write_report(out / STORE_NAME, out / "report")
+    console.print(leaderboard_table(leaderboard_rows(ResultStore(out / STORE_NAME))))
+    console.print(f"report: {files.csv}, {files.json}, {files.plot}")
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("robcomp-quickstart"),
+    fresh: Annotated[bool, typer.Option(help="Delete earlier results in OUT first.")] = False,
+    set_: SetOption = None,
+) -> None:
+    """Train a tiny CNN on digits, prune it at 0/50/80/90 %, attack it, and report (~1 min)."""
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    text = resources.files("robcomp").joinpath("configs/quickstart.yaml").read_text()
+    _run_and_report(yaml.safe_load(text), set_ or [], out)
+
+
+@app.command()
+@user_errors
+def run(
+    file: Annotated[Path, typer.Argument(help="Experiment YAML (base config + grid).")],
+    out: Annotated[Path | None, typer.Option(help="Output folder [default: runs/NAME].")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Run every cell of an experiment file; finished cells are skipped, so reruns resume."""
+    from robcomp.experiments import load_experiment
+
+    if out is None:
+        out = Path("runs") / load_experiment(file, set_ or []).name
+    _run_and_report(file, set_ or [], out)
+
+
+@app.command()
+@user_errors
+def train(
+    file: Annotated[Path | None, typer.Argument(help="Optional experiment YAML to start from.")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset name.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model name or module:callable.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
+    out: Annotated[Path, typer.Option(help="Checkpoint folder.")] = Path("robcomp-model"),
+    set_: SetOption = None,
+) -> None:
+    """Train one model and save it as a checkpoint (safetensors + spec + history + config)."""
+    from robcomp import progress
+    from robcomp.config import load_yaml, set_dotted, to_dict
+    from robcomp.data import get
+    from robcomp.evaluate import accuracy
+    from robcomp.experiments.runner import build_model
+    from robcomp.experiments.spec import resolve
+    from robcomp.models import save_checkpoint
+    from robcomp.train import fit
+
+    raw: dict[str, Any] = load_yaml(file) if file else {}
+    raw.pop("grid", None)
+    for key, value in (("data.name", data), ("model.name", model), ("train.epochs", epochs)):
+        if value is not None:
+            raw = set_dotted(raw, key, value)
+    for text in set_ or []:
+        raw = set_dotted(raw, *parse_override(text))
+    cfg = resolve(raw, str(file or "train"))
+    splits = get(cfg.data, seed=cfg.seed)
+    console.print(splits.summary())
+    net, spec = build_model(cfg, splits)
+    with progress.display(console):
+        history = fit(net, splits, cfg.train, seed=cfg.seed)
+    save_checkpoint(net, out, spec)
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (out / "history.json").write_text(json.dumps(history.as_dict(), indent=2))
+    console.print(
+        f"test accuracy {100 * accuracy(net, splits.test):.2f}% "
+        f"(best epoch {history.best_epoch}); saved to {out}"
+    )
+
+
+def _parse_attack(text: str) -> dict[str, Any]:
+    """``pgd:eps=8/255,steps=20`` -> ``{"name": "pgd", "eps": "8/255", "steps": 20}``."""
+    name, _, rest = text.partition(":")
+    spec: dict[str, Any] = {"name": name.strip()}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, value = parse_override(item)
+        spec[key] = value
+    return spec
+
+
+@app.command()
+@user_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="Folder written by `robcomp train`.")],
+    attack: Annotated[
+        list[str] | None,
+        typer.Option(help="NAME:key=value,... e.g. pgd:eps=8/255,steps=20 (repeatable)."),
+    ] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset [default: the checkpoint's].")] = None,
+    limit: Annotated[int | None, typer.Option(help="Attack at most this many test points.")] = None,
+    seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+) -> None:
+    """Clean and robust accuracy of a saved model on the test split, threat model checked."""
+    from robcomp import progress
+    from robcomp.attacks import ATTACKS
+    from robcomp.config import build_component, load_yaml
+    from robcomp.data import get
+    from robcomp.evaluate import accuracy, evaluate_attack
+    from robcomp.models import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    config_path = checkpoint / "config.yaml"
+    data_spec: Any = data or (load_yaml(config_path)["data"] if config_path.is_file() else None)
+    if data_spec is None:
+        raise ConfigError(f"{checkpoint}: no config.yaml to tell the dataset; pass --data NAME")
+    splits = get(data_spec, seed=seed)
+    attacks = [
+        build_component(ATTACKS, _parse_attack(a), f"--attack {a}")
+        for a in (attack or ["pgd:eps=0.1"])
+    ]
+    table = Table(title=f"{checkpoint} on {splits.name}")
+    for col in ("attack", "eps", "clean %", "robust %", "median norm", "seconds"):
+        table.add_column(col, justify="right")
+    table.add_row("none", "0", f"{100 * accuracy(model, splits.test):.2f}", "", "", "")
+    with progress.display(console):
+        for atk in attacks:
+            r = evaluate_attack(model, atk, splits.test.head(limit))
+            table.add_row(
+                r.attack, f"{r.eps:.4g}", f"{100 * r.clean_accuracy:.2f}",
+                f"{100 * r.robust_accuracy:.2f}", f"{r.median_norm:.4g}", f"{r.seconds:.1f}",
+            )  # fmt: skip
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def report(
+    folder: Annotated[Path, typer.Argument(help="Output folder of `robcomp run`.")],
+) -> None:
+    """Print the leaderboard and write CSV, JSON and the robustness plot into FOLDER/report."""
+    from robcomp.experiments import STORE_NAME, ResultStore
+    from robcomp.report import leaderboard_rows, leaderboard_table, write_report
+
+    store_path = folder / STORE_NAME
+    if not store_path.is_file():
+        raise FileNotFoundError(f"{store_path}: no results here; run `robcomp run FILE` first")
+    files = write_report(store_path, folder / "report")
+    console.print(leaderboard_table(leaderboard_rows(ResultStore(store_path))))
+    console.print(f"report: {files.csv}, {files.json}, {files.plot}")
+
+
+KINDS = ("datasets", "models", "attacks", "compressors", "objectives")
+
+
+@app.command(name="list")
+@user_errors
+def list_(
+    kind: Annotated[str | None, typer.Argument(help=f"One of: {', '.join(KINDS)}.")] = None,
+) -> None:
+    """List registered components (what an experiment file can name)."""
+    from robcomp.attacks import ATTACKS
+    from robcomp.compress import COMPRESSORS
+    from robcomp.data import DATASETS
+    from robcomp.models import MODELS
+    from robcomp.train import OBJECTIVES
+
+    registries = dict(zip(KINDS, (DATASETS, MODELS, ATTACKS, COMPRESSORS, OBJECTIVES)))
+    if kind is not None and kind not in registries:
+        raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+    for name, registry in registries.items():
+        if kind in (None, name):
+            console.print(f"[bold]{name}[/]: {', '.join(registry.names())}")

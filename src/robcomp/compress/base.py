@@ -1,0 +1,41 @@
+"""The Compressor protocol, its Record, and the compressor registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import nn
+
+from robcomp.data.base import DataSplits
+from robcomp.registry import Registry
+
+COMPRESSORS: Registry[Any] = Registry("compressor")
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a compressor did and what the result costs."""
+
+    method: str
+    params: int
+    nonzero_params: int
+    bits: int
+    size_bytes: int
+    sparse_bytes: int
+    macs: int
+    seconds: float
+    details: dict[str, Any]
+
+
+class Compressor(Protocol):
+    """``compressor(model, data) -> (new_model, record)``; the input model is never modified.
+
+    A compressor may leave reparametrizations (such as pruning masks) on the returned model so
+    that fine-tuning keeps the compression; :func:`robcomp.compress.finalize` makes them
+    permanent.
+    """
+
+    def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]: ...
+
+    def label(self) -> str: ...

@@ -1,0 +1,239 @@
+"""Typed configuration: YAML and dotted overrides mapped onto frozen dataclasses.
+
+Every component (dataset, attack, compressor, objective) is a frozen keyword-only dataclass. This
+module turns plain mappings (parsed YAML, ``--set`` overrides) into those dataclasses, rejecting
+unknown keys and wrong types with messages that name the file, the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+from robcomp.registry import Registry, RegistryError
+
+T = TypeVar("T")
+
+_FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported where the user can fix it."""
+
+
+def _type_name(hint: Any) -> str:
+    origin = get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(hint))
+    if hint is type(None):
+        return "null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _fail(where: str, hint: Any, value: Any) -> ConfigError:
+    return ConfigError(f"{where}: expected {_type_name(hint)}, got {value!r}")
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check ``value`` against the type ``hint`` and convert where lossless.
+
+    Ints are accepted for floats, and a float may be written as a fraction string such as
+    ``"8/255"`` (the way the field writes epsilons). Lists become tuples for tuple fields.
+    """
+    if hint is Any or hint is object:
+        return value
+    origin = get_origin(hint)
+    if origin is Literal:
+        if value in get_args(hint):
+            return value
+        raise _fail(where, hint, value)
+    if origin in (Union, types.UnionType):
+        for option in get_args(hint):
+            try:
+                return coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise _fail(where, hint, value)
+    if hint is type(None):
+        if value is None:
+            return None
+        raise _fail(where, hint, value)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _fail(where, hint, value)
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _fail(where, hint, value)
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and (m := _FRACTION.match(value)):
+            return float(m.group(1)) / float(m.group(2))
+        raise _fail(where, hint, value)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise _fail(where, hint, value)
+    if origin is tuple:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise _fail(where, hint, value)
+        args = get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if origin is list:
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise _fail(where, hint, value)
+        (arg,) = get_args(hint) or (Any,)
+        return [coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, Mapping) or hint in (dict, Mapping):
+        if not isinstance(value, Mapping):
+            raise _fail(where, hint, value)
+        key_t, val_t = get_args(hint) or (Any, Any)
+        return {
+            coerce(k, key_t, where): coerce(v, val_t, f"{where}.{k}") for k, v in value.items()
+        }
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, Mapping):
+            raise _fail(where, hint, value)
+        return build(hint, value, where)
+    raise ConfigError(f"{where}: unsupported field type {hint!r}")  # a bug in a component
+
+
+def fields_of(cls: type) -> dict[str, dataclasses.Field[Any]]:
+    """The init fields of a dataclass, by name."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
+    """Build the dataclass ``cls`` from ``values``, checking keys and types.
+
+    Raises:
+        ConfigError: on an unknown key (with the closest allowed keys), a missing required key,
+            a value of the wrong type, or a value the dataclass itself rejects.
+    """
+    allowed = fields_of(cls)
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{hint}; allowed keys: {', '.join(sorted(allowed))}"
+            )
+        kwargs[key] = coerce(value, hints[key], f"{where}.{key}")
+    missing = [
+        n
+        for n, f in allowed.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def build_component(registry: Registry[Any], spec: Mapping[str, Any] | str, where: str) -> Any:
+    """Build a registered component from ``{"name": ..., **fields}`` (or just a name)."""
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ConfigError(f"{where}: expected a mapping with a 'name' key, got {spec!r}")
+    options = {k: v for k, v in spec.items() if k != "name"}
+    try:
+        cls = registry.get(spec["name"])
+    except RegistryError as err:
+        raise ConfigError(f"{where}.name: {err}") from None
+    return build(cls, options, where)
+
+
+def to_dict(obj: Any) -> Any:
+    """A plain, JSON-ready view of dataclasses, tuples and mappings."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, Mapping):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def canonical_json(obj: Any) -> str:
+    """Deterministic JSON: sorted keys, no whitespace, floats in repr form."""
+    return json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def config_hash(obj: Any, length: int = 12) -> str:
+    """Stable short hash of a configuration; the identity of a cell or a cached artifact."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.sub=value`` (value in YAML syntax) as given to ``--set``."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {text!r}: value is not valid YAML: {err}") from None
+    return key.strip(), value
+
+
+def set_dotted(tree: dict[str, Any], dotted: str, value: Any, where: str = "") -> dict[str, Any]:
+    """Return a deep copy of ``tree`` with ``dotted`` (``a.b.c``) set to ``value``."""
+    out = copy.deepcopy(tree)
+    node = out
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            prefix = ".".join(parts[: i + 1])
+            raise ConfigError(f"{where}{dotted}: {prefix} is {child!r}, not a mapping")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+    return out

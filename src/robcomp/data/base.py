@@ -1,0 +1,160 @@
+"""Dataset splits held in memory, with batching that always yields float32 in [0, 1]."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+Augment = Callable[[Tensor, torch.Generator], Tensor]
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A dataset's files are missing; the message says where we looked and how to get them."""
+
+
+def data_root(root: str | None) -> Path:
+    """The folder datasets are read from: ``root``, else ``$ROBCOMP_DATA``, else ``./data``."""
+    return Path(root or os.environ.get("ROBCOMP_DATA") or "data").expanduser()
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: ``x`` is uint8 (stored compactly) or float32 in [0, 1], NCHW or NCL."""
+
+    x: Tensor
+    y: Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x has {len(self.x)} rows but y has {len(self.y)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, index: Tensor | slice) -> Split:
+        """A sub-split (the tensors are views or copies, never modified)."""
+        return Split(self.x[index], self.y[index])
+
+    def head(self, n: int | None) -> Split:
+        return self if n is None or n >= len(self) else self.take(slice(0, n))
+
+    @staticmethod
+    def to_float(x: Tensor) -> Tensor:
+        return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        """The whole split as float32 inputs in [0, 1] and int64 labels."""
+        return self.to_float(self.x), self.y
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        generator: torch.Generator | None = None,
+        augment: Augment | None = None,
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(x, y)`` batches; ``x`` float32 in [0, 1]. Shuffling needs a ``generator``."""
+        n = len(self)
+        if shuffle:
+            if generator is None:
+                raise ValueError("shuffle=True needs a seeded torch.Generator for determinism")
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            x = self.to_float(self.x[idx])
+            if augment is not None and generator is not None:
+                x = augment(x, generator)
+            yield x, self.y[idx]
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """Train/validation/test splits and what a model needs to know about them."""
+
+    name: str
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+    classes: tuple[str, ...]
+    mean: tuple[float, ...] = dataclasses.field(default=())
+    std: tuple[float, ...] = dataclasses.field(default=())
+
+    def __post_init__(self) -> None:
+        if not self.mean:  # per-channel statistics of the training split, for Normalize
+            x = Split.to_float(self.train.x)
+            dims = [0, *range(2, x.ndim)]
+            object.__setattr__(self, "mean", tuple(float(v) for v in x.mean(dim=dims)))
+            std = x.std(dim=dims).clamp_min(1e-3)
+            object.__setattr__(self, "std", tuple(float(v) for v in std))
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """Shape of one input, e.g. ``(3, 32, 32)``."""
+        return tuple(self.train.x.shape[1:])
+
+    def summary(self) -> str:
+        return (
+            f"{self.name}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test, "
+            f"input {self.in_shape}, {self.num_classes} classes"
+        )
+
+
+def split_off(split: Split, fraction: float, generator: torch.Generator) -> tuple[Split, Split]:
+    """Randomly split ``split`` into (rest, part) with ``part`` holding ``fraction`` of it."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    order = torch.randperm(len(split), generator=generator)
+    n_part = int(round(fraction * len(split)))
+    return split.take(order[n_part:]), split.take(order[:n_part])
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dataset:
+    """Fields every dataset shares; subclasses implement :meth:`load_splits`.
+
+    Attributes:
+        val_fraction: share of the training data held out for validation (model selection).
+        train_limit: keep at most this many training examples (quick runs); None keeps all.
+        test_limit: keep at most this many test examples; None keeps all.
+    """
+
+    val_fraction: float = 0.1
+    train_limit: int | None = None
+    test_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for name in ("train_limit", "test_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be a positive integer or null, got {value}")
+
+    def load_splits(self, seed: int) -> tuple[Split, Split, int, tuple[str, ...]]:
+        """Return (train+val pool, test, num_classes, class names)."""
+        raise NotImplementedError
+
+    def load(self, seed: int = 0) -> DataSplits:
+        """Load the data and split off validation with a generator seeded by ``seed``."""
+        pool, test, num_classes, classes = self.load_splits(seed)
+        g = torch.Generator().manual_seed(seed)
+        train, val = split_off(pool, self.val_fraction, g)
+        name = type(self).__name__.lower()
+        return DataSplits(
+            name=name,
+            train=train.head(self.train_limit),
+            val=val,
+            test=test.head(self.test_limit),
+            num_classes=num_classes,
+            classes=classes,
+        )

@@ -1,0 +1,141 @@
+"""Running attacks under a checked threat model.
+
+A robustness number is a claim. The evaluator, not the attack, enforces the threat model: every
+adversarial batch must lie inside the eps ball (in the attack's norm) and inside [0, 1], or we
+raise. Attacks always run with the model in eval mode and its parameters frozen.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from robcomp.attacks.base import Attack
+from robcomp.attacks.norms import get_norm
+from robcomp.data.base import Split
+from robcomp.progress import track
+
+
+class ThreatModelViolation(RuntimeError):
+    """An attack returned a point outside its eps ball or outside [0, 1]: a bug, loudly."""
+
+
+# float32 rounding of clamp(x + delta) - x can exceed eps by a few ulps; anything more is a bug.
+ABS_TOL = 1e-6
+REL_TOL = 1e-5
+
+
+@contextmanager
+def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode with parameter gradients off (faster, and no BatchNorm statistics drift)."""
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def check_threat_model(x: Tensor, x_adv: Tensor, eps: float, norm: str, where: str = "") -> Tensor:
+    """Raise :class:`ThreatModelViolation` unless ``x_adv`` is a valid attack on ``x``.
+
+    Returns the per-sample perturbation norms.
+    """
+    label = f"{where}: " if where else ""
+    if x_adv.shape != x.shape or x_adv.dtype != x.dtype:
+        raise ThreatModelViolation(
+            f"{label}x_adv has shape {tuple(x_adv.shape)} {x_adv.dtype}, "
+            f"expected {tuple(x.shape)} {x.dtype}"
+        )
+    if not torch.isfinite(x_adv).all():
+        raise ThreatModelViolation(f"{label}x_adv contains NaN or inf")
+    lo, hi = float(x_adv.min()), float(x_adv.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ThreatModelViolation(f"{label}x_adv leaves [0, 1]: range [{lo:.6g}, {hi:.6g}]")
+    norms = get_norm(norm).measure(x_adv - x)
+    worst = float(norms.max()) if len(norms) else 0.0
+    if worst > eps * (1 + REL_TOL) + ABS_TOL:
+        raise ThreatModelViolation(
+            f"{label}perturbation of {norm} norm {worst:.6g} exceeds eps={eps:.6g}"
+        )
+    return norms
+
+
+@dataclass(frozen=True)
+class AttackOutcome:
+    """One attacked batch: adversarial inputs, which points were fooled, and how far they moved."""
+
+    x_adv: Tensor
+    success: Tensor  # (B,) bool: misclassified after the attack
+    norms: Tensor  # (B,) perturbation norm in the attack's norm
+
+
+def attack_batch(model: nn.Module, attack: Attack, x: Tensor, y: Tensor) -> AttackOutcome:
+    """Run ``attack`` on one batch in attack mode and check the threat model."""
+    with attack_mode(model):
+        x_adv = attack(model, x, y)
+        norms = check_threat_model(x, x_adv, attack.eps, attack.norm, where=attack.label())
+        with torch.no_grad():
+            success = model(x_adv).argmax(1) != y
+    return AttackOutcome(x_adv=x_adv.detach(), success=success, norms=norms)
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """Robust accuracy of a model on a split under one attack."""
+
+    attack: str
+    norm: str
+    eps: float
+    n: int
+    clean_accuracy: float
+    robust_accuracy: float
+    mean_norm: float  # over successful adversarial examples; nan if none succeeded
+    median_norm: float
+    seconds: float
+
+
+def evaluate_attack(
+    model: nn.Module, attack: Attack, split: Split, batch_size: int = 256
+) -> AttackResult:
+    """Robust accuracy: a point counts as robust if it is classified correctly and the attack
+    fails on it. Points already misclassified are not attacked (they count as broken)."""
+    n = len(split)
+    if n == 0:
+        raise ValueError("cannot evaluate an attack on an empty split")
+    clean_correct = robust_correct = 0
+    broken_norms: list[float] = []
+    start = time.perf_counter()
+    with track(f"attack {attack.label()} eps={attack.eps:.4g}", n) as advance:
+        for x, y in split.batches(batch_size):
+            with attack_mode(model), torch.no_grad():
+                correct = model(x).argmax(1) == y
+            clean_correct += int(correct.sum())
+            if correct.any():
+                outcome = attack_batch(model, attack, x[correct], y[correct])
+                robust_correct += int((~outcome.success).sum())
+                broken_norms += outcome.norms[outcome.success].tolist()
+            advance(len(y))
+    seconds = time.perf_counter() - start
+    return AttackResult(
+        attack=attack.label(),
+        norm=attack.norm,
+        eps=float(attack.eps),
+        n=n,
+        clean_accuracy=clean_correct / n,
+        robust_accuracy=robust_correct / n,
+        mean_norm=statistics.fmean(broken_norms) if broken_norms else float("nan"),
+        median_norm=statistics.median(broken_norms) if broken_norms else float("nan"),
+        seconds=seconds,
+    )

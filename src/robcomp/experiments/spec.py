@@ -1,0 +1,198 @@
+"""The experiment file: a base configuration and a grid of dotted keys mapped to lists.
+
+```yaml
+name: quickstart
+seed: 0
+data: {name: digits}
+model: {name: tiny_cnn}
+train: {epochs: 15, lr: 0.05}
+compress: {name: magnitude, sparsity: 0.5}
+finetune: {epochs: 3, lr: 0.01}
+evaluate:
+  attacks:
+    - {name: pgd, eps: 0.1, steps: 10}
+grid:
+  compress.sparsity: [0.0, 0.5, 0.9]
+```
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from robcomp.attacks import ATTACKS
+from robcomp.compress import COMPRESSORS
+from robcomp.config import (
+    ConfigError,
+    build,
+    build_component,
+    config_hash,
+    load_yaml,
+    parse_override,
+    set_dotted,
+    to_dict,
+)
+from robcomp.data import DATASETS
+from robcomp.models import factory_for
+from robcomp.registry import RegistryError
+from robcomp.train import TrainConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """Which network: a registered name or ``module:callable``, its options, optional weights.
+
+    Attributes:
+        weights: a safetensors or PyTorch weights file to start from (read safely).
+        mean, std: override the normalization statistics (default: from the training data).
+    """
+
+    name: str = "tiny_cnn"
+    options: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluateSpec:
+    """What to measure on the test split.
+
+    Attributes:
+        attacks: attack specs ``{"name": ..., "eps": ..., **fields}``.
+        limit: attack at most this many test points (clean accuracy uses the whole split).
+        batch_size: evaluation batch size.
+    """
+
+    attacks: tuple[dict[str, Any], ...] = ()
+    limit: int | None = None
+    batch_size: int = 256
+
+
+@dataclass(frozen=True, kw_only=True)
+class CellConfig:
+    """One fully resolved point of the grid: everything needed to run it, nothing else."""
+
+    name: str = "experiment"
+    seed: int = 0
+    data: dict[str, Any] = field(default_factory=lambda: {"name": "digits"})
+    model: ModelSpec = field(default_factory=ModelSpec)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    compress: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
+    finetune: TrainConfig | None = None
+    evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
+
+    def cell_id(self) -> str:
+        """Hash of the canonical configuration: the cell's identity in the store."""
+        return config_hash(self)
+
+    def baseline_key(self) -> str:
+        """Hash of what produces the trained baseline, shared by all compressed variants."""
+        return config_hash(
+            {"data": self.data, "model": self.model, "train": self.train, "seed": self.seed}
+        )
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A cell to run: its resolved config and the grid values that distinguish it."""
+
+    config: CellConfig
+    grid_values: dict[str, Any]
+
+    @property
+    def cell_id(self) -> str:
+        return self.config.cell_id()
+
+
+def validate(cfg: CellConfig, where: str) -> None:
+    """Check the registry-backed sections by building them (cheap; nothing is loaded)."""
+    build_component(DATASETS, cfg.data, f"{where}: data")
+    build_component(COMPRESSORS, cfg.compress, f"{where}: compress")
+    cfg.train.build_objective(f"{where}: train.objective")
+    if cfg.finetune is not None:
+        cfg.finetune.build_objective(f"{where}: finetune.objective")
+    for i, attack in enumerate(cfg.evaluate.attacks):
+        build_component(ATTACKS, attack, f"{where}: evaluate.attacks[{i}]")
+    try:
+        factory_for(cfg.model.name)
+    except (RegistryError, ValueError) as err:
+        raise ConfigError(f"{where}: model.name: {err}") from None
+
+
+def resolve(raw: Mapping[str, Any], where: str) -> CellConfig:
+    """Turn a plain mapping into a validated :class:`CellConfig`."""
+    cfg = build(CellConfig, raw, where)
+    validate(cfg, where)
+    return cfg
+
+
+def expand(base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """All combinations of the grid applied to ``base`` (the last key varies fastest).
+
+    An empty grid gives one cell: the base itself.
+    """
+    keys = list(grid)
+    for key in keys:
+        values = grid[key]
+        if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
+            raise ConfigError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+    out = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        cell = dict(base)
+        for key, value in zip(keys, combo):
+            cell = set_dotted(cell, key, value, where="grid.")
+        out.append(cell)
+    return out
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A loaded experiment file: its name, source, raw contents and its expanded cells."""
+
+    name: str
+    source: str
+    raw: dict[str, Any]
+    cells: list[Cell]
+
+
+def load_experiment(
+    source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()
+) -> Experiment:
+    """Load an experiment file (or mapping), apply ``--set`` overrides, expand and validate.
+
+    Every cell is validated before anything runs, so a typo in the last cell costs nothing.
+    """
+    if isinstance(source, Mapping):
+        raw, where = dict(source), "<experiment>"
+    else:
+        raw, where = load_yaml(source), str(source)
+    for text in overrides:
+        key, value = parse_override(text)
+        raw = set_dotted(raw, key, value, where="--set ")
+    grid = raw.pop("grid", None) or {}
+    if not isinstance(grid, Mapping):
+        raise ConfigError(f"{where}: grid must map dotted keys to lists of values")
+    cells = []
+    seen: set[str] = set()
+    for cell_raw in expand(raw, grid):
+        values = {k: _lookup(cell_raw, k) for k in grid}
+        label = ", ".join(f"{k}={v}" for k, v in values.items())
+        cfg = resolve(cell_raw, f"{where}" + (f" (cell {label})" if label else ""))
+        if cfg.cell_id() not in seen:  # a grid may repeat a point; run it once
+            seen.add(cfg.cell_id())
+            cells.append(Cell(cfg, values))
+    raw["grid"] = dict(grid)
+    name = cells[0].config.name if cells else "experiment"
+    return Experiment(name=name, source=where, raw=to_dict(raw), cells=cells)
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node

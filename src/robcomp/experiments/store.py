@@ -1,0 +1,137 @@
+"""The results store: one SQLite file of runs and metrics, written one cell at a time.
+
+A cell's metrics and its ``done`` status are written in one transaction, so a run killed at any
+moment leaves each cell either complete or absent, and a rerun skips exactly the complete ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    cell_id     TEXT PRIMARY KEY,
+    experiment  TEXT NOT NULL,
+    status      TEXT NOT NULL,          -- 'done' or 'failed'
+    config      TEXT NOT NULL,          -- canonical JSON of the resolved cell config
+    grid_values TEXT NOT NULL,          -- JSON: the grid keys and values of this cell
+    info        TEXT NOT NULL,          -- JSON: history, compression record, notes
+    error       TEXT,
+    seconds     REAL,
+    finished    REAL
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    cell_id TEXT NOT NULL REFERENCES runs(cell_id),
+    name    TEXT NOT NULL,              -- e.g. clean_accuracy, robust_accuracy, params
+    attack  TEXT NOT NULL DEFAULT '',   -- attack label, '' for attack-free metrics
+    eps     REAL NOT NULL DEFAULT 0,
+    value   REAL,
+    PRIMARY KEY (cell_id, name, attack, eps)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    value: float | None
+    attack: str = ""
+    eps: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunRow:
+    cell_id: str
+    experiment: str
+    status: str
+    config: dict[str, Any]
+    grid_values: dict[str, Any]
+    info: dict[str, Any]
+    error: str | None
+    seconds: float | None
+    metrics: list[Metric]
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+
+class ResultStore:
+    """Runs and metrics of experiments in one SQLite file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as conn:
+            conn.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.path, timeout=60)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            yield conn
+        finally:
+            conn.close()
+
+    def done_ids(self) -> set[str]:
+        with self._connect() as conn:
+            return {r[0] for r in conn.execute("SELECT cell_id FROM runs WHERE status='done'")}
+
+    def record(
+        self,
+        *,
+        cell_id: str,
+        experiment: str,
+        config: dict[str, Any],
+        grid_values: dict[str, Any],
+        metrics: Iterable[Metric],
+        info: dict[str, Any],
+        seconds: float,
+        error: str | None = None,
+    ) -> None:
+        """Write one cell atomically (replacing any earlier failed attempt)."""
+        status = "failed" if error else "done"
+        with self._connect() as conn, conn:  # the inner `conn` is the transaction
+            conn.execute("DELETE FROM metrics WHERE cell_id = ?", (cell_id,))
+            conn.execute(
+                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    cell_id, experiment, status,
+                    json.dumps(config, sort_keys=True), json.dumps(grid_values, sort_keys=True),
+                    json.dumps(info, sort_keys=True, default=str), error, seconds, time.time(),
+                ),
+            )  # fmt: skip
+            conn.executemany(
+                "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?)",
+                [(cell_id, m.name, m.attack, m.eps, _finite(m.value)) for m in metrics],
+            )
+
+    def runs(self, status: str | None = "done") -> list[RunRow]:
+        """All runs (of one status, or all with ``None``) with their metrics, oldest first."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT cell_id, experiment, status, config, grid_values, info, error, seconds "
+                "FROM runs" + (" WHERE status = ?" if status else "") + " ORDER BY finished",
+                (status,) if status else (),
+            ).fetchall()
+            metrics: dict[str, list[Metric]] = {}
+            for cid, name, attack, eps, value in conn.execute("SELECT * FROM metrics"):
+                metrics.setdefault(cid, []).append(Metric(name, value, attack, eps))
+        return [
+            RunRow(
+                cell_id=r[0], experiment=r[1], status=r[2], config=json.loads(r[3]),
+                grid_values=json.loads(r[4]), info=json.loads(r[5]), error=r[6], seconds=r[7],
+                metrics=metrics.get(r[0], []),
+            )  # fmt: skip
+            for r in rows
+        ]

@@ -1,0 +1,17 @@
+"""Model zoo: every model takes inputs in [0, 1] and normalizes inside."""
+
+from robcomp.models import zoo  # noqa: F401  (registers the architectures)
+from robcomp.models.base import MODELS, Classifier, Normalize, create, factory_for
+from robcomp.models.checkpoint import load_checkpoint, load_weights, read_state_dict, save_checkpoint
+
+__all__ = [
+    "MODELS",
+    "Classifier",
+    "Normalize",
+    "create",
+    "factory_for",
+    "load_checkpoint",
+    "load_weights",
+    "read_state_dict",
+    "save_checkpoint",
+]

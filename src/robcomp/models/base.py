@@ -1,0 +1,119 @@
+"""Model registry, the Normalize first layer, and the factory every model comes from."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from robcomp.registry import Registry
+
+# A model factory builds the bare network: factory(num_classes=..., in_shape=..., **options).
+ModelFactory = Callable[..., nn.Module]
+MODELS: Registry[ModelFactory] = Registry("model")
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` as the model's first layer.
+
+    Keeping normalization inside the model means every input is in [0, 1] and every attack's
+    epsilon is in pixel units, as in RobustBench.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if len(mean) != len(std):
+            raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {tuple(std)}")
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcast over (N, C, ...) of any rank
+        return (x - self.mean.view(shape)) / self.std.view(shape)
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.tolist()}, std={self.std.tolist()}"
+
+
+class Classifier(nn.Module):
+    """A network behind its Normalize layer: ``logits = net(normalize(x))`` for x in [0, 1]."""
+
+    def __init__(self, net: nn.Module, normalize: Normalize) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.normalize(x))
+
+
+def _import_callable(target: str) -> ModelFactory:
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"model {target!r}: cannot import module {module_name!r}: {err}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model {target!r}: module {module_name!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model {target!r}: {attr!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def factory_for(name: str) -> ModelFactory:
+    """The registered factory, or ``module:callable`` for a bring-your-own model."""
+    return _import_callable(name) if ":" in name else MODELS.get(name)
+
+
+def _call_factory(factory: ModelFactory, name: str, **kwargs: Any) -> nn.Module:
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = {k: v for k, v in kwargs.items() if takes_any or k in params}
+    # An option the user set explicitly but the factory does not take is an error, not ignored.
+    for key in kwargs.keys() - accepted.keys() - {"num_classes", "in_shape"}:
+        allowed = ", ".join(p for p in params if p not in ("num_classes", "in_shape"))
+        raise ValueError(f"model {name!r} has no option {key!r}; its options: {allowed or 'none'}")
+    net = factory(**accepted)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"model {name!r}: the factory returned {type(net).__name__}, not a Module")
+    return net
+
+
+def create(
+    name: str,
+    num_classes: int,
+    in_shape: Sequence[int],
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **options: Any,
+) -> Classifier:
+    """Build a registered model (or ``module:callable``) behind a Normalize layer.
+
+    Args:
+        name: a registered model name (see ``robcomp list models``) or ``package.module:callable``.
+        num_classes: number of output logits.
+        in_shape: shape of one input, e.g. ``(3, 32, 32)``; the channel count is ``in_shape[0]``.
+        mean, std: per-channel normalization; default to 0 and 1 (no normalization).
+        **options: architecture options of that model; ``None`` values are dropped so that an
+            unset CLI flag never overrides a model's default.
+    """
+    channels = int(in_shape[0])
+    mean = tuple(mean) if mean is not None else (0.0,) * channels
+    std = tuple(std) if std is not None else (1.0,) * channels
+    if len(mean) != channels:
+        raise ValueError(f"mean/std have {len(mean)} channels but the input has {channels}")
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    net = _call_factory(
+        factory_for(name), name, num_classes=num_classes, in_shape=tuple(in_shape), **kwargs
+    )
+    return Classifier(net, Normalize(mean, std))

@@ -1,0 +1,110 @@
+"""Checkpoints: safetensors weights plus a JSON spec of the architecture.
+
+Loading someone else's file is a security boundary: we read safetensors, or a PyTorch file with
+``torch.load(..., weights_only=True)``, which refuses to unpickle arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from robcomp.models.base import Classifier, create
+
+WEIGHTS = "model.safetensors"
+SPEC = "spec.json"
+_STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+def save_checkpoint(model: nn.Module, folder: str | Path, spec: Mapping[str, Any]) -> Path:
+    """Write ``model.safetensors`` and ``spec.json`` into ``folder`` atomically.
+
+    ``spec`` holds what :func:`load_checkpoint` needs to rebuild the architecture: ``name``,
+    ``num_classes``, ``in_shape``, ``mean``, ``std`` and any model ``options``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        save_file(state, os.path.join(tmp, WEIGHTS))
+        Path(tmp, SPEC).write_text(json.dumps(dict(spec), indent=2, sort_keys=True))
+        os.replace(os.path.join(tmp, WEIGHTS), folder / WEIGHTS)
+        os.replace(os.path.join(tmp, SPEC), folder / SPEC)
+    return folder
+
+
+def load_checkpoint(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_checkpoint`; returns (model in eval mode, spec)."""
+    folder = Path(folder)
+    spec_path, weights_path = folder / SPEC, folder / WEIGHTS
+    if not spec_path.is_file() or not weights_path.is_file():
+        raise FileNotFoundError(
+            f"{folder}: not a robcomp checkpoint (expected {SPEC} and {WEIGHTS}); "
+            "train one with `robcomp train`"
+        )
+    spec = json.loads(spec_path.read_text())
+    model = create(
+        spec["name"],
+        spec["num_classes"],
+        spec["in_shape"],
+        mean=spec.get("mean"),
+        std=spec.get("std"),
+        **spec.get("options", {}),
+    )
+    model.load_state_dict(load_file(str(weights_path)))
+    return model.eval(), spec
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read weights from safetensors or a PyTorch file, never unpickling arbitrary objects.
+
+    Accepts a bare state dict or one nested under a common key (``state_dict``, ``model``, ...),
+    and strips the ``module.`` prefix that ``DataParallel`` adds.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        state: Any = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle errors carry no common base class
+            raise ValueError(
+                f"{path}: cannot be read safely with torch.load(weights_only=True) ({err}). "
+                "Convert it to safetensors with code you trust."
+            ) from None
+    for key in _STATE_KEYS:
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+            break
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+    tensors = {str(k): v for k, v in state.items() if isinstance(v, Tensor)}
+    return {k.removeprefix("module."): v for k, v in tensors.items()}
+
+
+def load_weights(model: Classifier, path: str | Path) -> Classifier:
+    """Load a foreign weights file into ``model`` (in place, returns it).
+
+    Keys may address the whole model (``normalize.*``, ``net.*``) or the bare network, as in
+    most published checkpoints. Missing or unexpected keys are an error that lists them.
+    """
+    state = read_state_dict(path)
+    target: nn.Module = model if any(k.startswith("net.") for k in state) else model.net
+    result = target.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("normalize.")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: weights do not fit the model. Missing: {missing[:8]}"
+            f"{'...' if len(missing) > 8 else ''}; unexpected: {result.unexpected_keys[:8]}"
+        )
+    return model

@@ -1,0 +1,77 @@
+"""One small generic registry: components are registered under explicit string names."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class RegistryError(KeyError):
+    """An unknown or duplicate name; the message says what is available."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want plain text
+        return str(self.args[0]) if self.args else ""
+
+
+class Registry(Generic[T]):
+    """Maps explicit names to components (classes or factory functions).
+
+    Example:
+        >>> ATTACKS: Registry[type] = Registry("attack")
+        >>> @ATTACKS.register("pgd")
+        ... class PGD: ...
+        >>> ATTACKS.get("pgd") is PGD
+        True
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator registering its target under ``name``; duplicates are an error."""
+
+        def decorator(item: T) -> T:
+            self.add(name, item)
+            return item
+
+        return decorator
+
+    def add(self, name: str, item: T) -> None:
+        if not name or name != name.strip():
+            raise RegistryError(f"invalid {self.kind} name {name!r}")
+        if name in self._items:
+            raise RegistryError(
+                f"{self.kind} {name!r} is already registered (by {self._items[name]!r}); "
+                "pick another name"
+            )
+        self._items[name] = item
+
+    def get(self, name: str) -> T:
+        """Return the component registered as ``name``; an unknown name suggests the closest."""
+        try:
+            return self._items[name]
+        except KeyError:
+            raise RegistryError(self.unknown_message(name)) from None
+
+    def unknown_message(self, name: str) -> str:
+        close = difflib.get_close_matches(name, list(self._items), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        return f"unknown {self.kind} {name!r}.{hint} Available: {', '.join(self.names())}"
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """Registered names matching a shell-style ``pattern``, sorted."""
+        return sorted(n for n in self._items if fnmatch.fnmatch(n, pattern))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._items)

@@ -1,0 +1,6 @@
+"""Training: one loop (:func:`fit`) and pluggable objectives."""
+
+from robcomp.train.loop import History, TrainConfig, fit, lr_factor
+from robcomp.train.objectives import OBJECTIVES, CrossEntropy, Objective
+
+__all__ = ["OBJECTIVES", "CrossEntropy", "History", "Objective", "TrainConfig", "fit", "lr_factor"]
