@@ -141,12 +141,6 @@ def test_bring_your_own_model() -> None:
     assert _forward(model, (3, 64, 64), 2).shape == (2, 10)
 
 
-@pytest.mark.xfail(
-    raises=TypeError,
-    strict=True,
-    reason="base._call_factory passes in_shape into a factory's **kwargs (torchvision's "
-    "resnet18 forwards it to ResNet.__init__); remove this marker once that is fixed",
-)
 def test_bring_your_own_torchvision_resnet18() -> None:
     model = create("torchvision.models:resnet18", num_classes=10, in_shape=CIFAR)
     assert _forward(model, CIFAR, 1).shape == (1, 10)

@@ -33,7 +33,9 @@ USER_ERRORS = (ConfigError, DatasetNotFound, RegistryError, FileNotFoundError, V
 
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a config key, e.g. --set train.epochs=3 (repeatable)."),
+    typer.Option(
+        "--set", "-s", help="Override a config key, e.g. --set train.epochs=3 (repeatable)."
+    ),
 ]
 
 
@@ -45,7 +47,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False)
+            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -53,7 +55,9 @@ def user_errors(fn: F) -> F:
 
 @app.callback()
 def main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each epoch and cell.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log each epoch and cell.")
+    ] = False,
 ) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
@@ -65,8 +69,8 @@ def main(
 def _run_and_report(source: Path | dict[str, Any], overrides: list[str], out: Path) -> None:
     from robcomp import progress
     from robcomp.experiments import STORE_NAME, load_experiment, run_experiment
-    from robcomp.report import leaderboard_rows, leaderboard_table, write_report
     from robcomp.experiments.store import ResultStore
+    from robcomp.report import leaderboard_rows, leaderboard_table, write_report
 
     experiment = load_experiment(source, overrides)
     console.print(f"[bold]{experiment.name}[/]: {len(experiment.cells)} cells -> {out}")
@@ -118,7 +122,9 @@ def run(
 @app.command()
 @user_errors
 def train(
-    file: Annotated[Path | None, typer.Argument(help="Optional experiment YAML to start from.")] = None,
+    file: Annotated[
+        Path | None, typer.Argument(help="Optional experiment YAML to start from.")
+    ] = None,
     data: Annotated[str | None, typer.Option(help="Dataset name.")] = None,
     model: Annotated[str | None, typer.Option(help="Model name or module:callable.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,

@@ -107,9 +107,7 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise _fail(where, hint, value)
         key_t, val_t = get_args(hint) or (Any, Any)
-        return {
-            coerce(k, key_t, where): coerce(v, val_t, f"{where}.{k}") for k, v in value.items()
-        }
+        return {coerce(k, key_t, where): coerce(v, val_t, f"{where}.{k}") for k, v in value.items()}
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value

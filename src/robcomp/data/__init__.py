@@ -8,7 +8,7 @@ from typing import Any
 
 from robcomp.config import build_component
 from robcomp.data import builtin, vision  # noqa: F401  (registers the datasets)
-from robcomp.data.base import Dataset, DataSplits, DatasetNotFound, Split, data_root
+from robcomp.data.base import Dataset, DatasetNotFound, DataSplits, Split, data_root
 from robcomp.data.registry import DATASETS
 
 

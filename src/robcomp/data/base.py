@@ -114,7 +114,7 @@ def split_off(split: Split, fraction: float, generator: torch.Generator) -> tupl
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
     order = torch.randperm(len(split), generator=generator)
-    n_part = int(round(fraction * len(split)))
+    n_part = round(fraction * len(split))
     return split.take(order[n_part:]), split.take(order[:n_part])
 
 

@@ -14,7 +14,9 @@ from robcomp.data.base import Dataset, DatasetNotFound, Split, split_off
 from robcomp.data.registry import DATASETS
 
 
-def _split_test(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int) -> tuple[Split, Split]:
+def _split_test(
+    x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int
+) -> tuple[Split, Split]:
     # The test split depends only on the data, never on the run seed, so every run of an
     # experiment is scored on the same points.
     del seed
@@ -136,7 +138,9 @@ class Npz(Dataset):
     test_fraction: float = 0.2
     num_classes: int | None = None
 
-    def _arrays(self, data: np.lib.npyio.NpzFile, x_key: str, y_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _arrays(
+        self, data: np.lib.npyio.NpzFile, x_key: str, y_key: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         for key in (x_key, y_key):
             if key not in data.files:
                 raise KeyError(f"{self.path}: no array {key!r}; the file holds {data.files}")

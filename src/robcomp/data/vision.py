@@ -82,8 +82,9 @@ class _IdxDataset(Dataset):
             train, test = _idx_split(folders, "train"), _idx_split(folders, "test")
         if train is None or test is None:
             looked = "\n  ".join(str(f) for f in folders)
+            files = ", ".join(_IDX_FILES["train"] + _IDX_FILES["test"])
             raise DatasetNotFound(
-                f"{self._torchvision}: the IDX files ({', '.join(_IDX_FILES['train'] + _IDX_FILES['test'])}, "
+                f"{self._torchvision}: the IDX files ({files}, "
                 f"plain or .gz) were not found. Looked in:\n  {looked}\n"
                 "Put them in one of these folders, point ROBCOMP_DATA (or the dataset's `root`) at "
                 "a folder holding them, or set `download: true` (needs network)."

@@ -14,7 +14,9 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+        return torch.cat(
+            [model(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)]
+        )
     finally:
         model.train(was_training)
 

@@ -43,7 +43,9 @@ def run_experiment(
     todo = [c for c in experiment.cells if c.cell_id not in done]
     skipped = len(experiment.cells) - len(todo)
     if skipped:
-        log.info("%d of %d cells already done; running %d", skipped, len(experiment.cells), len(todo))
+        log.info(
+            "%d of %d cells already done; running %d", skipped, len(experiment.cells), len(todo)
+        )
     failed: list[CellResult] = []
     with track(f"{experiment.name}: cells", len(todo), transient=False) as advance:
         for result in (executor or LocalExecutor()).map(run_cell, todo, out):

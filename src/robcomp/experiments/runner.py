@@ -49,7 +49,7 @@ class CellResult:
 
 def build_model(cfg: CellConfig, data: DataSplits) -> tuple[Classifier, dict[str, Any]]:
     """The untrained (or pretrained-weights) model of a cell and its checkpoint spec."""
-    spec = {
+    spec: dict[str, Any] = {
         "name": cfg.model.name,
         "num_classes": data.num_classes,
         "in_shape": list(data.in_shape),

@@ -129,9 +129,15 @@ class ResultStore:
                 metrics.setdefault(cid, []).append(Metric(name, value, attack, eps))
         return [
             RunRow(
-                cell_id=r[0], experiment=r[1], status=r[2], config=json.loads(r[3]),
-                grid_values=json.loads(r[4]), info=json.loads(r[5]), error=r[6], seconds=r[7],
+                cell_id=r[0],
+                experiment=r[1],
+                status=r[2],
+                config=json.loads(r[3]),
+                grid_values=json.loads(r[4]),
+                info=json.loads(r[5]),
+                error=r[6],
+                seconds=r[7],
                 metrics=metrics.get(r[0], []),
-            )  # fmt: skip
+            )
             for r in rows
         ]

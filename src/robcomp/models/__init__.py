@@ -2,7 +2,12 @@
 
 from robcomp.models import zoo  # noqa: F401  (registers the architectures)
 from robcomp.models.base import MODELS, Classifier, Normalize, create, factory_for
-from robcomp.models.checkpoint import load_checkpoint, load_weights, read_state_dict, save_checkpoint
+from robcomp.models.checkpoint import (
+    load_checkpoint,
+    load_weights,
+    read_state_dict,
+    save_checkpoint,
+)
 
 __all__ = [
     "MODELS",

@@ -24,6 +24,9 @@ class Normalize(nn.Module):
     epsilon is in pixel units, as in RobustBench.
     """
 
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std):
@@ -66,7 +69,7 @@ def _import_callable(target: str) -> ModelFactory:
         obj = getattr(obj, part)
     if not callable(obj):
         raise ValueError(f"model {target!r}: {attr!r} is not callable")
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 def factory_for(name: str) -> ModelFactory:
@@ -77,7 +80,9 @@ def factory_for(name: str) -> ModelFactory:
 def _call_factory(factory: ModelFactory, name: str, **kwargs: Any) -> nn.Module:
     params = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    accepted = {k: v for k, v in kwargs.items() if takes_any or k in params}
+    # num_classes goes through **kwargs (torchvision and timm take it that way); in_shape only
+    # to factories that name it, since foreign constructors reject unknown keywords.
+    accepted = {k: v for k, v in kwargs.items() if k in params or (takes_any and k != "in_shape")}
     # An option the user set explicitly but the factory does not take is an error, not ignored.
     for key in kwargs.keys() - accepted.keys() - {"num_classes", "in_shape"}:
         allowed = ", ".join(p for p in params if p not in ("num_classes", "in_shape"))

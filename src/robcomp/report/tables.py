@@ -32,11 +32,12 @@ def _row(run: RunRow) -> dict[str, Any]:
         "seed": cfg["seed"],
         **{f"grid:{k}": v for k, v in run.grid_values.items()},
     }
-    robust = []
+    robust: list[float] = []
     for m in run.metrics:
         if m.name == "robust_accuracy":
             row[attack_column(m.attack, m.eps)] = m.value
-            robust.append(m.value)
+            if m.value is not None:
+                robust.append(m.value)
         elif not m.attack:
             row[m.name] = m.value
     row["worst_robust_accuracy"] = min(robust) if robust else None
@@ -93,7 +94,10 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "robcomp leaderbo
         ("size", [_count(r.get("size_bytes")) + "B" for r in rows], True),
         ("MACs", [_count(r.get("macs")) for r in rows], True),
         ("clean", [_pct(r.get("clean_accuracy")) for r in rows], True),
-        *((c.replace("@", " "), [_pct(r.get(c)) for r in rows], True) for c in attack_columns(rows)),
+        *(
+            (c.replace("@", " "), [_pct(r.get(c)) for r in rows], True)
+            for c in attack_columns(rows)
+        ),
     ]
     shown = [c for c in columns if len(rows) < 2 or len(set(c[1])) > 1 or c[0].startswith("grid")]
     same = [f"{h}={cells[0]}" for h, cells, _ in columns if (h, cells, _) not in shown and cells]

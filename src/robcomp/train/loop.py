@@ -59,7 +59,8 @@ class TrainConfig:
             raise ValueError("schedule 'multistep' needs milestones, e.g. [50, 75]")
 
     def build_objective(self, where: str = "train.objective") -> Objective:
-        return build_component(OBJECTIVES, self.objective, where)  # type: ignore[no-any-return]
+        objective: Objective = build_component(OBJECTIVES, self.objective, where)
+        return objective
 
 
 def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:

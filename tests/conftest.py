@@ -1,0 +1,43 @@
+"""Shared fixtures: seeded tiny data and a small model trained once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from robcomp import data as datasets
+from robcomp.data.base import DataSplits
+from robcomp.models import Classifier, create
+from robcomp.train import TrainConfig, fit
+
+# Tests run in parallel workers (pytest -n 2) on tiny models: one intra-op thread per worker
+# avoids oversubscribing the cores, which slows such models down several times.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def digits() -> DataSplits:
+    return datasets.get("digits", seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(digits: DataSplits) -> Classifier:
+    """tiny_cnn trained on digits (~95% test accuracy); tests must not modify it."""
+    torch.manual_seed(0)
+    model = create(
+        "tiny_cnn", digits.num_classes, digits.in_shape, mean=digits.mean, std=digits.std
+    )
+    fit(model, digits, TrainConfig(epochs=10, lr=0.05, batch_size=64), seed=0)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def robcomp_data() -> Path:
+    """The real-data folder (``ROBCOMP_DATA``); tests using it are skipped when it is unset."""
+    root = os.environ.get("ROBCOMP_DATA")
+    if not root:
+        pytest.skip("ROBCOMP_DATA is not set")
+    return Path(root)

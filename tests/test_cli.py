@@ -1,0 +1,111 @@
+"""The command line: every command has --help, works end to end, and reports user errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from robcomp.cli import app
+
+runner = CliRunner()
+COMMANDS = ["quickstart", "run", "train", "evaluate", "report", "list"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
+
+
+def test_list_shows_registries() -> None:
+    result = runner.invoke(app, ["list"])
+    assert result.exit_code == 0
+    for word in ("datasets", "digits", "resnet20", "pgd", "magnitude", "ce"):
+        assert word in result.output
+    assert runner.invoke(app, ["list", "attacks"]).output.count("pgd") >= 1
+    bad = runner.invoke(app, ["list", "atacks"])
+    assert bad.exit_code == 2 and "unknown kind" in bad.output
+
+
+def test_train_then_evaluate(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    args = ["--data", "digits", "--model", "tiny_cnn", "--epochs", "3", "--out", str(out)]
+    result = runner.invoke(app, ["train", *args, "--set", "train.lr=0.05"])
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output
+    for name in ("model.safetensors", "spec.json", "config.yaml", "history.json"):
+        assert (out / name).is_file()
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["lr"] == 0.05
+    assert len(json.loads((out / "history.json").read_text())["epochs"]) == 3
+    result = runner.invoke(
+        app, ["evaluate", str(out), "--attack", "pgd:eps=0.1,steps=5", "--attack", "fgsm:eps=8/255"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "pgd5-linf" in result.output and "fgsm-linf" in result.output
+
+
+def test_user_errors_exit_2_with_a_message(tmp_path: Path) -> None:
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(yaml.safe_dump({"name": "x", "train": {"epocs": 1}}))
+    result = runner.invoke(app, ["run", str(exp), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "unknown key 'epocs'" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["run", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2 and "no such file" in result.output
+    result = runner.invoke(app, ["report", str(tmp_path)])
+    assert result.exit_code == 2 and "no results here" in result.output
+    result = runner.invoke(app, ["train", "--data", "mnist", "--set", "data.root=" + str(tmp_path)])
+    assert result.exit_code == 2 and "download: true" in result.output
+
+
+def test_run_resume_and_report(tmp_path: Path) -> None:
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(
+        yaml.safe_dump(
+            {
+                "name": "cli-test",
+                "data": {"name": "digits", "train_limit": 300},
+                "model": {"name": "tiny_mlp"},
+                "train": {"epochs": 2, "lr": 0.05, "batch_size": 64},
+                "compress": {"name": "magnitude", "sparsity": 0.0},
+                "evaluate": {"attacks": [{"name": "pgd", "eps": 0.1, "steps": 3}], "limit": 40},
+                "grid": {"compress.sparsity": [0.0, 0.8]},
+            }
+        )
+    )
+    out = tmp_path / "out"
+    first = runner.invoke(app, ["run", str(exp), "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    assert "ran 2 cells" in first.output
+    second = runner.invoke(app, ["run", str(exp), "--out", str(out)])
+    assert "ran 0 cells, skipped 2" in second.output
+    third = runner.invoke(app, ["run", str(exp), "--out", str(out), "--set", "train.epochs=3"])
+    assert "ran 2 cells, skipped 0" in third.output  # a changed config is a new cell
+    report = runner.invoke(app, ["report", str(out)])
+    assert report.exit_code == 0 and "leaderboard" in report.output
+    with (out / "report" / "leaderboard.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and "pgd3-linf@0.1" in rows[0]
+    assert (out / "report" / "robustness_vs_compression.png").stat().st_size > 10_000
+
+
+def test_quickstart_shows_a_real_effect(tmp_path: Path) -> None:
+    out = tmp_path / "qs"
+    result = runner.invoke(app, ["quickstart", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "report" / "leaderboard.json").read_text())
+    assert len(rows) == 4
+    by_sparsity = {r["sparsity"]: r for r in rows}
+    assert set(by_sparsity) == {0.0, 0.5, 0.8, 0.9}
+    dense, sparse = by_sparsity[0.0], by_sparsity[0.9]
+    assert dense["clean_accuracy"] > 0.9
+    for column in ("pgd10-linf@0.05", "fgsm-linf@0.05"):
+        # robust accuracy changes with sparsity: 90% pruning costs robustness here
+        assert sparse[column] < dense[column] - 0.1, (column, sparse[column], dense[column])
+    assert (out / "report" / "robustness_vs_compression.png").is_file()

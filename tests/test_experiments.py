@@ -1,0 +1,199 @@
+"""Experiment files: grid expansion and hashing, the store, caching, and resume after a kill."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from robcomp.config import ConfigError
+from robcomp.experiments import (
+    STORE_NAME,
+    Metric,
+    ResultStore,
+    expand,
+    load_experiment,
+    run_experiment,
+)
+from robcomp.experiments import runner as runner_module
+
+
+def tiny_experiment(**grid: list[Any]) -> dict[str, Any]:
+    return {
+        "name": "tiny",
+        "data": {"name": "digits", "train_limit": 300},
+        "model": {"name": "tiny_mlp"},
+        "train": {"epochs": 2, "lr": 0.05, "batch_size": 64},
+        "compress": {"name": "magnitude", "sparsity": 0.0},
+        "finetune": {"epochs": 1, "lr": 0.01, "batch_size": 64},
+        "evaluate": {"attacks": [{"name": "fgsm", "eps": 0.1}], "limit": 50},
+        "grid": grid or {"compress.sparsity": [0.0, 0.5, 0.9]},
+    }
+
+
+# --- grid expansion and hashing (property tests) ---------------------------------------------
+
+grids = st.dictionaries(
+    st.sampled_from(["a", "b.c", "b.d", "e.f.g"]),
+    st.lists(st.integers(-3, 3), min_size=1, max_size=3, unique=True),
+    max_size=3,
+)
+
+
+@given(grids)
+def test_expand_gives_the_product(grid: dict[str, list[int]]) -> None:
+    base = {"a": 0, "b": {"c": 0, "d": 0}, "e": {"f": {"g": 0}}, "keep": 1}
+    cells = expand(base, grid)
+    assert len(cells) == max(1, len(list(itertools.product(*grid.values()))))
+    seen = {json.dumps(c, sort_keys=True) for c in cells}
+    assert len(seen) == len(cells)  # all combinations are distinct
+    for cell in cells:
+        assert cell["keep"] == 1
+    assert base == {"a": 0, "b": {"c": 0, "d": 0}, "e": {"f": {"g": 0}}, "keep": 1}
+
+
+@given(st.lists(st.sampled_from([0.0, 0.25, 0.5, 0.75]), min_size=1, max_size=4, unique=True))
+def test_cell_ids_are_stable_and_distinct(sparsities: list[float]) -> None:
+    a = load_experiment(tiny_experiment(**{"compress.sparsity": sparsities}))
+    b = load_experiment(tiny_experiment(**{"compress.sparsity": list(reversed(sparsities))}))
+    ids_a = [c.cell_id for c in a.cells]
+    assert len(set(ids_a)) == len(sparsities)
+    assert set(ids_a) == {c.cell_id for c in b.cells}  # order of the grid does not matter
+    # every cell shares one baseline: only compression differs
+    assert len({c.config.baseline_key() for c in a.cells}) == 1
+
+
+def test_hash_ignores_key_order_but_not_values() -> None:
+    raw = tiny_experiment()
+    shuffled = dict(reversed(list(raw.items())))
+    assert [c.cell_id for c in load_experiment(raw).cells] == [
+        c.cell_id for c in load_experiment(shuffled).cells
+    ]
+    changed = load_experiment(raw, ["train.epochs=3"])
+    assert not {c.cell_id for c in changed.cells} & {c.cell_id for c in load_experiment(raw).cells}
+
+
+def test_bad_grid_and_bad_keys_are_reported_with_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    raw = tiny_experiment()
+    raw["train"]["epocs"] = 3
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        ConfigError, match=r"exp.yaml.*train: unknown key 'epocs'.*did you mean 'epochs'"
+    ):
+        load_experiment(path)
+    raw = tiny_experiment(**{"compress.sparsity": [0.5, 1.5]})
+    with pytest.raises(ConfigError, match=r"cell compress.sparsity=1.5.*sparsity must be in"):
+        load_experiment(raw)
+    with pytest.raises(ConfigError, match="non-empty list"):
+        load_experiment(tiny_experiment(**{"compress.sparsity": []}))
+    raw = tiny_experiment()
+    raw["evaluate"]["attacks"] = [{"name": "pgd", "eps": 0.1, "norm": "l7"}]
+    with pytest.raises(ConfigError, match=r"evaluate.attacks\[0\].norm: expected one of"):
+        load_experiment(raw)
+    raw = tiny_experiment()
+    raw["model"]["name"] = "resnet200"
+    with pytest.raises(ConfigError, match="unknown model 'resnet200'"):
+        load_experiment(raw)
+
+
+# --- running, storing, caching, resuming -----------------------------------------------------
+
+
+def test_run_stores_results_and_saves_resolved_configs(tmp_path: Path) -> None:
+    experiment = load_experiment(tiny_experiment())
+    summary = run_experiment(experiment, tmp_path)
+    assert (summary.total, summary.ran, summary.skipped, summary.failed) == (3, 3, 0, [])
+    runs = ResultStore(tmp_path / STORE_NAME).runs()
+    assert len(runs) == 3
+    for run in runs:
+        names = {(m.name, m.attack) for m in run.metrics}
+        assert {("clean_accuracy", ""), ("robust_accuracy", "fgsm-linf"), ("params", "")} <= names
+        saved = yaml.safe_load((tmp_path / "cells" / run.cell_id / "config.yaml").read_text())
+        assert saved == run.config and saved["train"]["epochs"] == 2
+    assert (tmp_path / "experiment.yaml").is_file()
+    rates = sorted(m.value for r in runs for m in r.metrics if m.name == "compression_rate")
+    assert rates[0] == 0.0 and rates[-1] > 0.85
+
+
+def test_baseline_is_trained_once_and_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real_fit = runner_module.fit
+
+    def counting_fit(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("description", "train"))
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "fit", counting_fit)
+    run_experiment(load_experiment(tiny_experiment()), tmp_path)
+    assert calls.count("train baseline") == 1 and calls.count("fine-tune") == 3
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_resume_after_a_kill_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    experiment = load_experiment(tiny_experiment())
+    real_run_cell = runner_module.run_cell
+    started: list[str] = []
+
+    def killed_on_third(cell: Any, workdir: Path) -> Any:
+        started.append(cell.cell_id)
+        if len(started) == 3:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C (or the machine went away)
+        return real_run_cell(cell, workdir)
+
+    from robcomp.experiments import driver
+
+    monkeypatch.setattr(driver, "run_cell", killed_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(experiment, tmp_path)
+    store = ResultStore(tmp_path / STORE_NAME)
+    assert store.done_ids() == set(started[:2])
+    before = {r.cell_id: r.metrics for r in store.runs()}
+
+    monkeypatch.setattr(driver, "run_cell", real_run_cell)
+    summary = run_experiment(experiment, tmp_path)
+    assert (summary.skipped, summary.ran) == (2, 1)
+    after = {r.cell_id: r.metrics for r in store.runs()}
+    assert set(after) == {c.cell_id for c in experiment.cells}
+    assert all(after[k] == v for k, v in before.items())  # finished cells untouched
+
+
+def test_results_are_deterministic(tmp_path: Path) -> None:
+    raw = tiny_experiment(**{"compress.sparsity": [0.5]})
+    run_experiment(load_experiment(raw), tmp_path / "a")
+    run_experiment(load_experiment(raw), tmp_path / "b")
+    a, b = (ResultStore(tmp_path / d / STORE_NAME).runs()[0].metrics for d in "ab")
+
+    def values(metrics: list[Metric]) -> dict[tuple[str, str, float], float | None]:
+        return {(m.name, m.attack, m.eps): m.value for m in metrics if m.name != "attack_seconds"}
+
+    assert values(a) == values(b)
+
+
+def test_a_failing_cell_is_recorded_and_retried(tmp_path: Path) -> None:
+    raw = tiny_experiment(**{"model.name": ["tiny_mlp", "small_cnn"]})  # small_cnn needs >= 16x16
+    summary = run_experiment(load_experiment(raw), tmp_path)
+    assert len(summary.failed) == 1 and "16" in (summary.failed[0].error or "")
+    store = ResultStore(tmp_path / STORE_NAME)
+    assert len(store.runs("done")) == 1 and len(store.runs("failed")) == 1
+    again = run_experiment(load_experiment(raw), tmp_path)
+    assert (again.skipped, again.ran) == (1, 1)  # the failed cell is tried again
+
+
+def test_store_writes_are_atomic(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "s.sqlite")
+    bad = [Metric("ok", 1.0), Metric("ok", 2.0, "x"), Metric("boom", object())]  # type: ignore[arg-type]
+    with pytest.raises(sqlite3.Error):
+        store.record(
+            cell_id="c1", experiment="e", config={}, grid_values={}, metrics=bad, info={}, seconds=1
+        )
+    assert store.runs(None) == []  # nothing half-written
