@@ -66,17 +66,24 @@ def main(
     )
 
 
-def _run_and_report(source: Path | dict[str, Any], overrides: list[str], out: Path) -> None:
+def _run_and_report(
+    source: Path | dict[str, Any],
+    overrides: list[str],
+    out: Path,
+    executor: str = "local",
+    ray_address: str | None = None,
+) -> None:
     from robcomp import progress
-    from robcomp.experiments import STORE_NAME, load_experiment, run_experiment
-    from robcomp.experiments.store import ResultStore
+    from robcomp.experiments import STORE_NAME, ResultStore, load_experiment, run_experiment
+    from robcomp.experiments.executors import make_executor
     from robcomp.report import leaderboard_rows, leaderboard_table, write_report
 
     experiment = load_experiment(source, overrides)
     console.print(f"[bold]{experiment.name}[/]: {len(experiment.cells)} cells -> {out}")
     start = time.perf_counter()
     with progress.display(console):
-        summary = run_experiment(experiment, out)
+        options = {"address": ray_address} if executor == "ray" else {}
+        summary = run_experiment(experiment, out, make_executor(executor, **options))
     console.print(
         f"ran {summary.ran} cells, skipped {summary.skipped} already done, "
         f"{len(summary.failed)} failed, in {time.perf_counter() - start:.1f} s"
@@ -110,13 +117,19 @@ def run(
     file: Annotated[Path, typer.Argument(help="Experiment YAML (base config + grid).")],
     out: Annotated[Path | None, typer.Option(help="Output folder [default: runs/NAME].")] = None,
     set_: SetOption = None,
+    executor: Annotated[
+        str, typer.Option(help="Where cells run: local (this process) or ray.")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address ('auto' joins a running one).")
+    ] = None,
 ) -> None:
     """Run every cell of an experiment file; finished cells are skipped, so reruns resume."""
     from robcomp.experiments import load_experiment
 
     if out is None:
         out = Path("runs") / load_experiment(file, set_ or []).name
-    _run_and_report(file, set_ or [], out)
+    _run_and_report(file, set_ or [], out, executor, ray_address)
 
 
 @app.command()

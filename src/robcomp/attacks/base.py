@@ -19,8 +19,11 @@ class Attack(Protocol):
     eps ball and inside [0, 1], and runs it with the model in eval mode and parameters frozen.
     """
 
-    eps: float
-    norm: str
+    @property
+    def eps(self) -> float: ...
+
+    @property
+    def norm(self) -> str: ...
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor: ...
 
