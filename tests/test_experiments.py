@@ -116,6 +116,8 @@ def test_run_stores_results_and_saves_resolved_configs(tmp_path: Path) -> None:
     for run in runs:
         names = {(m.name, m.attack) for m in run.metrics}
         assert {("clean_accuracy", ""), ("robust_accuracy", "fgsm-linf"), ("params", "")} <= names
+        assert ("flag:zero_gradients", "") in names and ("flag:unbounded_attack", "") in names
+        assert run.info["masking"] == "no sign of gradient masking"
         saved = yaml.safe_load((tmp_path / "cells" / run.cell_id / "config.yaml").read_text())
         assert saved == run.config and saved["train"]["epochs"] == 2
     assert (tmp_path / "experiment.yaml").is_file()
@@ -197,3 +199,21 @@ def test_store_writes_are_atomic(tmp_path: Path) -> None:
             cell_id="c1", experiment="e", config={}, grid_values={}, metrics=bad, info={}, seconds=1
         )
     assert store.runs(None) == []  # nothing half-written
+
+
+def test_eps_lists_and_presets_expand_to_attacks() -> None:
+    raw = tiny_experiment()
+    raw["evaluate"] = {
+        "preset": "digits-light",
+        "attacks": [
+            {"name": "pgd", "eps": [0.05, "8/255"], "steps": 3},
+            {"name": "fgsm", "eps": 0.2},
+        ],
+    }
+    spec = load_experiment(raw).cells[0].config.evaluate
+    attacks = spec.build_attacks()
+    assert len(attacks) == 3 + 2 + 1
+    assert [a.eps for a in attacks[3:5]] == [0.05, pytest.approx(8 / 255)]
+    raw["evaluate"]["preset"] = "digits-medium"
+    with pytest.raises(ConfigError, match="unknown preset 'digits-medium'"):
+        load_experiment(raw)

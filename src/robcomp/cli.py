@@ -74,9 +74,9 @@ def _run_and_report(
     ray_address: str | None = None,
 ) -> None:
     from robcomp import progress
-    from robcomp.experiments import STORE_NAME, ResultStore, load_experiment, run_experiment
+    from robcomp.experiments import STORE_NAME, load_experiment, run_experiment
     from robcomp.experiments.executors import make_executor
-    from robcomp.report import leaderboard_rows, leaderboard_table, write_report
+    from robcomp.report import write_report
 
     experiment = load_experiment(source, overrides)
     console.print(f"[bold]{experiment.name}[/]: {len(experiment.cells)} cells -> {out}")
@@ -91,10 +91,22 @@ def _run_and_report(
     for failed in summary.failed:
         console.print(f"[red]cell {failed.cell_id} failed:[/] {failed.error}", highlight=False)
     files = write_report(out / STORE_NAME, out / "report")
-    console.print(leaderboard_table(leaderboard_rows(ResultStore(out / STORE_NAME))))
+    _print_leaderboard(out / STORE_NAME)
     console.print(f"report: {files.csv}, {files.json}, {files.plot}")
     if summary.failed:
         raise typer.Exit(1)
+
+
+def _print_leaderboard(store_path: Path) -> None:
+    """The leaderboard, then a sentence for every cell whose numbers may be masked."""
+    from robcomp.experiments import ResultStore
+    from robcomp.report import leaderboard_rows, leaderboard_table
+
+    rows = leaderboard_rows(ResultStore(store_path))
+    console.print(leaderboard_table(rows))
+    for row in rows:
+        if row.get("masking_flags") not in (None, "none"):
+            console.print(f"[red]cell {row['cell_id'][:8]}:[/] {row['masking']}", highlight=False)
 
 
 @app.command()
@@ -236,14 +248,14 @@ def report(
     folder: Annotated[Path, typer.Argument(help="Output folder of `robcomp run`.")],
 ) -> None:
     """Print the leaderboard and write CSV, JSON and the robustness plot into FOLDER/report."""
-    from robcomp.experiments import STORE_NAME, ResultStore
-    from robcomp.report import leaderboard_rows, leaderboard_table, write_report
+    from robcomp.experiments import STORE_NAME
+    from robcomp.report import write_report
 
     store_path = folder / STORE_NAME
     if not store_path.is_file():
         raise FileNotFoundError(f"{store_path}: no results here; run `robcomp run FILE` first")
     files = write_report(store_path, folder / "report")
-    console.print(leaderboard_table(leaderboard_rows(ResultStore(store_path))))
+    _print_leaderboard(store_path)
     console.print(f"report: {files.csv}, {files.json}, {files.plot}")
 
 

@@ -20,17 +20,20 @@ import yaml
 from torch import nn
 
 from robcomp import data as datasets
-from robcomp.attacks import ATTACKS
 from robcomp.compress import COMPRESSORS, finalize, measure
 from robcomp.config import build_component, to_dict
 from robcomp.data.base import DataSplits
-from robcomp.evaluate import accuracy, evaluate_attack
+from robcomp.evaluate import AttackResult, accuracy, evaluate_attack
+from robcomp.evaluate.diagnostics import Flag, diagnose, summarize
 from robcomp.experiments.spec import Cell, CellConfig
 from robcomp.experiments.store import Metric
 from robcomp.models import Classifier, create, load_checkpoint, load_weights, save_checkpoint
 from robcomp.train import fit
 
 log = logging.getLogger(__name__)
+# Attacks that use no gradients of the model (their label prefixes): the masking check compares
+# them with the gradient attacks at the same threat model.
+BLACK_BOX = ("square", "salt-and-pepper", "transfer")
 
 
 @dataclass(frozen=True)
@@ -98,19 +101,45 @@ def _efficiency_metrics(model: nn.Module, base: nn.Module, data: DataSplits) -> 
     ]
 
 
-def _evaluate(cfg: CellConfig, model: nn.Module, data: DataSplits) -> list[Metric]:
+def _evaluate(
+    cfg: CellConfig, model: nn.Module, data: DataSplits
+) -> tuple[list[Metric], list[AttackResult]]:
     metrics = [Metric("clean_accuracy", accuracy(model, data.test, cfg.evaluate.batch_size))]
     points = data.test.head(cfg.evaluate.limit)
-    for i, spec in enumerate(cfg.evaluate.attacks):
-        attack = build_component(ATTACKS, spec, f"evaluate.attacks[{i}]")
+    results = []
+    for attack in cfg.evaluate.build_attacks():
         result = evaluate_attack(model, attack, points, cfg.evaluate.batch_size)
+        results.append(result)
         metrics += [
             Metric("robust_accuracy", result.robust_accuracy, result.attack, result.eps),
             Metric("mean_norm", result.mean_norm, result.attack, result.eps),
             Metric("median_norm", result.median_norm, result.attack, result.eps),
             Metric("attack_seconds", result.seconds, result.attack, result.eps),
         ]
-    return metrics
+    return metrics, results
+
+
+def _diagnostics(
+    cfg: CellConfig, model: nn.Module, data: DataSplits, results: list[AttackResult]
+) -> tuple[list[Metric], list[dict[str, Any]]]:
+    """The gradient-masking checklist at the threat model of the first gradient attack."""
+    if not cfg.evaluate.diagnostics:
+        return [], []
+    first = next((r for r in results if r.norm in ("linf", "l2")), None)
+    norm, eps = (first.norm, first.eps) if first else ("linf", 0.1)
+    white_box = [r for r in results if (r.norm, r.eps) == (norm, eps)]
+    same_attack = [r for r in results if first and (r.attack, r.norm) == (first.attack, norm)]
+    black_box = {r.attack: r.robust_accuracy for r in white_box if r.attack.startswith(BLACK_BOX)}
+    gradient = [r.robust_accuracy for r in white_box if not r.attack.startswith(BLACK_BOX)]
+    x, y = data.test.head(cfg.evaluate.diagnostics_points).tensors()
+    flags = diagnose(
+        model, x, y, norm=norm, eps=eps,
+        robust_by_eps={r.eps: r.robust_accuracy for r in same_attack} or None,
+        black_box=black_box or None,
+        white_box=min(gradient) if gradient else None,
+    )  # fmt: skip
+    metrics = [Metric(f"flag:{f.check}", float(f.raised), "", 0.0) for f in flags]
+    return metrics, [to_dict(f) for f in flags]
 
 
 def run_cell(cell: Cell, workdir: Path) -> CellResult:
@@ -135,13 +164,17 @@ def run_cell(cell: Cell, workdir: Path) -> CellResult:
         if cfg.finetune is not None and cfg.finetune.epochs > 0:
             finetune = fit(model, data, cfg.finetune, seed=cfg.seed, description="fine-tune")
         model = finalize(model)
-        metrics = _efficiency_metrics(model, baseline, data) + _evaluate(cfg, model, data)
+        evaluated, results = _evaluate(cfg, model, data)
+        flag_metrics, flags = _diagnostics(cfg, model, data, results)
+        metrics = _efficiency_metrics(model, baseline, data) + evaluated + flag_metrics
         info = {
             "data": data.summary(),
             "compressor": compressor.label(),
             "record": to_dict(record),
             "baseline": baseline_info,
             "finetune": finetune.as_dict() if finetune else None,
+            "diagnostics": flags,
+            "masking": summarize([Flag(**f) for f in flags]) if flags else None,
         }
         (folder / "history.json").write_text(json.dumps(info, indent=2, default=str))
         seconds = time.perf_counter() - start

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robcomp.attacks import ATTACKS
+from robcomp.attacks import ATTACKS, Attack
+from robcomp.attacks.presets import preset_attacks
 from robcomp.compress import COMPRESSORS
 from robcomp.config import (
     ConfigError,
@@ -63,14 +64,36 @@ class EvaluateSpec:
     """What to measure on the test split.
 
     Attributes:
-        attacks: attack specs ``{"name": ..., "eps": ..., **fields}``.
+        attacks: attack specs ``{"name": ..., "eps": ..., **fields}``; ``eps`` may be a list,
+            which runs the attack once per value.
+        preset: a named suite (``robcomp list presets``) run before ``attacks``.
         limit: attack at most this many test points (clean accuracy uses the whole split).
         batch_size: evaluation batch size.
+        diagnostics: run the gradient-masking checklist and store its flags.
+        diagnostics_points: how many test points the checklist uses.
     """
 
     attacks: tuple[dict[str, Any], ...] = ()
+    preset: str | None = None
     limit: int | None = None
     batch_size: int = 256
+    diagnostics: bool = True
+    diagnostics_points: int = 200
+
+    def attack_specs(self) -> list[dict[str, Any]]:
+        """The preset's attacks then the listed ones, one spec per eps value."""
+        specs = list(preset_attacks(self.preset)) if self.preset else []
+        for spec in self.attacks:
+            eps = spec.get("eps")
+            values = eps if isinstance(eps, list | tuple) else [eps]
+            specs += [{**spec, "eps": e} if e is not None else dict(spec) for e in values]
+        return specs
+
+    def build_attacks(self, where: str = "evaluate") -> list[Attack]:
+        return [
+            build_component(ATTACKS, spec, f"{where}.attacks[{i}]")
+            for i, spec in enumerate(self.attack_specs())
+        ]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,8 +139,10 @@ def validate(cfg: CellConfig, where: str) -> None:
     cfg.train.build_objective(f"{where}: train.objective")
     if cfg.finetune is not None:
         cfg.finetune.build_objective(f"{where}: finetune.objective")
-    for i, attack in enumerate(cfg.evaluate.attacks):
-        build_component(ATTACKS, attack, f"{where}: evaluate.attacks[{i}]")
+    try:
+        cfg.evaluate.build_attacks(f"{where}: evaluate")
+    except KeyError as err:  # an unknown preset
+        raise ConfigError(f"{where}: evaluate.preset: {err}") from None
     try:
         factory_for(cfg.model.name)
     except (RegistryError, ValueError) as err:

@@ -33,12 +33,18 @@ def _row(run: RunRow) -> dict[str, Any]:
         **{f"grid:{k}": v for k, v in run.grid_values.items()},
     }
     robust: list[float] = []
+    flags = sorted(
+        m.name.removeprefix("flag:") for m in run.metrics if m.name.startswith("flag:") and m.value
+    )
+    if any(m.name.startswith("flag:") for m in run.metrics):
+        row["masking_flags"] = ",".join(flags) or "none"
+        row["masking"] = run.info.get("masking")
     for m in run.metrics:
         if m.name == "robust_accuracy":
             row[attack_column(m.attack, m.eps)] = m.value
             if m.value is not None:
                 robust.append(m.value)
-        elif not m.attack:
+        elif not m.attack and not m.name.startswith("flag:"):
             row[m.name] = m.value
     row["worst_robust_accuracy"] = min(robust) if robust else None
     row["seconds"] = run.seconds
@@ -79,6 +85,12 @@ def _count(value: Any) -> str:
     return str(int(value))
 
 
+def _flags(value: str | None) -> str:
+    if value is None:
+        return "-"
+    return "ok" if value == "none" else f"[bold red]{value}[/]"
+
+
 def leaderboard_table(rows: list[dict[str, Any]], title: str = "robcomp leaderboard") -> Table:
     """A rich table: what each cell costs and how robust it stays (accuracies in %).
 
@@ -99,7 +111,10 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "robcomp leaderbo
             for c in attack_columns(rows)
         ),
     ]
-    shown = [c for c in columns if len(rows) < 2 or len(set(c[1])) > 1 or c[0].startswith("grid")]
+    if any("masking_flags" in r for r in rows):
+        columns.append(("masking?", [_flags(r.get("masking_flags")) for r in rows], False))
+    keep = ("grid", "masking")
+    shown = [c for c in columns if len(rows) < 2 or len(set(c[1])) > 1 or c[0].startswith(keep)]
     same = [f"{h}={cells[0]}" for h, cells, _ in columns if (h, cells, _) not in shown and cells]
     caption = "accuracies in % on the test split; size = dense file"
     table = Table(title=title, caption=caption + ("; all rows: " + ", ".join(same) if same else ""))
