@@ -26,7 +26,7 @@ def test_every_command_has_help(command: str) -> None:
 def test_list_shows_registries() -> None:
     result = runner.invoke(app, ["list"])
     assert result.exit_code == 0
-    for word in ("datasets", "digits", "resnet20", "pgd", "magnitude", "ce"):
+    for word in ("datasets", "digits", "resnet20", "pgd", "magnitude", "ce", "cifar-heavy"):
         assert word in result.output
     assert runner.invoke(app, ["list", "attacks"]).output.count("pgd") >= 1
     bad = runner.invoke(app, ["list", "atacks"])

@@ -8,7 +8,6 @@ import pytest
 
 from robcomp.experiments import STORE_NAME, ResultStore, load_experiment, run_experiment
 from robcomp.experiments.executors import LocalExecutor, RayExecutor, baseline_waves, make_executor
-
 from test_experiments import tiny_experiment
 
 

@@ -259,7 +259,7 @@ def report(
     console.print(f"report: {files.csv}, {files.json}, {files.plot}")
 
 
-KINDS = ("datasets", "models", "attacks", "compressors", "objectives")
+KINDS = ("datasets", "models", "attacks", "compressors", "objectives", "presets")
 
 
 @app.command(name="list")
@@ -269,14 +269,16 @@ def list_(
 ) -> None:
     """List registered components (what an experiment file can name)."""
     from robcomp.attacks import ATTACKS
+    from robcomp.attacks.presets import preset_names
     from robcomp.compress import COMPRESSORS
     from robcomp.data import DATASETS
     from robcomp.models import MODELS
     from robcomp.train import OBJECTIVES
 
-    registries = dict(zip(KINDS, (DATASETS, MODELS, ATTACKS, COMPRESSORS, OBJECTIVES)))
-    if kind is not None and kind not in registries:
+    registries = (DATASETS, MODELS, ATTACKS, COMPRESSORS, OBJECTIVES)
+    names = {k: r.names() for k, r in zip(KINDS, registries)} | {"presets": preset_names()}
+    if kind is not None and kind not in names:
         raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
-    for name, registry in registries.items():
+    for name, members in names.items():
         if kind in (None, name):
-            console.print(f"[bold]{name}[/]: {', '.join(registry.names())}")
+            console.print(f"[bold]{name}[/]: {', '.join(members)}")
