@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from robcomp.attacks.base import ATTACKS
-from robcomp.attacks.norms import NormName, get_norm
+from robcomp.attacks.norms import L1, NormName, box_feasible, get_norm
 
 
 @ATTACKS.register("pgd")
@@ -20,7 +20,8 @@ class PGD:
 
     Attributes:
         eps: radius of the threat model, in pixel units of [0, 1] inputs.
-        norm: ``linf`` or ``l2``.
+        norm: ``linf``, ``l2`` or ``l1`` (sparse SLIDE steps, see
+            :class:`~robcomp.attacks.norms.L1`).
         steps: gradient steps per restart.
         step_size: size of each step; default ``2.5 * eps / steps`` (Madry et al.).
         random_start: start from a uniform point in the eps ball instead of ``x``.
@@ -52,7 +53,9 @@ class PGD:
 
     def _run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         norm = get_norm(self.norm)
-        delta = norm.random_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
+        delta = (
+            norm.random_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
+        )
         x_adv = (x + delta).clamp(0.0, 1.0)
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
@@ -60,6 +63,9 @@ class PGD:
             loss = F.cross_entropy(model(x_adv), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x_adv)
             with torch.no_grad():
+                if isinstance(norm, L1):
+                    # A sparse step must not be spent on pixels pinned at a box face.
+                    grad = box_feasible(grad, x_adv)
                 step = x_adv + self.alpha * norm.ascent(grad)
                 x_adv = (x + norm.project(step - x, self.eps)).clamp(0.0, 1.0)
         return x_adv.detach()

@@ -4,3 +4,6 @@ from robcomp.train.loop import History, TrainConfig, fit, lr_factor
 from robcomp.train.objectives import OBJECTIVES, CrossEntropy, Objective
 
 __all__ = ["OBJECTIVES", "CrossEntropy", "History", "Objective", "TrainConfig", "fit", "lr_factor"]
+
+# Last: it imports robcomp.compress, which imports this package (kd objective, distill compressor).
+from robcomp.train import distill  # noqa: F401

@@ -1,0 +1,291 @@
+"""The AutoAttack cascade and the wrapped official attacks (fab-t, square)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import robcomp.data
+import robcomp.models
+import robcomp.train
+from robcomp.attacks import ATTACKS, Attack
+from robcomp.attacks.apgd import APGDCE, APGDDLR, APGDT, AutoAttackNorm
+from robcomp.attacks.autoattack import FABT, Square
+from robcomp.attacks.cascade import Cascade, CascadeResult
+from robcomp.config import ConfigError, build_component
+from robcomp.evaluate import attack_batch, check_threat_model
+
+try:
+    import pyautoattack  # noqa: F401
+except ImportError:
+    HAS_REFERENCE = False
+else:
+    HAS_REFERENCE = True
+# fab-t and square run the official code (the robcomp[attacks] extra); the cascade's own logic
+# is tested without it.
+needs_reference = pytest.mark.skipif(not HAS_REFERENCE, reason="pip install robcomp[attacks]")
+
+GENEROUS = {"linf": 0.3, "l2": 3.0}
+
+
+@pytest.fixture(scope="module")
+def digits() -> Iterator[tuple[nn.Module, Tensor, Tensor]]:
+    """A tiny CNN trained on scikit-learn's digits (~95% test accuracy), frozen, in eval mode,
+    with the first 200 test points. One thread: these tiny tensors gain nothing from two, and
+    a single thread makes every reduction, hence every test, bit-for-bit repeatable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = robcomp.data.get("digits")
+        torch.manual_seed(0)
+        model = robcomp.models.create("tiny_cnn", 10, (1, 8, 8), mean=data.mean, std=data.std)
+        robcomp.train.fit(model, data, robcomp.train.TrainConfig(epochs=10, lr=0.05, batch_size=64))
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        x, y = data.test.tensors()
+        yield model, x[:200], y[:200]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def predictions(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model(x).argmax(1)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    return float((predictions(model, x) == y).float().mean())
+
+
+# --- the wrapped official attacks -----------------------------------------------------------
+
+CHEAP = {
+    "fab-t": {"steps": 10, "n_target_classes": 3},
+    "square": {"queries": 200},
+    "autoattack": {},
+}
+
+
+@pytest.mark.parametrize("name", ["fab-t", "square", "autoattack"])
+def test_registered_and_constructible_from_eps_alone(name: str) -> None:
+    cls = ATTACKS.get(name)
+    attack = cls(eps=0.1)
+    assert {"eps", "norm", "seed"} <= {f.name for f in dataclasses.fields(cls)}
+    assert attack.norm == "linf" and isinstance(attack.label(), str)
+    assert cls.__doc__ is not None and "2020" in cls.__doc__
+    with pytest.raises(ValueError, match="linf, l2"):
+        cls(eps=0.1, norm="l1")
+
+
+@needs_reference
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("name", ["fab-t", "square", "autoattack"])
+def test_contract(digits: tuple[nn.Module, Tensor, Tensor], name: str, norm: str) -> None:
+    model, x, y = digits
+    x, y = x[:64], y[:64]
+    eps = GENEROUS[norm]
+    attack = ATTACKS.get(name)(eps=eps, norm=norm, seed=5, **CHEAP[name])
+    x_before = x.clone()
+    x_adv = attack(model, x, y)
+    assert x_adv.shape == x.shape and x_adv.dtype == x.dtype
+    check_threat_model(x, x_adv, eps, norm, where=attack.label())
+    assert torch.equal(x, x_before), "the attack modified its input"
+    assert accuracy(model, x, y) > 0.85
+    assert accuracy(model, x_adv, y) < 0.1
+    assert torch.equal(attack(model, x, y), x_adv), "not deterministic under a fixed seed"
+
+
+@needs_reference
+@pytest.mark.parametrize(
+    "attack", [FABT(eps=0.1, steps=5, n_target_classes=2), Square(eps=0.1, queries=50)]
+)
+def test_wrappers_restore_the_global_rng_and_the_parameter_flags(
+    digits: tuple[nn.Module, Tensor, Tensor], attack: Attack
+) -> None:
+    model, x, y = digits
+    trainable = robcomp.models.create("tiny_cnn", 10, (1, 8, 8))
+    trainable.load_state_dict(model.state_dict())
+    trainable.eval()  # parameters require grad, as a freshly built model's do
+    state = torch.random.get_rng_state()
+    attack(trainable, x[:16], y[:16])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(p.requires_grad and p.grad is None for p in trainable.parameters())
+
+
+@needs_reference
+def test_wrappers_project_what_they_return(digits: tuple[nn.Module, Tensor, Tensor]) -> None:
+    # Square's Linf steps clamp to x + eps, which float32 can round just past eps: the wrapper
+    # must hand back points whose perturbation, measured again, is within float rounding.
+    model, x, y = digits
+    eps = 0.1
+    x_adv = Square(eps=eps, queries=100)(model, x, y)
+    assert float((x_adv - x).abs().amax()) <= eps + 1e-7
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+
+
+def test_missing_pyautoattack_names_the_extra(
+    digits: tuple[nn.Module, Tensor, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, x, y = digits
+    monkeypatch.setitem(sys.modules, "pyautoattack.square", None)  # makes the import fail
+    with pytest.raises(ImportError, match=r"pip install robcomp\[attacks\]"):
+        Square(eps=0.1)(model, x[:4], y[:4])
+
+
+def test_square_rejects_non_images(digits: tuple[nn.Module, Tensor, Tensor]) -> None:
+    model, _, _ = digits
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        Square(eps=0.1)(model, torch.rand(4, 64), torch.zeros(4, dtype=torch.long))
+
+
+# --- the cascade -----------------------------------------------------------------------------
+
+
+def test_standard_version_pins_the_reference_settings() -> None:
+    members = dict(Cascade(eps=8 / 255, seed=7).members())
+    assert list(members) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert members["apgd-ce"] == APGDCE(eps=8 / 255, steps=100, restarts=1, seed=7)
+    assert members["apgd-t"] == APGDT(
+        eps=8 / 255, steps=100, restarts=1, n_target_classes=9, seed=7
+    )
+    assert members["fab-t"] == FABT(eps=8 / 255, steps=100, restarts=1, n_target_classes=9, seed=7)
+    assert members["square"] == Square(eps=8 / 255, queries=5000, p_init=0.8, restarts=1, seed=7)
+
+
+def test_rand_and_custom_versions_pin_the_reference_settings() -> None:
+    rand = dict(Cascade(eps=0.5, norm="l2", version="rand").members())
+    assert rand == {
+        "apgd-ce": APGDCE(eps=0.5, norm="l2", restarts=1, eot_iter=20),
+        "apgd-dlr": APGDDLR(eps=0.5, norm="l2", restarts=1, eot_iter=20),
+    }
+    custom = dict(
+        Cascade(eps=0.1, version="custom", attacks=("apgd-dlr", "apgd-ce", "pgd")).members()
+    )
+    assert list(custom) == ["apgd-dlr", "apgd-ce", "pgd"]
+    assert custom["apgd-ce"].restarts == 5 and custom["apgd-dlr"].restarts == 5  # type: ignore[attr-defined]
+    assert custom["apgd-ce"].steps == 100  # type: ignore[attr-defined]
+    assert custom["pgd"].eps == 0.1 and custom["pgd"].norm == "linf"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"version": "custom"}, "non-empty"),
+        ({"attacks": ("apgd-ce",)}, "only used with version='custom'"),
+        ({"version": "custom", "attacks": ("apgd-cee",)}, "Did you mean 'apgd-ce'"),
+        ({"version": "custom", "attacks": ("apgd-ce", "apgd-ce")}, "more than once"),
+        ({"version": "custom", "attacks": ("autoattack",)}, "cannot contain"),
+        ({"norm": "l1"}, "linf, l2"),
+    ],
+)
+def test_invalid_cascades_are_explained(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Cascade(eps=0.1, **options)  # type: ignore[arg-type]
+
+
+def test_builds_from_a_config_mapping() -> None:
+    spec = {"name": "autoattack", "eps": "8/255", "version": "custom", "attacks": ["apgd-ce"]}
+    cascade = build_component(ATTACKS, spec, "evaluate.attacks[0]")
+    assert cascade == Cascade(eps=8 / 255, version="custom", attacks=("apgd-ce",))
+    with pytest.raises(ConfigError, match="version"):
+        build_component(ATTACKS, {"name": "autoattack", "eps": 0.1, "version": "plus"}, "a")
+
+
+class CheapCascade(Cascade):
+    """The standard cascade's logic with small budgets, so every member gets points to break."""
+
+    def members(self) -> list[tuple[str, Attack]]:
+        eps, norm, seed = self.eps, self.norm, self.seed
+        return [
+            ("apgd-ce", APGDCE(eps=eps, norm=norm, steps=5, seed=seed)),
+            ("apgd-t", APGDT(eps=eps, norm=norm, steps=10, n_target_classes=3, seed=seed)),
+            ("fab-t", FABT(eps=eps, norm=norm, steps=10, n_target_classes=3, seed=seed)),
+            ("square", Square(eps=eps, norm=norm, queries=200, seed=seed)),
+        ]
+
+
+@needs_reference
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.05), ("l2", 0.5)])
+def test_run_reports_a_consistent_story(
+    digits: tuple[nn.Module, Tensor, Tensor], norm: AutoAttackNorm, eps: float
+) -> None:
+    model, x, y = digits
+    result = CheapCascade(eps=eps, norm=norm).run(model, x, y)
+    assert isinstance(result, CascadeResult)
+    check_threat_model(x, result.x_adv, eps, norm)
+    names = ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert list(result.robust_after) == names == list(result.seconds_per_attack)
+    after = [result.clean_accuracy, *result.robust_after.values()]
+    assert all(b <= a for a, b in itertools.pairwise(after)), after
+    assert after[1] < after[0]  # APGD-CE breaks some points
+    pred = predictions(model, result.x_adv)
+    found = result.found_by
+    assert len(found) == len(x)
+    for i, by in enumerate(found):
+        if by is None:  # robust: the clean point, still classified correctly
+            assert pred[i] == y[i] and torch.equal(result.x_adv[i], x[i])
+        else:
+            assert pred[i] != y[i], f"point {i} said to be broken by {by} is not misclassified"
+    # The robust accuracy after each attack is what found_by says.
+    for k, name in enumerate(names):
+        broken = sum(by in ("clean", *names[: k + 1]) for by in found)
+        assert result.robust_after[name] == pytest.approx(1 - broken / len(x))
+    assert result.robust_after["square"] == pytest.approx(accuracy(model, result.x_adv, y))
+
+
+def test_custom_with_one_attack_is_that_attack(digits: tuple[nn.Module, Tensor, Tensor]) -> None:
+    model, x, y = digits
+    x, y = x[:100], y[:100]
+    cascade = Cascade(eps=0.1, version="custom", attacks=("apgd-ce",), seed=2)
+    result = cascade.run(model, x, y)
+    alone = APGDCE(eps=0.1, restarts=5, seed=2)(model, x, y)  # the reference's custom settings
+    broken = predictions(model, alone) != y
+    assert [by is not None for by in result.found_by] == broken.tolist()
+    assert torch.equal(result.x_adv[broken], alone[broken])
+    assert result.robust_after["apgd-ce"] == pytest.approx(accuracy(model, alone, y))
+
+
+@needs_reference
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_standard_at_a_large_eps_breaks_everything(
+    digits: tuple[nn.Module, Tensor, Tensor], norm: AutoAttackNorm
+) -> None:
+    model, x, y = digits
+    cascade = Cascade(eps=GENEROUS[norm], norm=norm)
+    outcome = attack_batch(model, cascade, x, y)  # the evaluator's threat-model checks
+    assert float(outcome.success.float().mean()) >= 0.99
+    result = cascade.run(model, x, y)
+    assert result.robust_after["square"] <= 0.01
+    assert torch.equal(result.x_adv, outcome.x_adv)
+
+
+class NoisyModel(nn.Module):
+    """A randomized defence: Gaussian noise on the input, drawn from the global generator."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x + 0.05 * torch.randn_like(x))
+
+
+def test_rand_version_is_deterministic_on_a_randomized_model(
+    digits: tuple[nn.Module, Tensor, Tensor],
+) -> None:
+    model, x, y = digits
+    noisy = NoisyModel(model)
+    cascade = Cascade(eps=0.3, version="rand", seed=4)
+    state = torch.random.get_rng_state()
+    first = cascade.run(noisy, x[:32], y[:32])
+    assert torch.equal(torch.random.get_rng_state(), state)
+    second = cascade.run(noisy, x[:32], y[:32])
+    assert torch.equal(first.x_adv, second.x_adv) and first.found_by == second.found_by
+    assert first.robust_after["apgd-dlr"] <= 0.1
