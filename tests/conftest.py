@@ -41,3 +41,16 @@ def robcomp_data() -> Path:
     if not root:
         pytest.skip("ROBCOMP_DATA is not set")
     return Path(root)
+
+
+@pytest.fixture(scope="session")
+def frozen_digits_cnn() -> tuple[Classifier, torch.Tensor, torch.Tensor]:
+    """A tiny CNN trained on digits (~95% test accuracy), frozen, in eval mode, with the first
+    200 test points; its own copy, so attack tests cannot disturb other fixtures."""
+    digits = datasets.get("digits", seed=0)  # not the `digits` fixture: test files shadow it
+    torch.manual_seed(0)
+    model = create("tiny_cnn", 10, (1, 8, 8), mean=digits.mean, std=digits.std)
+    fit(model, digits, TrainConfig(epochs=10, lr=0.05, batch_size=64))
+    model.eval().requires_grad_(False)
+    x, y = digits.test.tensors()
+    return model, x[:200], y[:200]

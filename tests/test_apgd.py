@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -37,24 +36,11 @@ CROSS_CHECK_TOLERANCE = 0.02
 
 
 @pytest.fixture(scope="module")
-def digits() -> Iterator[tuple[nn.Module, Tensor, Tensor]]:
-    """A tiny CNN trained on scikit-learn's digits (~95% test accuracy), frozen, in eval mode,
-    with the first 200 test points. One thread: these tiny tensors gain nothing from two, and
-    a single thread makes every reduction, hence every test, bit-for-bit repeatable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        data = robcomp.data.get("digits")
-        torch.manual_seed(0)
-        model = robcomp.models.create("tiny_cnn", 10, (1, 8, 8), mean=data.mean, std=data.std)
-        robcomp.train.fit(model, data, robcomp.train.TrainConfig(epochs=10, lr=0.05, batch_size=64))
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        x, y = data.test.tensors()
-        yield model, x[:N_POINTS], y[:N_POINTS]
-    finally:
-        torch.set_num_threads(threads)
+def digits(
+    frozen_digits_cnn: tuple[nn.Module, Tensor, Tensor],
+) -> tuple[nn.Module, Tensor, Tensor]:
+    model, x, y = frozen_digits_cnn
+    return model, x[:N_POINTS], y[:N_POINTS]
 
 
 def robust_accuracy(model: nn.Module, x_adv: Tensor, y: Tensor) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import sys
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -35,24 +34,10 @@ GENEROUS = {"linf": 0.3, "l2": 3.0}
 
 
 @pytest.fixture(scope="module")
-def digits() -> Iterator[tuple[nn.Module, Tensor, Tensor]]:
-    """A tiny CNN trained on scikit-learn's digits (~95% test accuracy), frozen, in eval mode,
-    with the first 200 test points. One thread: these tiny tensors gain nothing from two, and
-    a single thread makes every reduction, hence every test, bit-for-bit repeatable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        data = robcomp.data.get("digits")
-        torch.manual_seed(0)
-        model = robcomp.models.create("tiny_cnn", 10, (1, 8, 8), mean=data.mean, std=data.std)
-        robcomp.train.fit(model, data, robcomp.train.TrainConfig(epochs=10, lr=0.05, batch_size=64))
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        x, y = data.test.tensors()
-        yield model, x[:200], y[:200]
-    finally:
-        torch.set_num_threads(threads)
+def digits(
+    frozen_digits_cnn: tuple[nn.Module, Tensor, Tensor],
+) -> tuple[nn.Module, Tensor, Tensor]:
+    return frozen_digits_cnn
 
 
 def predictions(model: nn.Module, x: Tensor) -> Tensor:
