@@ -19,6 +19,7 @@ from robcomp.attacks.autoattack import FABT, Square
 from robcomp.attacks.cascade import Cascade, CascadeResult
 from robcomp.config import ConfigError, build_component
 from robcomp.evaluate import attack_batch, check_threat_model
+from test_apgd import NoisyModel
 
 try:
     import pyautoattack  # noqa: F401
@@ -249,17 +250,6 @@ def test_standard_at_a_large_eps_breaks_everything(
     result = cascade.run(model, x, y)
     assert result.robust_after["square"] <= 0.01
     assert torch.equal(result.x_adv, outcome.x_adv)
-
-
-class NoisyModel(nn.Module):
-    """A randomized defence: Gaussian noise on the input, drawn from the global generator."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x + 0.05 * torch.randn_like(x))
 
 
 def test_rand_version_is_deterministic_on_a_randomized_model(
