@@ -6,4 +6,4 @@ from robcomp.train.objectives import OBJECTIVES, CrossEntropy, Objective
 __all__ = ["OBJECTIVES", "CrossEntropy", "History", "Objective", "TrainConfig", "fit", "lr_factor"]
 
 # Last: it imports robcomp.compress, which imports this package (kd objective, distill compressor).
-from robcomp.train import distill  # noqa: F401
+from robcomp.train import adversarial, distill, robust_distill  # noqa: F401
