@@ -99,13 +99,28 @@ def test_quickstart_shows_a_real_effect(tmp_path: Path) -> None:
     out = tmp_path / "qs"
     result = runner.invoke(app, ["quickstart", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    rows = json.loads((out / "report" / "leaderboard.json").read_text())
-    assert len(rows) == 4
-    by_sparsity = {r["sparsity"]: r for r in rows}
-    assert set(by_sparsity) == {0.0, 0.5, 0.8, 0.9}
-    dense, sparse = by_sparsity[0.0], by_sparsity[0.9]
+    rows = {r["compress"]: r for r in json.loads((out / "report" / "leaderboard.json").read_text())}
+    assert set(rows) == {
+        "none", "magnitude-global-0.5", "magnitude-global-0.8", "magnitude-global-0.9",
+        "l1-filter-0.5", "distill-tiny_mlp", "int8",
+    }  # fmt: skip
+    dense, sparse = rows["none"], rows["magnitude-global-0.9"]
     assert dense["clean_accuracy"] > 0.9
-    for column in ("pgd10-linf@0.05", "fgsm-linf@0.05"):
+    attacks = ("pgd10-linf@0.05", "apgd-ce20-linf@0.05", "square1000-linf@0.05", "ddn50-l2@0.5")
+    for column in attacks[:3]:
         # robust accuracy changes with sparsity: 90% pruning costs robustness here
         assert sparse[column] < dense[column] - 0.1, (column, sparse[column], dense[column])
+    for row in rows.values():
+        assert all(0.0 <= row[c] <= row["clean_accuracy"] for c in attacks)
+        assert row["masking_flags"] == "none", row["masking"]
+        assert row["latency_ms_b1"] > 0 and row["macs"] > 0 and row["size_bytes"] > 0
+    # the compressed models really are smaller, each in its own way
+    assert rows["l1-filter-0.5"]["macs"] < 0.5 * dense["macs"]
+    assert rows["distill-tiny_mlp"]["params"] < 0.6 * dense["params"]
+    assert rows["int8"]["size_bytes"] < 0.35 * dense["size_bytes"]
+    assert set(rows["int8"]["gradient_free"]["pgd10-linf@0.05"]["per_route"]) == {
+        "bpda", "transfer", "black-box",
+    }  # fmt: skip
+    for header in ("via", "masking?", "ms b1", "MACs"):
+        assert header in result.output
     assert (out / "report" / "robustness_vs_compression.png").is_file()

@@ -7,9 +7,17 @@ import torch
 from torch import Tensor, nn
 
 from robcomp.attacks import PGD
+from robcomp.attacks.autoattack import Square
 from robcomp.data.base import DataSplits
 from robcomp.evaluate import accuracy
-from robcomp.evaluate.bpda import IdentityGradient, StraightThrough, worst_case
+from robcomp.evaluate.adversarial import check_threat_model
+from robcomp.evaluate.bpda import (
+    IdentityGradient,
+    RouteOutcome,
+    StraightThrough,
+    evaluate_without_gradients,
+    worst_case,
+)
 from robcomp.evaluate.diagnostics import (
     check_black_box,
     check_monotone,
@@ -141,3 +149,37 @@ def test_transfer_matrix(trained_cnn: nn.Module, digits: DataSplits) -> None:
         # white-box (diagonal) is stronger than transfer to the other model
         other_name = "mlp" if s == "cnn" else "cnn"
         assert m.accuracy[s][s] < m.accuracy[s][other_name]
+
+
+def test_without_gradients_takes_the_worst_route_and_shares_the_black_box(
+    trained_cnn: nn.Module, quantized: nn.Module, digits: DataSplits
+) -> None:
+    points = digits.test.head(100)
+    pgd, square = PGD(eps=0.1, steps=10), Square(eps=0.1, queries=200)
+    cache: dict[tuple[str, str, float], RouteOutcome] = {}
+    twin = nn.Sequential(IdentityGradient(InputQuantizer()), trained_cnn).eval()
+    result, worst = evaluate_without_gradients(
+        quantized, twin, pgd, points, surrogate=trained_cnn, black_box=square, cache=cache
+    )
+    assert set(worst.per_attack) == {"bpda", "transfer", "black-box"}
+    assert result.robust_accuracy == worst.robust_accuracy <= min(worst.per_attack.values())
+    assert result.robust_accuracy < 0.5  # BPDA and transfer break the input quantizer
+    assert sum(worst.found_counts().values()) == round(
+        (result.clean_accuracy - result.robust_accuracy) * len(points)
+    )
+    assert 0 < result.mean_norm <= 0.1 + 1e-6
+    assert len(cache) == 1
+    cached = next(iter(cache.values()))
+    evaluate_without_gradients(
+        quantized, twin, PGD(eps=0.1, steps=5), points, black_box=square, cache=cache
+    )
+    assert len(cache) == 1 and next(iter(cache.values())) is cached  # one Square run, shared
+    with pytest.raises(ValueError, match="threat model"):
+        evaluate_without_gradients(
+            quantized, twin, PGD(eps=0.05), points, black_box=square, cache=cache
+        )
+
+
+def test_threat_model_check_accepts_an_empty_batch() -> None:
+    empty = torch.zeros(0, 1, 8, 8)
+    assert len(check_threat_model(empty, empty.clone(), 0.1, "linf")) == 0

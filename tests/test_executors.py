@@ -47,7 +47,7 @@ def test_ray_executor_matches_local(tmp_path: Path) -> None:
             (r.cell_id, m.name, m.attack, m.eps): m.value
             for r in ResultStore(tmp_path / folder / STORE_NAME).runs()
             for m in r.metrics
-            if m.name != "attack_seconds"
+            if not m.is_timing
         }
 
     assert values("ray") == values("local")

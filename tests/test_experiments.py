@@ -176,7 +176,7 @@ def test_results_are_deterministic(tmp_path: Path) -> None:
     a, b = (ResultStore(tmp_path / d / STORE_NAME).runs()[0].metrics for d in "ab")
 
     def values(metrics: list[Metric]) -> dict[tuple[str, str, float], float | None]:
-        return {(m.name, m.attack, m.eps): m.value for m in metrics if m.name != "attack_seconds"}
+        return {(m.name, m.attack, m.eps): m.value for m in metrics if not m.is_timing}
 
     assert values(a) == values(b)
 
@@ -217,3 +217,42 @@ def test_eps_lists_and_presets_expand_to_attacks() -> None:
     raw["evaluate"]["preset"] = "digits-medium"
     with pytest.raises(ConfigError, match="unknown preset 'digits-medium'"):
         load_experiment(raw)
+
+
+def test_quantized_cells_report_their_own_size_and_int8_is_attacked_without_gradients(
+    tmp_path: Path,
+) -> None:
+    raw = tiny_experiment(
+        compress=[{"name": "int8", "compile": False, "calibration_batches": 2}, {"name": "lowbit"}]
+    )
+    raw["model"] = {"name": "tiny_cnn"}
+    raw["evaluate"] = {
+        "attacks": [{"name": "pgd", "eps": 0.1, "steps": 5}],
+        "limit": 60,
+        "black_box_queries": 100,
+        "latency_batch_sizes": [1, 8],
+        "latency_repeats": 3,
+        "diagnostics_points": 60,
+    }
+    summary = run_experiment(load_experiment(raw), tmp_path)
+    assert summary.failed == []
+    runs = {r.info["compressor"]: r for r in ResultStore(tmp_path / STORE_NAME).runs()}
+    int8, lowbit = runs["int8"], runs["lowbit-w4"]
+
+    def value(run: Any, name: str, attack: str = "") -> float:
+        return next(m.value for m in run.metrics if (m.name, m.attack) == (name, attack))
+
+    # sizes come from the compressors' records, not from the float tensors in memory
+    assert value(int8, "bits") == 8 and value(int8, "size_ratio") < 0.35
+    assert value(lowbit, "bits") == 4 and value(lowbit, "size_ratio") < 0.2
+    for run in runs.values():
+        assert value(run, "latency_ms_b1") > 0 and value(run, "latency_ms_b8") > 0
+    # int8: never fine-tuned; robust accuracy is the worst case over BPDA, transfer, Square
+    assert "skipped" in int8.info["finetune"] and isinstance(lowbit.info["finetune"], dict)
+    routes = int8.info["gradient_free"]["pgd5-linf@0.1"]
+    assert set(routes["per_route"]) == {"bpda", "transfer", "black-box"}
+    robust = value(int8, "robust_accuracy", "pgd5-linf")
+    assert robust == routes["robust_accuracy"] <= min(routes["per_route"].values())
+    assert value(int8, "twin_agreement_clean") >= 0.95
+    assert value(int8, "twin_agreement_adv") >= 0.9
+    assert lowbit.info["gradient_free"] is None  # fake quantization has STE gradients

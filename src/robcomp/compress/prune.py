@@ -79,7 +79,7 @@ class MagnitudePruning:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
 
     def label(self) -> str:
-        return f"magnitude-{self.scope}"
+        return f"magnitude-{self.scope}-{self.sparsity:g}"
 
     def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]:
         start = time.perf_counter()

@@ -226,6 +226,7 @@ class QuantizedModel(nn.Module):
     """
 
     max_compiled_shapes = 8  # Dynamo's default recompile limit
+    trainable = False  # the experiment runner skips fine-tuning for such models
 
     def __init__(
         self, int8: GraphModule, twin: GraphModule, reference: GraphModule, compiled: bool
@@ -265,6 +266,11 @@ class QuantizedModel(nn.Module):
                     self.__dict__["_compiled"] = None
                     log.warning("int8 compilation failed, running eagerly: %s", self.compile_error)
             return self.int8(x)
+
+    def eager(self) -> QuantizedModel:
+        """The same int8 model, never compiled: the same int8 kernels for any batch shape with
+        no compilation cost (attacks call a model on many shapes)."""
+        return QuantizedModel(self.int8, self.twin, self.reference, compiled=False)
 
     def train(self, mode: bool = True) -> QuantizedModel:
         if mode:

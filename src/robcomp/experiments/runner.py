@@ -20,10 +20,28 @@ import yaml
 from torch import nn
 
 from robcomp import data as datasets
-from robcomp.compress import COMPRESSORS, finalize, measure
+from robcomp.attacks import Attack
+from robcomp.attacks.autoattack import Square
+from robcomp.attacks.pgd import PGD
+from robcomp.compress import (
+    COMPRESSORS,
+    QuantizedModel,
+    Record,
+    finalize,
+    latency,
+    measure,
+    twin_agreement,
+)
 from robcomp.config import build_component, to_dict
 from robcomp.data.base import DataSplits
 from robcomp.evaluate import AttackResult, accuracy, evaluate_attack
+from robcomp.evaluate.adversarial import attack_mode
+from robcomp.evaluate.bpda import (
+    RouteOutcome,
+    StraightThrough,
+    WorstCase,
+    evaluate_without_gradients,
+)
 from robcomp.evaluate.diagnostics import Flag, diagnose, summarize
 from robcomp.experiments.spec import Cell, CellConfig
 from robcomp.experiments.store import Metric
@@ -88,35 +106,112 @@ def trained_baseline(
     return model, info
 
 
-def _efficiency_metrics(model: nn.Module, base: nn.Module, data: DataSplits) -> list[Metric]:
-    eff, base_eff = measure(model, data.in_shape), measure(base, data.in_shape)
+def _efficiency_metrics(record: Record, base: nn.Module, data: DataSplits) -> list[Metric]:
+    """The compressor's own account of the cost (packed bits for quantized weights, int8
+    tensors without their fp32 copies), against the dense baseline."""
+    base_eff = measure(base, data.in_shape)
     return [
-        Metric("params", eff.params),
-        Metric("nonzero_params", eff.nonzero_params),
-        Metric("compression_rate", eff.compression_rate(base_eff.nonzero_params)),
-        Metric("bits", eff.bits),
-        Metric("size_bytes", eff.size_bytes),
-        Metric("sparse_bytes", eff.sparse_bytes),
-        Metric("macs", eff.macs),
+        Metric("params", record.params),
+        Metric("nonzero_params", record.nonzero_params),
+        Metric("compression_rate", 1.0 - record.nonzero_params / base_eff.nonzero_params),
+        Metric("bits", record.bits),
+        Metric("size_bytes", record.size_bytes),
+        Metric("size_ratio", record.size_bytes / base_eff.size_bytes),
+        Metric("sparse_bytes", record.sparse_bytes),
+        Metric("macs", record.macs),
     ]
 
 
+def _latency_metrics(cfg: CellConfig, model: nn.Module, data: DataSplits) -> list[Metric]:
+    """Marshall's Algorithms 4 and 5: median time of one forward pass on 1 and N images."""
+    metrics = []
+    for batch_size in cfg.evaluate.latency_batch_sizes:
+        result = latency(model, data.in_shape, batch_size, repeats=cfg.evaluate.latency_repeats)
+        metrics.append(Metric(f"latency_ms_b{batch_size}", result.median_ms))
+    if cfg.evaluate.latency_batch_sizes:
+        metrics.append(Metric("threads", torch.get_num_threads()))
+    return metrics
+
+
+def _attack_metrics(result: AttackResult) -> list[Metric]:
+    return [
+        Metric("robust_accuracy", result.robust_accuracy, result.attack, result.eps),
+        Metric("mean_norm", result.mean_norm, result.attack, result.eps),
+        Metric("median_norm", result.median_norm, result.attack, result.eps),
+        Metric("attack_seconds", result.seconds, result.attack, result.eps),
+    ]
+
+
+@dataclass
+class Evaluation:
+    """What the attacks of a cell produced."""
+
+    metrics: list[Metric] = field(default_factory=list)
+    results: list[AttackResult] = field(default_factory=list)
+    routes: dict[str, dict[str, Any]] = field(default_factory=dict)  # gradient-free breakdown
+
+
 def _evaluate(
-    cfg: CellConfig, model: nn.Module, data: DataSplits
-) -> tuple[list[Metric], list[AttackResult]]:
-    metrics = [Metric("clean_accuracy", accuracy(model, data.test, cfg.evaluate.batch_size))]
-    points = data.test.head(cfg.evaluate.limit)
-    results = []
-    for attack in cfg.evaluate.build_attacks():
-        result = evaluate_attack(model, attack, points, cfg.evaluate.batch_size)
-        results.append(result)
-        metrics += [
-            Metric("robust_accuracy", result.robust_accuracy, result.attack, result.eps),
-            Metric("mean_norm", result.mean_norm, result.attack, result.eps),
-            Metric("median_norm", result.median_norm, result.attack, result.eps),
-            Metric("attack_seconds", result.seconds, result.attack, result.eps),
-        ]
-    return metrics, results
+    cfg: CellConfig, model: nn.Module, data: DataSplits, surrogate: nn.Module
+) -> Evaluation:
+    """Clean accuracy, then every attack of the suite on the first ``limit`` test points.
+
+    A model with a differentiable ``twin`` (int8) has no useful gradients of its own: each
+    gradient attack is evaluated as the worst case over BPDA through the twin, transfer from
+    ``surrogate`` (the fp32 baseline) and a full-budget Square at the same threat model.
+    """
+    spec = cfg.evaluate
+    out = Evaluation([Metric("clean_accuracy", accuracy(model, data.test, spec.batch_size))])
+    points = data.test.head(spec.limit)
+    twin = getattr(model, "twin", None)
+    cache: dict[tuple[str, str, float], RouteOutcome] = {}
+    for attack in spec.build_attacks():
+        if twin is None or attack.label().startswith(BLACK_BOX):
+            result = evaluate_attack(model, attack, points, spec.batch_size)
+        else:
+            result, worst = evaluate_without_gradients(
+                model, twin, attack, points, surrogate=surrogate,
+                black_box=_black_box(attack, spec.black_box_queries, cfg.seed),
+                batch_size=spec.batch_size, cache=cache,
+            )  # fmt: skip
+            out.routes[f"{result.attack}@{result.eps:.4g}"] = _route_info(worst)
+            out.metrics += [
+                Metric(f"route_accuracy:{name}", value, result.attack, result.eps)
+                for name, value in worst.per_attack.items()
+            ]
+        out.results.append(result)
+        out.metrics += _attack_metrics(result)
+    return out
+
+
+def _black_box(attack: Attack, queries: int, seed: int) -> Attack | None:
+    if attack.norm not in ("linf", "l2"):
+        return None  # Square is defined for these two norms only
+    return Square(eps=attack.eps, norm=attack.norm, queries=queries, seed=seed)  # type: ignore[arg-type]
+
+
+def _route_info(worst: WorstCase) -> dict[str, Any]:
+    return {
+        "per_route": worst.per_attack,
+        "found_by": worst.found_counts(),
+        "strongest": worst.strongest,
+        "robust_accuracy": worst.robust_accuracy,
+    }
+
+
+def _twin_agreement(model: nn.Module, data: DataSplits, cfg: CellConfig) -> list[Metric]:
+    """How often the int8 model and the twin whose gradients attack it agree, on clean test
+    points and on PGD points crafted on the twin."""
+    if not isinstance(model, QuantizedModel):
+        return []
+    x, y = data.test.head(cfg.evaluate.diagnostics_points).tensors()
+    eps = next((a.eps for a in cfg.evaluate.build_attacks() if a.norm == "linf"), 0.1)
+    with attack_mode(model.twin):
+        x_adv = PGD(eps=eps, steps=10)(model.twin, x, y)
+    return [
+        Metric("twin_agreement_clean", twin_agreement(model, x)),
+        Metric("twin_agreement_adv", twin_agreement(model, x_adv)),
+    ]
 
 
 def _diagnostics(
@@ -125,6 +220,9 @@ def _diagnostics(
     """The gradient-masking checklist at the threat model of the first gradient attack."""
     if not cfg.evaluate.diagnostics:
         return [], []
+    twin = getattr(model, "twin", None)
+    if twin is not None:  # the checklist probes the gradients attacks actually use
+        model = StraightThrough(model, twin)
     first = next((r for r in results if r.norm in ("linf", "l2")), None)
     norm, eps = (first.norm, first.eps) if first else ("linf", 0.1)
     white_box = [r for r in results if (r.norm, r.eps) == (norm, eps)]
@@ -160,21 +258,34 @@ def run_cell(cell: Cell, workdir: Path) -> CellResult:
         baseline, baseline_info = trained_baseline(cfg, data, workdir / "cache")
         compressor = build_component(COMPRESSORS, cfg.compress, "compress")
         model, record = compressor(baseline, data)
-        finetune = None
+        finetune, skipped = None, None
         if cfg.finetune is not None and cfg.finetune.epochs > 0:
-            finetune = fit(model, data, cfg.finetune, seed=cfg.seed, description="fine-tune")
+            if getattr(model, "trainable", True):
+                finetune = fit(model, data, cfg.finetune, seed=cfg.seed, description="fine-tune")
+            else:
+                skipped = f"{compressor.label()} models cannot be trained; fine-tune skipped"
+                log.info(skipped)
         model = finalize(model)
-        evaluated, results = _evaluate(cfg, model, data)
-        flag_metrics, flags = _diagnostics(cfg, model, data, results)
-        metrics = _efficiency_metrics(model, baseline, data) + evaluated + flag_metrics
+        # Attacks call the model on many batch shapes; an int8 model would compile each one.
+        attacked = model.eager() if isinstance(model, QuantizedModel) else model
+        evaluation = _evaluate(cfg, attacked, data, surrogate=baseline)
+        flag_metrics, flags = _diagnostics(cfg, attacked, data, evaluation.results)
+        metrics = (
+            _efficiency_metrics(record, baseline, data)
+            + _latency_metrics(cfg, model, data)
+            + _twin_agreement(model, data, cfg)
+            + evaluation.metrics
+            + flag_metrics
+        )
         info = {
             "data": data.summary(),
             "compressor": compressor.label(),
             "record": to_dict(record),
             "baseline": baseline_info,
-            "finetune": finetune.as_dict() if finetune else None,
+            "finetune": finetune.as_dict() if finetune else skipped,
             "diagnostics": flags,
             "masking": summarize([Flag(**f) for f in flags]) if flags else None,
+            "gradient_free": evaluation.routes or None,
         }
         (folder / "history.json").write_text(json.dumps(info, indent=2, default=str))
         seconds = time.perf_counter() - start

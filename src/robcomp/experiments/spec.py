@@ -71,6 +71,11 @@ class EvaluateSpec:
         batch_size: evaluation batch size.
         diagnostics: run the gradient-masking checklist and store its flags.
         diagnostics_points: how many test points the checklist uses.
+        black_box_queries: query budget of the Square attack that joins BPDA and transfer for
+            models without gradients (int8); 5000 is AutoAttack's full budget.
+        latency_batch_sizes: time one forward pass on batches of these sizes (1 = Marshall's
+            Algorithm 4, N = Algorithm 5); empty to skip.
+        latency_repeats: timed passes per batch size (the median is stored).
     """
 
     attacks: tuple[dict[str, Any], ...] = ()
@@ -79,6 +84,9 @@ class EvaluateSpec:
     batch_size: int = 256
     diagnostics: bool = True
     diagnostics_points: int = 200
+    black_box_queries: int = 5000
+    latency_batch_sizes: tuple[int, ...] = (1, 64)
+    latency_repeats: int = 20
 
     def attack_specs(self) -> list[dict[str, Any]]:
         """The preset's attacks then the listed ones, one spec per eps value."""

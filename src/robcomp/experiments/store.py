@@ -46,6 +46,11 @@ class Metric:
     attack: str = ""
     eps: float = 0.0
 
+    @property
+    def is_timing(self) -> bool:
+        """Wall-clock measurements, which differ between runs of the same cell."""
+        return self.name.startswith(("attack_seconds", "latency_ms_", "threads"))
+
 
 @dataclass(frozen=True)
 class RunRow:

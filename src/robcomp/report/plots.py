@@ -10,9 +10,11 @@ from robcomp.report.tables import attack_columns
 
 
 def _group_key(row: dict[str, Any]) -> str:
-    # Cells that differ only in compression rate form one line; anything else splits lines.
-    grid = {k: v for k, v in row.items() if k.startswith("grid:") and "sparsity" not in k}
-    return ", ".join([row["model"], row["compress"], *(f"{k[5:]}={v}" for k, v in grid.items())])
+    # Cells of one compression method that differ only in its rate form one line; any other
+    # grid axis splits lines.
+    grid = {k: v for k, v in row.items() if k.startswith("grid:") and "compress" not in k}
+    method = row.get("method", row["compress"])
+    return ", ".join([row["model"], method, *(f"{k[5:]}={v}" for k, v in grid.items())])
 
 
 def plot_robustness_vs_compression(rows: list[dict[str, Any]], path: Path) -> Path | None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.console import Group
 from rich.table import Table
 
 from robcomp.experiments.store import ResultStore, RunRow
@@ -28,6 +29,7 @@ def _row(run: RunRow) -> dict[str, Any]:
         "data": cfg["data"]["name"],
         "model": cfg["model"]["name"],
         "compress": run.info.get("compressor", cfg["compress"]["name"]),
+        "method": cfg["compress"]["name"],
         "sparsity": cfg["compress"].get("sparsity"),
         "seed": cfg["seed"],
         **{f"grid:{k}": v for k, v in run.grid_values.items()},
@@ -46,6 +48,8 @@ def _row(run: RunRow) -> dict[str, Any]:
                 robust.append(m.value)
         elif not m.attack and not m.name.startswith("flag:"):
             row[m.name] = m.value
+    if run.info.get("gradient_free"):
+        row["gradient_free"] = run.info["gradient_free"]
     row["worst_robust_accuracy"] = min(robust) if robust else None
     row["seconds"] = run.seconds
     return row
@@ -85,44 +89,119 @@ def _count(value: Any) -> str:
     return str(int(value))
 
 
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def latency_columns(rows: list[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.update({k: None for k in row if k.startswith("latency_ms_b")})
+    return list(seen)
+
+
+def _via(info: dict[str, Any] | None) -> str:
+    """For models attacked without their own gradients: the route that broke most points."""
+    if not info:
+        return "-"
+    found: dict[str, int] = {}
+    for breakdown in info.values():
+        for route, count in breakdown["found_by"].items():
+            found[route] = found.get(route, 0) + count
+    total = sum(found.values())
+    if not total:
+        return "none"
+    top = max(found, key=lambda k: found[k])
+    return f"{top} {100 * found[top] / total:.0f}%"
+
+
 def _flags(value: str | None) -> str:
     if value is None:
         return "-"
     return "ok" if value == "none" else f"[bold red]{value}[/]"
 
 
-def leaderboard_table(rows: list[dict[str, Any]], title: str = "robcomp leaderboard") -> Table:
-    """A rich table: what each cell costs and how robust it stays (accuracies in %).
+Column = tuple[str, list[str], bool]  # (header, cells, numeric)
 
-    Columns whose value is the same in every row (one model, an unchanged dense size) move into
-    the caption, so the table stays readable in an 80-column terminal. The CSV keeps everything.
-    """
-    grid_keys = [k for k in (rows[0] if rows else {}) if k.startswith("grid:")]
-    columns: list[tuple[str, list[str], bool]] = [  # (header, cells, numeric)
-        *((k.removeprefix("grid:"), [str(r.get(k)) for r in rows], False) for k in grid_keys),
-        *((k, [str(r[k]) for r in rows], False) for k in ("data", "model", "compress")),
+
+def _cost_columns(rows: list[dict[str, Any]]) -> list[Column]:
+    return [
         ("compr %", [_pct(r.get("compression_rate")) for r in rows], True),
         ("nonzero", [_count(r.get("nonzero_params")) for r in rows], True),
         ("size", [_count(r.get("size_bytes")) + "B" for r in rows], True),
         ("MACs", [_count(r.get("macs")) for r in rows], True),
+        *(
+            (f"ms b{k.removeprefix('latency_ms_b')}", [_ms(r.get(k)) for r in rows], True)
+            for k in latency_columns(rows)
+        ),
+    ]
+
+
+def _robustness_columns(rows: list[dict[str, Any]]) -> list[Column]:
+    columns: list[Column] = [
         ("clean", [_pct(r.get("clean_accuracy")) for r in rows], True),
         *(
-            (c.replace("@", " "), [_pct(r.get(c)) for r in rows], True)
+            ("\n".join(c.replace("@", "-").rsplit("-", 2)), [_pct(r.get(c)) for r in rows], True)
             for c in attack_columns(rows)
         ),
     ]
     if any("masking_flags" in r for r in rows):
         columns.append(("masking?", [_flags(r.get("masking_flags")) for r in rows], False))
-    keep = ("grid", "masking")
+    if any(r.get("gradient_free") for r in rows):
+        columns.append(("via", [_via(r.get("gradient_free")) for r in rows], False))
+    return columns
+
+
+def _table(title: str, caption: str, rows: list[dict[str, Any]], body: list[Column]) -> Table:
+    """Name columns (grid values, data, model, compress) then ``body``. Columns whose value is
+    the same in every row (one model, one dataset) move into the caption."""
+    # A grid over whole ``compress`` sections is shown by the compress column (its label).
+    grid_keys = [
+        k for k in (rows[0] if rows else {}) if k.startswith("grid:") and k != "grid:compress"
+    ]
+    columns: list[Column] = [
+        *((k.removeprefix("grid:"), [str(r.get(k)) for r in rows], False) for k in grid_keys),
+        *((k, [str(r[k]) for r in rows], False) for k in ("data", "model", "compress")),
+        *body,
+    ]
+    keep = ("grid", "masking", "compress")
     shown = [c for c in columns if len(rows) < 2 or len(set(c[1])) > 1 or c[0].startswith(keep)]
     same = [f"{h}={cells[0]}" for h, cells, _ in columns if (h, cells, _) not in shown and cells]
-    caption = "accuracies in % on the test split; size = dense file"
     table = Table(title=title, caption=caption + ("; all rows: " + ", ".join(same) if same else ""))
-    for header, _, numeric in shown:
-        table.add_column(header, justify="right" if numeric else "left", overflow="fold")
+    for header, cells, numeric in shown:
+        table.add_column(  # cells are never folded; long headers are
+            header,
+            justify="right" if numeric else "left",
+            overflow="fold",
+            min_width=max(map(len, cells), default=1),
+        )
     for i in range(len(rows)):
         table.add_row(*(cells[i] for _, cells, _ in shown))
     return table
+
+
+def leaderboard_table(rows: list[dict[str, Any]], title: str = "robcomp leaderboard") -> Group:
+    """Two rich tables over the same rows, so each fits a terminal: what each cell costs, and
+    how robust it stays (accuracies in %). The CSV and JSON keep every column."""
+    caption = (
+        "accuracy in %: clean on the test split, under attack on its first evaluate.limit points"
+    )
+    if any(r.get("gradient_free") for r in rows):
+        caption += (
+            "; via: for models without gradients (int8), robust accuracy is the worst case over "
+            "bpda (gradients of the fake-quant twin), transfer (from the fp32 model) and "
+            "black-box (Square); the route that broke most points"
+        )
+    return Group(
+        _table(
+            f"{title}: cost",
+            "compr %: parameters removed; size: the saved model; ms bN: median ms per forward "
+            "pass on N images",
+            rows,
+            _cost_columns(rows),
+        ),
+        _table(f"{title}: robustness", caption, rows, _robustness_columns(rows)),
+    )
 
 
 @dataclass(frozen=True)
