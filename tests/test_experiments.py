@@ -23,6 +23,7 @@ from robcomp.experiments import (
     run_experiment,
 )
 from robcomp.experiments import runner as runner_module
+from robcomp.report import write_report
 
 
 def tiny_experiment(**grid: list[Any]) -> dict[str, Any]:
@@ -256,3 +257,22 @@ def test_quantized_cells_report_their_own_size_and_int8_is_attacked_without_grad
     assert value(int8, "twin_agreement_clean") >= 0.95
     assert value(int8, "twin_agreement_adv") >= 0.9
     assert lowbit.info["gradient_free"] is None  # fake quantization has STE gradients
+
+
+def test_telemetry_is_stored_and_drawn(tmp_path: Path) -> None:
+    raw = tiny_experiment(**{"compress.sparsity": [0.0, 0.5]})
+    raw["compress"] = {"name": "magnitude", "sparsity": 0.0, "scope": "layer"}
+    raw["evaluate"]["diagnostics"] = False
+    run_experiment(load_experiment(raw), tmp_path)
+    runs = {r.config["compress"]["sparsity"]: r for r in ResultStore(tmp_path / STORE_NAME).runs()}
+    dense, half = runs[0.0].info["telemetry"], runs[0.5].info["telemetry"]
+    assert set(half["kept_per_layer"]) == {"net.fc1", "net.fc2"}
+    assert all(abs(v - 0.5) < 0.01 for v in half["kept_per_layer"].values())
+    assert all(v == 1.0 for v in dense["kept_per_layer"].values())
+    weights = sum(half["dense"]["counts"]) + half["dense"]["zeros"]
+    assert abs(half["compressed"]["zeros"] / weights - 0.5) < 0.01
+    assert half["dense"] == dense["dense"] and half["bins"] == dense["bins"]  # one baseline
+    files = write_report(tmp_path / STORE_NAME, tmp_path / "report")
+    names = {f.name for f in files.figures}
+    assert names == {"training_curves.png", "weights.png", "kept_per_layer.png"}
+    assert all(f.stat().st_size > 10_000 for f in files.figures)

@@ -92,7 +92,7 @@ def _run_and_report(
         console.print(f"[red]cell {failed.cell_id} failed:[/] {failed.error}", highlight=False)
     files = write_report(out / STORE_NAME, out / "report")
     _print_leaderboard(out / STORE_NAME)
-    console.print(f"report: {files.csv}, {files.json}, {files.plot}")
+    console.print("report: " + ", ".join(str(f) for f in files.paths()))
     if summary.failed:
         raise typer.Exit(1)
 
@@ -262,7 +262,7 @@ def report(
         raise FileNotFoundError(f"{store_path}: no results here; run `robcomp run FILE` first")
     files = write_report(store_path, folder / "report")
     _print_leaderboard(store_path)
-    console.print(f"report: {files.csv}, {files.json}, {files.plot}")
+    console.print("report: " + ", ".join(str(f) for f in files.paths()))
 
 
 KINDS = ("datasets", "models", "attacks", "compressors", "objectives", "presets")

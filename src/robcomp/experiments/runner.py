@@ -45,6 +45,7 @@ from robcomp.evaluate.bpda import (
 from robcomp.evaluate.diagnostics import Flag, diagnose, summarize
 from robcomp.experiments.spec import Cell, CellConfig
 from robcomp.experiments.store import Metric
+from robcomp.experiments.telemetry import model_telemetry
 from robcomp.models import Classifier, create, load_checkpoint, load_weights, save_checkpoint
 from robcomp.train import fit
 
@@ -286,6 +287,7 @@ def run_cell(cell: Cell, workdir: Path) -> CellResult:
             "diagnostics": flags,
             "masking": summarize([Flag(**f) for f in flags]) if flags else None,
             "gradient_free": evaluation.routes or None,
+            "telemetry": model_telemetry(model, baseline),
         }
         (folder / "history.json").write_text(json.dumps(info, indent=2, default=str))
         seconds = time.perf_counter() - start

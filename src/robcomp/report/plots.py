@@ -6,6 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from robcomp.experiments.store import RunRow
 from robcomp.report.tables import attack_columns
 
 
@@ -21,11 +22,7 @@ def plot_robustness_vs_compression(rows: list[dict[str, Any]], path: Path) -> Pa
     """Clean and robust accuracy against compression rate, one panel per accuracy measure."""
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     measures = ["clean_accuracy", *attack_columns(rows)]
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
@@ -53,6 +50,125 @@ def plot_robustness_vs_compression(rows: list[dict[str, Any]], path: Path) -> Pa
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
     fig.suptitle("Accuracy and robust accuracy vs compression rate")
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    return _save(fig, path)
+
+
+CURVES = {
+    "loss": "training loss",
+    "train_accuracy": "training accuracy",
+    "val_accuracy": "validation accuracy",
+    "val_adv_loss": "validation adversarial loss",
+    "val_adv_accuracy": "validation adversarial accuracy",
+}
+
+
+def _training_curves(runs: list[RunRow]) -> dict[str, list[dict[str, float]]]:
+    """Per-epoch records by stage: each distinct baseline once, then each cell's fine-tuning."""
+    curves: dict[str, list[dict[str, float]]] = {}
+    for run in runs:
+        objective = run.config["train"].get("objective", {}).get("name", "ce")
+        baseline = (run.info.get("baseline") or {}).get("history", {}).get("epochs")
+        if baseline:
+            curves.setdefault(f"train {run.config['model']['name']} ({objective})", baseline)
+        finetune = run.info.get("finetune")
+        if isinstance(finetune, dict) and finetune.get("epochs"):
+            curves[f"fine-tune {run.info.get('compressor', run.cell_id[:8])}"] = finetune["epochs"]
+    return curves
+
+
+def plot_training(runs: list[RunRow], path: Path) -> Path | None:
+    """Per-epoch loss and accuracy of every training stage (with ``train.monitor``, also the
+    adversarial loss and accuracy on validation points: Marshall's adversarial-loss curves)."""
+    curves = _training_curves(runs)
+    measures = [m for m in CURVES if any(m in e for c in curves.values() for e in c)]
+    if not measures:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(measures))
+    nrows = -(-len(measures) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
+    for ax, measure in zip(axes.flat, measures):
+        for label, epochs in curves.items():
+            pts = [(e["epoch"], e[measure]) for e in epochs if measure in e]
+            if pts:
+                ax.plot(*zip(*pts), marker=".", label=label)
+        ax.set_title(CURVES[measure], fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(measures) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
+    fig.suptitle("Training curves")
+    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    return _save(fig, path)
+
+
+def plot_weights(runs: list[RunRow], path: Path, max_cells: int = 12) -> Path | None:
+    """Histogram of the compressed model's nonzero weights over the dense model's (Marshall's
+    Figures 4.1, 4.2), one panel per cell; the title gives the fraction of exact zeros."""
+    cells = [r for r in runs if (r.info.get("telemetry") or {}).get("compressed", {}).get("counts")]
+    if not cells:
+        return None
+    plt = _pyplot()
+    cells = cells[:max_cells]
+    cols = min(4, len(cells))
+    nrows = -(-len(cells) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.8 * nrows), squeeze=False)
+    for ax, run in zip(axes.flat, cells):
+        tele = run.info["telemetry"]
+        edges = tele["bins"]
+        for key, color in (("dense", "0.6"), ("compressed", "C3")):
+            hist = tele[key]
+            ax.stairs(hist["counts"], edges, color=color, label=key, fill=key == "dense")
+        total = sum(tele["compressed"]["counts"]) + tele["compressed"]["zeros"]
+        zeros = tele["compressed"]["zeros"] / max(total, 1)
+        ax.set_title(f"{run.info.get('compressor', '?')}: {100 * zeros:.0f}% zeros", fontsize=9)
+        ax.set_yscale("log")
+        ax.set_xlabel("weight")
+    for ax in list(axes.flat)[len(cells) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
+    fig.suptitle("Nonzero Conv/Linear weights: dense vs compressed")
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    return _save(fig, path)
+
+
+def plot_kept_per_layer(runs: list[RunRow], path: Path) -> Path | None:
+    """Fraction of each layer's weights that compression kept, one line per cell."""
+    cells = [r for r in runs if (r.info.get("telemetry") or {}).get("kept_per_layer")]
+    cells = [r for r in cells if min(r.info["telemetry"]["kept_per_layer"].values()) < 1.0]
+    if not cells:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    layers: list[str] = []
+    for run in cells:
+        kept = run.info["telemetry"]["kept_per_layer"]
+        layers = layers if len(layers) >= len(kept) else list(kept)
+        ax.plot(range(len(kept)), list(kept.values()), marker="o", label=run.info["compressor"])
+    ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("fraction of weights kept")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Kept fraction per layer")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.clf()
+    _pyplot().close(fig)
     return path
