@@ -18,7 +18,12 @@ BINS = 60
 def _layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """Effective Conv/Linear weights by layer name (pruning masks applied)."""
     weights = effective_weights(model)
-    return {name: weights[f"{name}.weight"] for name, _ in prunable_layers(model)}
+    # Layers whose weight is not a parameter (constants of an int8 graph) are left out.
+    return {
+        name: weights[f"{name}.weight"]
+        for name, _ in prunable_layers(model)
+        if f"{name}.weight" in weights
+    }
 
 
 def weight_histogram(model: nn.Module, edges: torch.Tensor) -> dict[str, Any]:
