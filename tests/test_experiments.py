@@ -276,3 +276,24 @@ def test_telemetry_is_stored_and_drawn(tmp_path: Path) -> None:
     names = {f.name for f in files.figures}
     assert names == {"training_curves.png", "weights.png", "kept_per_layer.png"}
     assert all(f.stat().st_size > 10_000 for f in files.figures)
+
+
+def test_zipped_grid_axis_sets_keys_together() -> None:
+    raw = tiny_experiment()
+    raw["grid"] = {
+        "compress,finetune": [
+            [{"name": "magnitude", "sparsity": 0.5}, {"epochs": 2, "lr": 0.01}],
+            [{"name": "none"}, None],
+        ],
+        "seed": [0, 1],
+    }
+    cells = load_experiment(raw).cells
+    assert len(cells) == 4
+    pruned = [c for c in cells if c.config.compress["name"] == "magnitude"]
+    dense = [c for c in cells if c.config.compress["name"] == "none"]
+    assert all(c.config.finetune is not None and c.config.finetune.epochs == 2 for c in pruned)
+    assert all(c.config.finetune is None for c in dense)
+    assert pruned[0].grid_values["compress,finetune"][0]["sparsity"] == 0.5
+    raw["grid"] = {"compress,finetune": [[{"name": "none"}]]}
+    with pytest.raises(ConfigError, match="list of 2 values"):
+        load_experiment(raw)

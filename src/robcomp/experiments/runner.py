@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 # Attacks that use no gradients of the model (their label prefixes): the masking check compares
 # them with the gradient attacks at the same threat model.
 BLACK_BOX = ("square", "salt-and-pepper", "transfer")
+SELF_NORMALIZING = ("ensemble",)
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,18 @@ class CellResult:
 
 def build_model(cfg: CellConfig, data: DataSplits) -> tuple[Classifier, dict[str, Any]]:
     """The untrained (or pretrained-weights) model of a cell and its checkpoint spec."""
+    channels = data.in_shape[0]
+    # An ensemble's members normalize their own inputs; a second Normalize in front would
+    # normalize twice, so its outer one is the identity unless the file says otherwise.
+    identity = (
+        ((0.0,) * channels, (1.0,) * channels) if cfg.model.name in SELF_NORMALIZING else None
+    )
     spec: dict[str, Any] = {
         "name": cfg.model.name,
         "num_classes": data.num_classes,
         "in_shape": list(data.in_shape),
-        "mean": list(cfg.model.mean or data.mean),
-        "std": list(cfg.model.std or data.std),
+        "mean": list(cfg.model.mean or (identity[0] if identity else data.mean)),
+        "std": list(cfg.model.std or (identity[1] if identity else data.std)),
         "options": dict(cfg.model.options),
     }
     torch.manual_seed(cfg.seed)  # weight initialisation is part of the cell's determinism

@@ -167,20 +167,42 @@ def resolve(raw: Mapping[str, Any], where: str) -> CellConfig:
 def expand(base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """All combinations of the grid applied to ``base`` (the last key varies fastest).
 
-    An empty grid gives one cell: the base itself.
+    A key naming several dotted keys, ``"compress,finetune"``, is one axis whose values are
+    lists setting them together (a method with its own fine-tuning). An empty grid gives one
+    cell: the base itself.
     """
     keys = list(grid)
     for key in keys:
         values = grid[key]
         if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
             raise ConfigError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+        if "," in key:
+            _check_zipped(key, values)
     out = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         cell = dict(base)
         for key, value in zip(keys, combo):
-            cell = set_dotted(cell, key, value, where="grid.")
+            for part, part_value in _zipped(key, value):
+                cell = set_dotted(cell, part, part_value, where="grid.")
         out.append(cell)
     return out
+
+
+def _zipped(key: str, value: Any) -> list[tuple[str, Any]]:
+    """``"a,b": [va, vb]`` sets a and b together (one axis); a plain key sets itself."""
+    if "," not in key:
+        return [(key, value)]
+    return list(zip([k.strip() for k in key.split(",")], value))
+
+
+def _check_zipped(key: str, values: Sequence[Any]) -> None:
+    parts = [k.strip() for k in key.split(",")]
+    for value in values:
+        if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != len(parts):
+            raise ConfigError(
+                f"grid.{key}: each value must be a list of {len(parts)} values, one for each of "
+                f"{', '.join(parts)}; got {value!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -225,6 +247,8 @@ def load_experiment(
 
 
 def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    if "," in dotted:
+        return [_lookup(tree, k.strip()) for k in dotted.split(",")]
     node: Any = tree
     for part in dotted.split("."):
         node = node[part]

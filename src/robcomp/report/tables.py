@@ -157,7 +157,9 @@ def _table(title: str, caption: str, rows: list[dict[str, Any]], body: list[Colu
     the same in every row (one model, one dataset) move into the caption."""
     # A grid over whole ``compress`` sections is shown by the compress column (its label).
     grid_keys = [
-        k for k in (rows[0] if rows else {}) if k.startswith("grid:") and k != "grid:compress"
+        k
+        for k in (rows[0] if rows else {})
+        if k.startswith("grid:") and k.split(",")[0] != "grid:compress"
     ]
     columns: list[Column] = [
         *((k.removeprefix("grid:"), [str(r.get(k)) for r in rows], False) for k in grid_keys),
