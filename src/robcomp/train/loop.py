@@ -1,4 +1,6 @@
-"""The one training loop: any objective, SGD/Adam, LR schedules, best-validation checkpointing."""
+"""The one training loop: any objective, SGD/Adam, LR schedules, best-validation checkpointing,
+optional adversarial telemetry (``monitor``) and early stopping on catastrophic overfitting
+(``early_stop``)."""
 
 from __future__ import annotations
 
@@ -6,21 +8,136 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn import functional as F
 
-from robcomp.config import build_component
-from robcomp.data.base import DataSplits
+from robcomp.attacks.base import ATTACKS, Attack
+from robcomp.config import build, build_component
+from robcomp.data.base import DataSplits, Split
 from robcomp.data.transforms import AugmentName, augmentation
+from robcomp.evaluate.adversarial import attack_batch, attack_mode, check_threat_model
 from robcomp.evaluate.clean import accuracy
 from robcomp.progress import track
-from robcomp.train.objectives import OBJECTIVES, Objective
+from robcomp.train.objectives import OBJECTIVES, Objective, ProgressAware
 
 log = logging.getLogger(__name__)
+
+Advance = Callable[..., None]
+
+
+def attack_spec(
+    attack: Mapping[str, Any] | str | None,
+    default: Mapping[str, Any],
+    where: str,
+    **overrides: float | int | None,
+) -> dict[str, Any]:
+    """The attack spec of a loop feature: ``attack`` (a spec or a bare name; None for
+    ``default``) with the non-None ``overrides`` (eps, steps, step_size shorthands) merged in.
+
+    Raises:
+        ValueError: if an override contradicts a value that ``attack`` itself sets.
+    """
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if attack is None:
+        return {**default, **given}
+    spec: dict[str, Any] = {"name": attack} if isinstance(attack, str) else dict(attack)
+    for key, value in given.items():
+        if key in spec and spec[key] != value:
+            raise ValueError(
+                f"{where}: {key}={value} contradicts the attack's {key}={spec[key]}; set it once"
+            )
+        spec[key] = value
+    return spec
+
+
+# Wong et al.'s check: PGD-5, step 2/255, one random start, at eps 8/255.
+EARLY_STOP_PGD: Mapping[str, Any] = {
+    "name": "pgd",
+    "eps": 8 / 255,
+    "steps": 5,
+    "step_size": 2 / 255,
+}
+MONITOR_PGD: Mapping[str, Any] = {"name": "pgd", "eps": 8 / 255, "steps": 10}
+
+
+@dataclass(frozen=True, kw_only=True)
+class EarlyStop:
+    """Stop on catastrophic overfitting, as Wong, Rice & Kolter (2020, "Fast is better than
+    free", ``--early-stop`` in locuslab/fast_adversarial ``train_fgsm.py``) do for FGSM training.
+
+    After each epoch, the model (in eval mode) is attacked on the first training batch of that
+    epoch. If the robust accuracy fell by more than ``drop`` since the previous epoch, training
+    stops and the previous epoch's weights come back; the collapsed epoch is still recorded
+    (``early_stop_accuracy``) and ``History.stopped_epoch`` names it. With ``keep_best`` the
+    best-validation epoch is then chosen among the epochs before the collapse.
+
+    Attributes:
+        attack: a registered attack spec or name; None (default) for the reference's PGD-5
+            (eps 8/255, step 2/255, random start).
+        eps, steps, step_size: shorthands merged into the attack (into the default PGD-5 when
+            ``attack`` is None); an error if they contradict ``attack``.
+        drop: the largest tolerated fall of robust accuracy between epochs, in (0, 1].
+    """
+
+    attack: dict[str, Any] | str | None = None
+    eps: float | None = None
+    steps: int | None = None
+    step_size: float | None = None
+    drop: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.drop <= 1.0:
+            raise ValueError(f"drop must be in (0, 1], got {self.drop}")
+        self.build_attack()  # fail at configuration time, not after the first epoch
+
+    def build_attack(self) -> Attack:
+        where = "early_stop.attack"
+        spec = attack_spec(
+            self.attack, EARLY_STOP_PGD, where,
+            eps=self.eps, steps=self.steps, step_size=self.step_size,
+        )  # fmt: skip
+        attack: Attack = build_component(ATTACKS, spec, where)
+        return attack
+
+
+@dataclass(frozen=True, kw_only=True)
+class Monitor:
+    """Per-epoch validation telemetry, Marshall's (2020, Sec. 4.1.2) adversarial-loss curves:
+    ``val_loss`` and ``val_accuracy`` on the whole validation split, ``val_adv_loss`` and
+    ``val_adv_accuracy`` under ``attack`` on its first ``points`` points (model in eval mode;
+    every point is attacked, the loss is the mean cross-entropy on the adversarial inputs).
+
+    Attributes:
+        attack: a registered attack spec or name; None (default) for PGD-10 at eps 8/255.
+        eps, steps, step_size: shorthands merged into the attack (into the default PGD-10 when
+            ``attack`` is None); an error if they contradict ``attack``.
+        points: how many validation points to attack.
+    """
+
+    attack: dict[str, Any] | str | None = None
+    eps: float | None = None
+    steps: int | None = None
+    step_size: float | None = None
+    points: int = 256
+
+    def __post_init__(self) -> None:
+        if self.points < 1:
+            raise ValueError(f"points must be >= 1, got {self.points}")
+        self.build_attack()
+
+    def build_attack(self) -> Attack:
+        where = "monitor.attack"
+        spec = attack_spec(
+            self.attack, MONITOR_PGD, where,
+            eps=self.eps, steps=self.steps, step_size=self.step_size,
+        )  # fmt: skip
+        attack: Attack = build_component(ATTACKS, spec, where)
+        return attack
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +150,12 @@ class TrainConfig:
             ``cyclic`` (linear 0 -> lr at the middle -> 0, per iteration, as in Fast-AT).
         objective: ``{"name": ..., **fields}`` of a registered objective (``ce`` by default).
         keep_best: restore the weights of the epoch with the best validation accuracy.
+        early_stop: :class:`EarlyStop` fields, e.g. ``{"drop": 0.2}``, to stop when robust
+            accuracy on a training batch collapses (Fast-AT's catastrophic overfitting).
+            None (default): never.
+        monitor: :class:`Monitor` fields, e.g. ``{"attack": {"name": "pgd", "eps": 8/255,
+            "steps": 10}, "points": 256}``, to record validation clean and adversarial loss and
+            accuracy every epoch. None (default): only ``val_accuracy``, at no extra cost.
     """
 
     epochs: int = 10
@@ -49,6 +172,8 @@ class TrainConfig:
     objective: dict[str, Any] = field(default_factory=lambda: {"name": "ce"})
     augment: AugmentName = "none"
     keep_best: bool = True
+    early_stop: dict[str, Any] | None = None
+    monitor: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1:
@@ -57,10 +182,20 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.schedule == "multistep" and not self.milestones:
             raise ValueError("schedule 'multistep' needs milestones, e.g. [50, 75]")
+        self.early_stop_config()
+        self.monitor_config()
 
     def build_objective(self, where: str = "train.objective") -> Objective:
         objective: Objective = build_component(OBJECTIVES, self.objective, where)
         return objective
+
+    def early_stop_config(self) -> EarlyStop | None:
+        """The parsed ``early_stop``; raises ConfigError on a bad key or value."""
+        return None if self.early_stop is None else build(EarlyStop, self.early_stop, "early_stop")
+
+    def monitor_config(self) -> Monitor | None:
+        """The parsed ``monitor``; raises ConfigError on a bad key or value."""
+        return None if self.monitor is None else build(Monitor, self.monitor, "monitor")
 
 
 def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -88,17 +223,138 @@ def lr_factor(cfg: TrainConfig, epoch: int, step: int, steps_per_epoch: int) -> 
 
 @dataclass
 class History:
-    """Per-epoch records (loss, accuracies, learning rate, seconds) of one training run."""
+    """Per-epoch records (loss, accuracies, learning rate, seconds) of one training run.
+
+    ``stopped_epoch`` is the epoch at which ``early_stop`` detected a collapse (its record is
+    the last one; its weights were discarded), or None.
+    """
 
     epochs: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int | None = None
+    stopped_epoch: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "best_epoch": self.best_epoch}
+        return {
+            "epochs": self.epochs,
+            "best_epoch": self.best_epoch,
+            "stopped_epoch": self.stopped_epoch,
+        }
 
 
 def _mean(values: Mapping[str, list[float]]) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in values.items() if v}
+
+
+def collapsed(previous: float | None, current: float, drop: float) -> bool:
+    """Wong et al.'s early-stop rule: robust accuracy fell by more than ``drop`` in one epoch."""
+    return previous is not None and previous - current > drop
+
+
+@dataclass
+class _Guard:
+    """Early-stop state: the last accepted epoch's robust accuracy and weights."""
+
+    rule: EarlyStop
+    attack: Attack
+    previous: float | None = None
+    state: dict[str, Tensor] | None = None
+
+    def check(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[bool, float]:
+        """(collapsed?, robust accuracy on ``batch``); remembers the weights if not collapsed."""
+        x, y = batch
+        robust = 1.0 - float(attack_batch(model, self.attack, x, y).success.float().mean())
+        if collapsed(self.previous, robust, self.rule.drop):
+            return True, robust
+        self.previous = robust
+        self.state = copy.deepcopy(model.state_dict())
+        return False, robust
+
+    def restore(self, model: nn.Module) -> None:
+        """Load the weights of the last epoch that passed the check."""
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
+def _clean_metrics(model: nn.Module, split: Split, batch_size: int = 512) -> dict[str, float]:
+    loss = 0.0
+    correct = 0
+    with attack_mode(model), torch.no_grad():  # eval mode, parameters untouched
+        for x, y in split.batches(batch_size):
+            logits = model(x)
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    return {"val_loss": loss / len(split), "val_accuracy": correct / len(split)}
+
+
+def _adversarial_metrics(
+    model: nn.Module, split: Split, attack: Attack, batch_size: int = 256
+) -> dict[str, float]:
+    loss = 0.0
+    correct = 0
+    with attack_mode(model):
+        for x, y in split.batches(batch_size):
+            x_adv = attack(model, x, y)
+            check_threat_model(x, x_adv, attack.eps, attack.norm, where=f"monitor {attack.label()}")
+            with torch.no_grad():
+                logits = model(x_adv)
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(1) == y).sum())
+    return {"val_adv_loss": loss / len(split), "val_adv_accuracy": correct / len(split)}
+
+
+def _validate(
+    model: nn.Module, val: Split, monitor: Monitor | None, attack: Attack | None
+) -> dict[str, float]:
+    if not len(val):
+        return {}
+    if monitor is None or attack is None:
+        return {"val_accuracy": accuracy(model, val)}
+    start = time.perf_counter()
+    record = _clean_metrics(model, val)
+    record |= _adversarial_metrics(model, val.head(monitor.points), attack)
+    record["monitor_seconds"] = time.perf_counter() - start
+    return record
+
+
+def _train_epoch(
+    model: nn.Module,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    cfg: TrainConfig,
+    epoch: int,
+    steps_per_epoch: int,
+    advance: Advance,
+) -> tuple[dict[str, float], tuple[Tensor, Tensor] | None]:
+    """One pass over the training batches; returns the epoch's record and its first batch."""
+    model.train()
+    sums: dict[str, list[float]] = {}
+    correct = seen = 0
+    first: tuple[Tensor, Tensor] | None = None
+    for step, (x, y) in enumerate(batches):
+        if first is None:
+            first = (x, y)
+        factor = lr_factor(cfg, epoch, step, steps_per_epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * factor
+        if isinstance(objective, ProgressAware):
+            objective.set_progress(epoch, step, steps_per_epoch, cfg.epochs)
+        out = objective(model, x, y)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        for key, value in out.items():
+            if key != "logits" and value.ndim == 0:
+                sums.setdefault(key, []).append(float(value.detach()))
+        if "logits" in out:
+            correct += int((out["logits"].detach().argmax(1) == y).sum())
+            seen += len(y)
+        advance(1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {sums['loss'][-1]:.3f}")
+    record = _mean(sums)
+    if seen:
+        record["train_accuracy"] = correct / seen
+    record["lr"] = optimizer.param_groups[0]["lr"]
+    return record, first
 
 
 def fit(
@@ -112,7 +368,9 @@ def fit(
     """Train ``model`` in place on ``data.train``, selecting on ``data.val``; returns the history.
 
     Shuffling and augmentation are driven by a generator seeded with ``seed``, so a run is
-    reproducible on the same machine.
+    reproducible on the same machine. ``monitor`` and ``early_stop`` attacks draw from their own
+    seeded generators and run in eval mode: enabling them does not change the trained weights
+    (until an early stop).
     """
     history = History()
     if cfg.epochs == 0:
@@ -123,41 +381,36 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    monitor, rule = cfg.monitor_config(), cfg.early_stop_config()
+    monitor_attack = monitor.build_attack() if monitor is not None else None
+    guard = _Guard(rule, rule.build_attack()) if rule is not None else None
     best_acc, best_state = -1.0, None
     with track(description, cfg.epochs * steps_per_epoch) as advance:
         for epoch in range(cfg.epochs):
             start = time.perf_counter()
-            model.train()
-            sums: dict[str, list[float]] = {}
-            correct = seen = 0
             batches = data.train.batches(
                 cfg.batch_size, shuffle=True, generator=generator, augment=augment
             )
-            for step, (x, y) in enumerate(batches):
-                factor = lr_factor(cfg, epoch, step, steps_per_epoch)
-                for group in optimizer.param_groups:
-                    group["lr"] = cfg.lr * factor
-                out = objective(model, x, y)
-                optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                optimizer.step()
-                for key, value in out.items():
-                    if key != "logits" and value.ndim == 0:
-                        sums.setdefault(key, []).append(float(value.detach()))
-                if "logits" in out:
-                    correct += int((out["logits"].detach().argmax(1) == y).sum())
-                    seen += len(y)
-                advance(1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {sums['loss'][-1]:.3f}")
-            record = _mean(sums)
-            if seen:
-                record["train_accuracy"] = correct / seen
-            record["lr"] = optimizer.param_groups[0]["lr"]
-            if len(data.val):
-                record["val_accuracy"] = accuracy(model, data.val)
+            record, first = _train_epoch(
+                model, objective, optimizer, batches, cfg, epoch, steps_per_epoch, advance
+            )
+            record |= _validate(model, data.val, monitor, monitor_attack)
+            stop = False
+            if guard is not None and first is not None:
+                stop, record["early_stop_accuracy"] = guard.check(model, first)
             record["epoch"] = epoch + 1
             record["seconds"] = time.perf_counter() - start
             history.epochs.append(record)
             log.info("%s epoch %d: %s", description, epoch + 1, record)
+            if stop and guard is not None:
+                log.warning(
+                    "%s: robust accuracy on a training batch fell from %.3f to %.3f at epoch %d; "
+                    "stopping and restoring epoch %d",
+                    description, guard.previous, record["early_stop_accuracy"], epoch + 1, epoch,
+                )  # fmt: skip
+                guard.restore(model)
+                history.stopped_epoch = epoch + 1
+                break
             score = record.get("val_accuracy", -record["loss"])
             if cfg.keep_best and score > best_acc:
                 best_acc, history.best_epoch = score, epoch + 1
