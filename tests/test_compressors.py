@@ -42,10 +42,19 @@ CASES: dict[str, tuple[dict[str, Any], set[str]]] = {
     "int8": ({"compile": False, "calibration_batches": 3}, {"bits"}),
     "lowbit": ({"bits": 4, "act_bits": 8, "calibration_batches": 2}, {"bits"}),
     "binary": ({}, {"bits"}),
+    "admm": (
+        {"sparsity": 0.6, "admm_epochs": 2, "retrain": ONE_EPOCH, "objective": {"name": "ce"}},
+        {"nonzeros"},
+    ),
     "distill": (
         {"student": "tiny_mlp", "student_options": {"hidden": 16}, "train": ONE_EPOCH},
         {"student"},
     ),
+    "hydra": (
+        {"sparsity": 0.6, "prune": ONE_EPOCH, "finetune": ONE_EPOCH, "objective": {"name": "ce"}},
+        {"nonzeros"},
+    ),
+    "proximal-l0": ({"sparsity": 0.5, "train": ONE_EPOCH}, {"nonzeros"}),
 }
 
 
@@ -405,8 +414,13 @@ def test_pretrained_resnet20_int8_and_l1_filter(robcomp_data: Path) -> None:
     everything = Split(x, y)
     fp32 = accuracy(model, everything)
 
-    qmodel, _ = Int8PTQ(compile=False, calibration_batches=8)(model, data)
+    qmodel, qrecord = Int8PTQ(compile=False, calibration_batches=8)(model, data)
     int8 = accuracy(qmodel, everything)
+    # the twin that attacks int8 must see the same model: agreement on clean and PGD inputs
+    xs, ys = everything.head(200).tensors()
+    x_adv = PGD(eps=2 / 255, steps=10)(qmodel.twin, xs, ys)
+    agree_clean, agree_adv = twin_agreement(qmodel, xs), twin_agreement(qmodel, x_adv)
+    size_ratio = qrecord.size_bytes / measure(model, (3, 32, 32)).size_bytes
 
     pruned, record = L1FilterPruning(ratio=0.3)(model, data)
     held_out_before = accuracy(pruned, second)
@@ -415,11 +429,14 @@ def test_pretrained_resnet20_int8_and_l1_filter(robcomp_data: Path) -> None:
     held_out_after = accuracy(pruned, second)
     dense_held_out = accuracy(model, second)
     print(  # noqa: T201  (the numbers are the point; run with -s)
-        f"\nresnet20 on 1000 CIFAR-10 test images: fp32 {fp32:.3f}, int8 {int8:.3f}; "
+        f"\nresnet20 on 1000 CIFAR-10 test images: fp32 {fp32:.3f}, int8 {int8:.3f} "
+        f"(twin agreement clean {agree_clean:.3f}, PGD {agree_adv:.3f}, size {size_ratio:.3f}x); "
         f"L1 30% ({record.params} of {count_params(model)} params): held-out "
         f"{held_out_before:.3f} -> {held_out_after:.3f} after 3 epochs on 500 images "
         f"(dense {dense_held_out:.3f})"
     )
-    assert fp32 > 0.9 and int8 >= 0.9
+    assert fp32 > 0.9 and int8 >= 0.9 and abs(int8 - fp32) <= 0.01
+    assert agree_clean >= 0.98 and agree_adv >= 0.98
+    assert 0.2 < size_ratio <= 0.3
     assert held_out_before < dense_held_out
     assert held_out_after > held_out_before

@@ -1,1 +1,376 @@
-"""(being written)"""
+"""Filter-wise L0 pruning by proximal gradient steps, as in MC-AT (Kwon & Lee 2021).
+
+Kwon & Lee, "Improving the Robustness of Model Compression by On-Manifold Adversarial Training",
+Future Internet 13(12):300, 2021 (reference code: sanglee/MC-ATON, ``model_prune.py``), after
+Lee & Lee's proximal-gradient robust compression. Their eq. (1)/(7) add a group-L0 penalty
+``lambda * sum_g 1[||w_g||_2 != 0]`` over the filters ``g`` of every layer to the training loss
+(CE for MC(regular), PGD-AT for MC-AT(off), TRADES for MC-TRADES, on-manifold examples for
+MC-AT(on)). Proximal gradient descent alternates a gradient step on the loss with the proximal
+map of the penalty, which zeroes whole filters of small norm; as in the reference code the
+threshold is set by a sparsity level rather than by ``lambda``: **after every optimizer step**,
+each layer's ``sparsity`` fraction of filters with the smallest L2 norm is set to zero.
+
+Zeroing a filter silences a channel, so its consumers are zeroed too: the BatchNorm scale and
+shift of the channel, the next layer's input channels (input columns of a Linear layer after a
+flatten, one block of columns per channel). A hidden Linear layer first loses the input columns
+of pruned channels, then its own lowest-norm output rows; the classifier keeps all its outputs.
+
+Residual networks (the CIFAR option-A ResNets of :mod:`robcomp.models.resnet_cifar`): channels
+that meet at an addition must be pruned together, or the sum is not zero where the mask says.
+
+- Identity blocks: ``conv2``'s output follows the mask of the block's input (the residual
+  stream), as in the reference; ``conv1``'s output is the block's own, independent mask.
+- The stem convolution ranks the channels of the first stage's stream.
+- Option-A downsampling blocks have no shortcut convolution to share a joint norm with (the
+  reference's ResNet has 1x1 downsample convolutions): the shortcut zero-pads the previous
+  stream. The new stream's mask is ranked by the block's ``conv2`` filters, restricted to the
+  channels the shortcut leaves at zero (the padding, and channels carrying an already-pruned
+  input channel), so the sum is zero on every pruned channel. That set is always large enough.
+
+Models must be a chain of Conv/Linear layers (BatchNorm, activations, pooling, dropout and
+flattening in between: ``tiny_cnn``, ``tiny_mlp``, ``lenet5``, ``small_cnn``, ``vgg16``) or a
+CIFAR option-A ResNet; anything else is rejected with an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+from torch.nn.utils import prune
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from robcomp.compress.base import COMPRESSORS, Record
+from robcomp.compress.efficiency import PRUNABLE
+from robcomp.compress.hydra import (
+    BATCH_NORMS,
+    check_sparsity,
+    checked_objective,
+    pruned_count,
+    stage_config,
+    weight_of,
+)
+from robcomp.compress.prune import finalize, record_for
+from robcomp.data.base import DataSplits
+from robcomp.models.base import Classifier
+from robcomp.models.resnet_cifar import BasicBlock, CifarResNet, PadShortcut
+from robcomp.train import TrainConfig, fit
+
+_SHAPE_QUERIES = {"size", "dim", "shape", "ndim"}  # uses of a tensor that do not consume it
+
+
+@dataclass
+class Writer:
+    """A layer whose output channels (conv filters, linear rows) a group's mask zeroes."""
+
+    name: str
+    layer: nn.Module
+    norm: nn.Module | None = None  # the BatchNorm on those channels, zeroed with them
+
+
+@dataclass
+class Reader:
+    """A layer reading a group's channels; ``per_channel`` input columns per channel."""
+
+    layer: nn.Module
+    per_channel: int = 1
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that share one mask.
+
+    Attributes:
+        name: the ranking layer's module name.
+        channels: number of channels.
+        writers: layers producing the channels. ``writers[0]`` ranks them by filter L2 norm;
+            the others (identity blocks' ``conv2``) follow its mask.
+        readers: layers whose input channels are these channels.
+        shortcut: ``(group index, offset)`` when an option-A shortcut also adds the channels of
+            an earlier group, channel ``c`` there landing on ``c + offset`` here.
+    """
+
+    name: str
+    channels: int
+    writers: list[Writer]
+    readers: list[Reader] = field(default_factory=list)
+    shortcut: tuple[int, int] | None = None
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _out_channels(layer: nn.Module) -> int:
+    return weight_of(layer).shape[0]
+
+
+def _in_width(layer: nn.Module) -> int:
+    return weight_of(layer).shape[1]
+
+
+def _check_layer(name: str, layer: nn.Module) -> None:
+    if getattr(layer, "groups", 1) != 1 or getattr(layer, "transposed", False):
+        raise ValueError(
+            f"proximal-l0: {name} is a grouped or transposed convolution, which couples "
+            "channels across layers; it is not supported"
+        )
+
+
+def _reader(name: str, layer: nn.Module, next_name: str, following: nn.Module) -> Reader:
+    """How ``following`` reads the channels of ``layer`` (columns per channel after a flatten)."""
+    channels, width = _out_channels(layer), _in_width(following)
+    if isinstance(following, nn.Linear) and width % channels == 0:
+        return Reader(following, width // channels)  # flatten of (B, C, ...) is channel-major
+    if width == channels:
+        return Reader(following)
+    raise ValueError(
+        f"proximal-l0: {name} has {channels} output channels but {next_name}, the next layer, "
+        f"reads {width}; the model is not a plain chain of layers"
+    )
+
+
+def _check_chain(graph: torch.fx.Graph, what: str) -> None:
+    """Refuse graphs where a value feeds two operations (a residual, a branch, a concat)."""
+    for node in graph.nodes:
+        users = [
+            u for u in node.users if not (u.op == "call_method" and u.target in _SHAPE_QUERIES)
+        ]
+        users = [u for u in users if not (u.op == "call_function" and _is_shape_getattr(u))]
+        if len(users) > 1:
+            raise ValueError(
+                f"proximal-l0: {what} is not a chain of layers ({node.name} feeds "
+                f"{len(users)} operations: a residual or a branch). Supported: chains of "
+                "Conv/Linear layers and the CIFAR option-A ResNets (resnet20, ...)"
+            )
+
+
+def _is_shape_getattr(node: torch.fx.Node) -> bool:
+    return getattr(node.target, "__name__", "") == "getattr" and node.args[1] in _SHAPE_QUERIES
+
+
+def _plan_chain(net: nn.Module, prefix: str) -> list[ChannelGroup]:
+    """One group per Conv/Linear layer but the last, read by the layer after it."""
+    what = type(net).__name__
+    try:
+        graph = torch.fx.symbolic_trace(net).graph
+    except Exception as err:  # tracing fails in many ways (data-dependent control flow, ...)
+        raise ValueError(f"proximal-l0: cannot trace {what} with torch.fx: {err}") from None
+    _check_chain(graph, what)
+    modules = dict(net.named_modules())
+    writers: list[Writer] = []
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        name, module = prefix + str(node.target), modules[str(node.target)]
+        if any(module is w.layer or module is w.norm for w in writers):
+            raise ValueError(
+                f"proximal-l0: {name} is called twice; shared layers are not supported"
+            )
+        if isinstance(module, PRUNABLE):
+            _check_layer(name, module)
+            writers.append(Writer(name, module))
+        elif isinstance(module, BATCH_NORMS) and not writers:
+            continue  # normalises the input, whose channels are never pruned
+        elif isinstance(module, BATCH_NORMS) and writers[-1].norm is None:
+            if module.num_features != _out_channels(writers[-1].layer):
+                raise ValueError(f"proximal-l0: {name} does not match {writers[-1].name}")
+            writers[-1].norm = module
+        elif any(True for _ in module.parameters(recurse=False)):
+            raise ValueError(
+                f"proximal-l0: {name} ({type(module).__name__}) has parameters and sits between "
+                "layers; only BatchNorm is supported there"
+            )
+    if len(writers) < 2:
+        raise ValueError(f"proximal-l0: {what} has fewer than two Conv/Linear layers to prune")
+    return [
+        ChannelGroup(
+            w.name, _out_channels(w.layer), [w], [_reader(w.name, w.layer, n.name, n.layer)]
+        )
+        for w, n in itertools.pairwise(writers)
+    ]
+
+
+def _plan_resnet(net: CifarResNet, prefix: str) -> list[ChannelGroup]:
+    """Groups of a CIFAR ResNet, in forward order (see the module docstring)."""
+    stem = Writer(f"{prefix}conv1", net.conv1, net.bn1)
+    stream = ChannelGroup(stem.name, _out_channels(net.conv1), [stem])
+    groups, stream_index = [stream], 0
+    for s, stage in enumerate((net.layer1, net.layer2, net.layer3), start=1):
+        for b, block in enumerate(stage):
+            if not isinstance(block, BasicBlock):
+                raise ValueError(f"proximal-l0: unexpected block {type(block).__name__}")
+            name = f"{prefix}layer{s}.{b}"
+            stream.readers.append(Reader(block.conv1))
+            inner = Writer(f"{name}.conv1", block.conv1, block.bn1)
+            groups.append(ChannelGroup(inner.name, _out_channels(block.conv1), [inner]))
+            groups[-1].readers.append(Reader(block.conv2))
+            out = Writer(f"{name}.conv2", block.conv2, block.bn2)
+            if isinstance(block.shortcut, PadShortcut):  # a new stream starts here
+                shortcut = (stream_index, block.shortcut.before)
+                stream = ChannelGroup(out.name, _out_channels(block.conv2), [out], [], shortcut)
+                groups.append(stream)
+                stream_index = len(groups) - 1
+            else:  # identity: the sum keeps the stream's channels, conv2 follows its mask
+                stream.writers.append(out)
+    stream.readers.append(Reader(net.linear))
+    return groups
+
+
+def plan_channels(model: nn.Module) -> list[ChannelGroup]:
+    """The channel groups of ``model`` (a chain or a CIFAR ResNet, behind Normalize or not)."""
+    net, prefix = (model.net, "net.") if isinstance(model, Classifier) else (model, "")
+    if isinstance(net, CifarResNet):
+        return _plan_resnet(net, prefix)
+    return _plan_chain(net, prefix)
+
+
+# ------------------------------------------------------------------------- the proximal map
+
+
+def _filter_norms(layer: nn.Module) -> Tensor:
+    return torch.linalg.vector_norm(weight_of(layer).flatten(1), dim=1)  # (C_out,)
+
+
+def _zero(group: ChannelGroup, keep: Tensor) -> None:
+    """Zero the pruned channels' filters, biases, BatchNorm affine and readers' columns."""
+    drop = ~keep
+    for writer in group.writers:
+        for module in (writer.layer, writer.norm):
+            if module is None:
+                continue
+            for name in ("weight", "bias"):
+                param = getattr(module, name, None)
+                if param is not None:
+                    param[drop] = 0.0
+    for reader in group.readers:
+        columns = drop.repeat_interleave(reader.per_channel)
+        weight_of(reader.layer)[:, columns] = 0.0
+
+
+@torch.no_grad()
+def project(groups: list[ChannelGroup], sparsity: float) -> list[Tensor]:
+    """The proximal step: in each group, zero the lowest-L2-norm ``sparsity`` of the channels.
+
+    Groups are in forward order, so a layer's pruned input columns are zeroed before its own
+    filters are ranked (the reference's order). Returns each group's keep mask (bool).
+    """
+    keeps: list[Tensor] = []
+    for group in groups:
+        norms = _filter_norms(group.writers[0].layer)
+        count = pruned_count(group.channels, sparsity)
+        if group.shortcut is not None:  # channels a live shortcut input reaches cannot be zero
+            source, offset = group.shortcut
+            live = torch.zeros(group.channels, dtype=torch.bool)
+            live[offset : offset + len(keeps[source])] = keeps[source]
+            norms = norms.masked_fill(live, float("inf"))
+            count = min(count, int((~live).sum()))
+        keep = torch.ones(group.channels, dtype=torch.bool)
+        keep[norms.argsort(stable=True)[:count]] = False
+        _zero(group, keep)
+        keeps.append(keep)
+    return keeps
+
+
+@contextmanager
+def after_every_step(model: nn.Module, hook: Callable[[], object]) -> Iterator[None]:
+    """Run ``hook()`` after every step of any optimizer over ``model``'s parameters.
+
+    :func:`robcomp.train.fit` builds its optimizer internally, so the hook is registered for all
+    optimizers (torch's global step post-hook) and filtered by parameter identity: optimizers of
+    other models, in this thread or another, pass through untouched.
+    """
+    ours = {id(p) for p in model.parameters()}
+
+    def post_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if any(id(p) in ours for group in optimizer.param_groups for p in group["params"]):
+            hook()
+
+    handle = register_optimizer_step_post_hook(post_step)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _attach_masks(groups: list[ChannelGroup], keeps: list[Tensor]) -> dict[str, list[int]]:
+    """Fix the final zeros with prune masks (rows and columns); returns kept filters per layer."""
+    masks: dict[nn.Module, Tensor] = {}
+    kept: dict[str, list[int]] = {}
+    for group, keep in zip(groups, keeps, strict=True):
+        for writer in group.writers:
+            mask = masks.setdefault(writer.layer, torch.ones_like(weight_of(writer.layer)))
+            mask[~keep] = 0.0
+            kept[writer.name] = [int(keep.sum()), group.channels]
+        for reader in group.readers:
+            mask = masks.setdefault(reader.layer, torch.ones_like(weight_of(reader.layer)))
+            mask[:, ~keep.repeat_interleave(reader.per_channel)] = 0.0
+    for layer, mask in masks.items():
+        prune.custom_from_mask(layer, "weight", mask)
+    return kept
+
+
+def _default_train() -> TrainConfig:
+    # MC-ATON fine-tunes the dense model for 15-20 epochs with SGD lr 0.01, momentum 0.91.
+    return TrainConfig(epochs=20, lr=0.01, momentum=0.91, schedule="constant", keep_best=False)
+
+
+@COMPRESSORS.register("proximal-l0")
+@dataclass(frozen=True, kw_only=True)
+class ProximalL0:
+    """Filter-wise L0 pruning by proximal gradient descent (Kwon & Lee, "Improving the
+    Robustness of Model Compression by On-Manifold Adversarial Training", Future Internet 2021,
+    eq. 1 and 7; MC(regular), MC-AT(off), MC-TRADES and MC-AT(on) differ only in ``objective``).
+
+    Trains the model with ``objective`` and, after every optimizer step, zeroes the
+    ``sparsity`` fraction of lowest-L2-norm filters of every layer (with their BatchNorm
+    channels and the next layers' input channels; residual-aware on CIFAR ResNets). The result
+    carries ``torch.nn.utils.prune`` masks on those rows and columns, so later fine-tuning keeps
+    them at zero. ``train.epochs: 0`` is one-shot filter pruning by L2 norm.
+
+    Attributes:
+        sparsity: fraction of filters zeroed in every layer (the classifier keeps its outputs).
+        train: TrainConfig fields of the training run (its ``objective`` is ``objective``).
+        objective: ``{"name": ..., **fields}`` of a registered objective: ``ce``, ``pgd-at``,
+            ``trades``, ...
+        seed: seeds training.
+    """
+
+    sparsity: float
+    train: TrainConfig = field(default_factory=_default_train)
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "ce"})
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity, "proximal-l0")
+        objective = checked_objective(self.objective, "proximal-l0.objective")
+        object.__setattr__(self, "objective", objective)
+        train: TrainConfig | Mapping[str, Any] = self.train
+        object.__setattr__(self, "train", stage_config(train, objective, "proximal-l0.train"))
+
+    def label(self) -> str:
+        return f"proximal-l0-{self.sparsity:g}"
+
+    def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]:
+        start = time.perf_counter()
+        new = finalize(copy.deepcopy(model))  # earlier masks become plain zeros
+        groups = plan_channels(new)
+        project(groups, self.sparsity)  # start training from a point of the constraint set
+        with after_every_step(new, lambda: project(groups, self.sparsity)):
+            history = fit(new, data, self.train, seed=self.seed, description=self.label())
+        kept = _attach_masks(groups, project(groups, self.sparsity))
+        order = {name: i for i, (name, _) in enumerate(new.named_modules())}
+        kept = dict(sorted(kept.items(), key=lambda item: order[item[0]]))
+        new.eval()
+        return new, record_for(
+            self.label(), new, data, time.perf_counter() - start,
+            sparsity=self.sparsity, channels=kept, history=history.as_dict(),
+            objective=self.objective,
+        )  # fmt: skip

@@ -1,0 +1,168 @@
+"""Proximal filter-wise L0 pruning (Kwon & Lee 2021): the constraint holds after training, the
+zeros propagate to BatchNorm and the next layers, and residual sums stay aligned."""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import Tensor, nn
+
+from robcomp.compress import count_params, finalize
+from robcomp.compress.proximal import ProximalL0, after_every_step, plan_channels
+from robcomp.config import ConfigError
+from robcomp.data.base import DataSplits, Split
+from robcomp.models import create
+from robcomp.train import OBJECTIVES, TrainConfig, fit
+
+EPOCH: dict[str, Any] = {"epochs": 1, "lr": 0.01, "batch_size": 128, "keep_best": False}
+
+
+def _fake_data(in_shape: tuple[int, ...], n: int = 16) -> DataSplits:
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.rand(n, *in_shape, generator=g), torch.arange(n) % 10)
+    names = tuple(str(c) for c in range(10))
+    return DataSplits("fake", split, split, split, 10, names, (0.5,), (0.25,))
+
+
+def _zero_rows(weight: Tensor) -> Tensor:
+    return weight.detach().flatten(1).abs().sum(1) == 0  # (C_out,) all-zero filters
+
+
+def _check_groups(model: nn.Module, sparsity: float) -> None:
+    """Every group has exactly floor(s * C) zero channels: filters, BatchNorm, readers' columns."""
+    for group in plan_channels(model):
+        drop = _zero_rows(group.writers[0].layer.weight)  # type: ignore[arg-type]
+        assert int(drop.sum()) == math.floor(sparsity * group.channels), group.name
+        for writer in group.writers:
+            assert torch.equal(_zero_rows(writer.layer.weight), drop)  # type: ignore[arg-type]
+            if writer.norm is not None:
+                assert not writer.norm.weight[drop].any() and not writer.norm.bias[drop].any()
+        for reader in group.readers:
+            columns = drop.repeat_interleave(reader.per_channel)
+            assert not reader.layer.weight[:, columns].any()  # type: ignore[index]
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "lenet5", "tiny_mlp"])
+def test_every_layer_has_the_requested_zero_filters(name: str, digits: DataSplits) -> None:
+    torch.manual_seed(0)
+    model = create(name, digits.num_classes, digits.in_shape, mean=digits.mean, std=digits.std)
+    before = copy.deepcopy(model.state_dict())
+    pruned, record = ProximalL0(sparsity=0.4, train={**EPOCH, "lr": 0.05})(model, digits)
+    _check_groups(pruned, 0.4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for layer, (kept, total) in record.details["channels"].items():
+        assert kept == total - math.floor(0.4 * total), layer
+    assert len(record.details["history"]["epochs"]) == 1
+    if name == "lenet5":  # conv biases and the hidden Linear layer's rows go too
+        assert not pruned.net.conv1.bias[_zero_rows(pruned.net.conv1.weight)].any()  # type: ignore[union-attr,index]
+        assert record.details["channels"]["net.fc1"] == [20, 32]
+    assert not {"net.fc", "net.fc2"} & set(record.details["channels"])  # logits stay
+
+
+def test_projection_runs_after_every_optimizer_step(trained_cnn: nn.Module) -> None:
+    model, other = copy.deepcopy(trained_cnn), copy.deepcopy(trained_cnn)
+    calls: list[int] = []
+    ours = torch.optim.SGD(model.parameters(), lr=0.1)
+    theirs = torch.optim.SGD(other.parameters(), lr=0.1)
+    with after_every_step(model, lambda: calls.append(1)):
+        for _ in range(3):
+            ours.step()
+        theirs.step()  # another model's optimizer: not ours to project
+    ours.step()  # after the block: no hook left behind
+    assert len(calls) == 3
+
+
+def test_pruned_channels_are_zero_and_removable(trained_cnn: nn.Module, digits: DataSplits) -> None:
+    pruned, record = ProximalL0(sparsity=0.5, train=EPOCH)(trained_cnn, digits)
+    model = finalize(copy.deepcopy(pruned)).eval()
+    x, _ = digits.test.tensors()
+    outputs: dict[str, Tensor] = {}
+    for name in ("bn1", "bn2"):
+        getattr(model.net, name).register_forward_hook(
+            lambda _m, _i, out, name=name: outputs.__setitem__(name, out)
+        )
+    with torch.no_grad():
+        expected = model(x)
+    # Physically remove the zero filters (and what depends on them): the outputs do not change.
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=x[:1])
+    for conv, bn in ((model.net.conv1, "bn1"), (model.net.conv2, "bn2")):  # type: ignore[union-attr]
+        drop = _zero_rows(conv.weight)
+        assert not outputs[bn][:, drop].any()  # zeroed filters give all-zero channels
+        idxs = drop.nonzero().flatten().tolist()
+        graph.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=idxs).prune()
+    assert model.net.conv1.out_channels == 8 and model.net.conv2.out_channels == 16  # type: ignore[union-attr]
+    with torch.no_grad():
+        assert torch.allclose(model(x), expected, atol=1e-5)
+    assert count_params(model) < count_params(trained_cnn)
+    assert record.nonzero_params < record.params
+
+
+def test_zeros_survive_further_fine_tuning(trained_cnn: nn.Module, digits: DataSplits) -> None:
+    pruned, _ = ProximalL0(sparsity=0.5, train={"epochs": 0})(trained_cnn, digits)  # one-shot
+    # One-shot: the filters kept in the first layer are those of largest L2 norm.
+    norms = trained_cnn.net.conv1.weight.detach().flatten(1).norm(dim=1)  # type: ignore[union-attr]
+    kept = ~_zero_rows(pruned.net.conv1.weight)  # type: ignore[union-attr]
+    assert torch.equal(kept.nonzero().flatten(), norms.argsort()[8:].sort().values)
+    fit(pruned, digits, TrainConfig(**EPOCH), seed=1)
+    # The readers' columns are masked, so pruned channels get no gradient: all stays zero.
+    _check_groups(finalize(pruned), 0.5)
+    assert torch.equal(~_zero_rows(pruned.net.conv1.weight), kept)  # type: ignore[union-attr]
+
+
+def test_resnet20_residual_sums_stay_aligned() -> None:
+    data = _fake_data((3, 32, 32))
+    torch.manual_seed(0)
+    model = create("resnet20", 10, (3, 32, 32))
+    pruned, record = ProximalL0(sparsity=0.5, train={**EPOCH, "batch_size": 8})(model, data)
+    assert len(record.details["channels"]) == 19  # every convolution has its filters pruned
+    assert all(kept == total // 2 for kept, total in record.details["channels"].values())
+    _check_groups(pruned, 0.5)
+    net: Any = pruned.net
+    blocks: dict[str, Tensor] = {}
+    for s, stage in enumerate((net.layer1, net.layer2, net.layer3), start=1):
+        for b, block in enumerate(stage):
+            block.register_forward_hook(
+                lambda _m, _i, out, key=f"{s}.{b}": blocks.__setitem__(key, out)
+            )
+    pruned.train()  # batch statistics: a zero channel must stay zero in training mode too
+    with torch.no_grad():
+        pruned(torch.rand(4, 3, 32, 32))
+    for s, stage in enumerate((net.layer1, net.layer2, net.layer3), start=1):
+        width = 16 * 2 ** (s - 1)
+        stream = _zero_rows(stage[0].conv2.weight)  # the stage's residual-stream mask
+        assert int(stream.sum()) == width // 2
+        for b, block in enumerate(stage):
+            assert torch.equal(_zero_rows(block.conv2.weight), stream)  # conv2 follows it
+            out = blocks[f"{s}.{b}"]  # (B, width, H, W): the ReLU of the residual sum
+            assert not out[:, stream].any(), f"layer{s}.{b}: a pruned channel of the sum is live"
+            assert out[:, ~stream].abs().sum() > 0
+    assert not net.linear.weight[:, _zero_rows(net.layer3[0].conv2.weight)].any()
+
+
+@pytest.mark.skipif("pgd-at" not in OBJECTIVES, reason="needs the pgd-at objective")
+def test_adversarial_objective_mc_at_off(trained_cnn: nn.Module, digits: DataSplits) -> None:
+    objective = {"name": "pgd-at", "eps": 0.1, "step": 0.05, "steps": 2}
+    pruned, record = ProximalL0(sparsity=0.5, train=EPOCH, objective=objective)(trained_cnn, digits)
+    _check_groups(finalize(pruned), 0.5)
+    assert record.details["objective"] == objective
+
+
+def test_bad_configurations_and_models_fail_clearly(digits: DataSplits) -> None:
+    with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
+        ProximalL0(sparsity=-0.1)
+    with pytest.raises(ConfigError, match=r"proximal-l0\.objective"):
+        ProximalL0(sparsity=0.5, objective={"name": "ce", "eps": 0.1})
+    with pytest.raises(ValueError, match="set the objective once"):
+        ProximalL0(sparsity=0.5, train={"objective": {"name": "trades"}})
+    with pytest.raises(ValueError, match="not a chain of layers"):
+        ProximalL0(sparsity=0.5)(create("resnet18", 10, (3, 16, 16)), _fake_data((3, 16, 16)))
+    grouped = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(64, 10)
+    )
+    with pytest.raises(ValueError, match="grouped"):
+        ProximalL0(sparsity=0.5)(grouped, digits)
