@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from robcomp.attacks.base import ATTACKS
-from robcomp.attacks.norms import L1, NormName, box_feasible, get_norm
+from robcomp.attacks.norms import L1, Linf, NormName, box_feasible, get_norm
 
 
 @ATTACKS.register("pgd")
@@ -63,23 +63,41 @@ class PGD:
             loss = F.cross_entropy(model(x_adv), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x_adv)
             with torch.no_grad():
-                if isinstance(norm, L1):
-                    # A sparse step must not be spent on pixels pinned at a box face.
-                    grad = box_feasible(grad, x_adv)
-                step = x_adv + self.alpha * norm.ascent(grad)
-                x_adv = (x + norm.project(step - x, self.eps)).clamp(0.0, 1.0)
+                if isinstance(norm, Linf):
+                    x_adv = self._linf_step(x, x_adv, grad)
+                else:
+                    if isinstance(norm, L1):
+                        # A sparse step must not be spent on pixels pinned at a box face.
+                        grad = box_feasible(grad, x_adv)
+                    step = x_adv + self.alpha * norm.ascent(grad)
+                    x_adv = (x + norm.project(step - x, self.eps)).clamp(0.0, 1.0)
         return x_adv.detach()
+
+    def _linf_step(self, x: Tensor, x_adv: Tensor, grad: Tensor) -> Tensor:
+        """``clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), 0, 1)``, in place.
+
+        The same operations in the same order as the generic step (so the same bits: the two
+        additions only swap their operands), but on one fresh tensor instead of six. Each
+        temporary has the batch's size, which CPU allocators hand back to the OS and fault in
+        again every step: on a busy 2-core machine the update of a batch of 128 CIFAR images
+        took 24 ms this way instead of 5 ms (a ResNet-20 forward/backward takes ~350 ms).
+        """
+        step = grad.sign()  # a new tensor: ``grad`` may be an expanded view, unsafe to write
+        step.mul_(self.alpha).add_(x_adv)
+        return step.sub_(x).clamp_(-self.eps, self.eps).add_(x).clamp_(0.0, 1.0)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         generator = torch.Generator().manual_seed(self.seed)
         x_best = x.clone()
         todo = torch.ones(len(x), dtype=torch.bool)  # points no restart has broken yet
-        for _ in range(self.restarts):
+        for restart in range(self.restarts):
             idx = todo.nonzero().squeeze(1)
             if len(idx) == 0:
                 break
             x_adv = self._run(model, x[idx], y[idx], generator)
             x_best[idx] = x_adv
+            if restart + 1 == self.restarts:
+                break  # only later restarts need to know which points broke: save a forward
             with torch.no_grad():
                 broken = model(x_adv).argmax(1) != y[idx]
             todo[idx[broken]] = False
