@@ -57,7 +57,8 @@ def test_user_errors_exit_2_with_a_message(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "unknown key 'epocs'" in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["run", str(tmp_path / "missing.yaml")])
-    assert result.exit_code == 2 and "no such file" in result.output
+    assert result.exit_code == 2 and "no such experiment file" in result.output
+    assert "robust-pruning" in result.output  # it lists the shipped configs to choose from
     result = runner.invoke(app, ["report", str(tmp_path)])
     assert result.exit_code == 2 and "no results here" in result.output
     result = runner.invoke(app, ["train", "--data", "mnist", "--set", "data.root=" + str(tmp_path)])
@@ -124,3 +125,19 @@ def test_quickstart_shows_a_real_effect(tmp_path: Path) -> None:
     for header in ("via", "masking?", "ms b1", "MACs"):
         assert header in result.output
     assert (out / "report" / "robustness_vs_compression.png").is_file()
+
+
+def test_shipped_configs_validate_and_run_by_name(tmp_path: Path) -> None:
+    from robcomp.cli import _experiment_file, shipped_configs
+    from robcomp.experiments import load_experiment
+
+    configs = shipped_configs()
+    assert {"quickstart", "robust-pruning", "robust-distillation", "robust-training"} <= set(
+        configs
+    )
+    for name, path in configs.items():
+        experiment = load_experiment(path)  # every cell validated: names, keys, types
+        assert experiment.name == name and experiment.cells
+    assert _experiment_file(Path("robust-pruning")) == configs["robust-pruning"]
+    result = runner.invoke(app, ["run", "no-such-config", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "shipped:" in result.output

@@ -142,9 +142,11 @@ def run(
         str | None, typer.Option(help="Ray cluster address ('auto' joins a running one).")
     ] = None,
 ) -> None:
-    """Run every cell of an experiment file; finished cells are skipped, so reruns resume."""
+    """Run every cell of an experiment file (or of a shipped config: `robcomp list configs`);
+    finished cells are skipped, so reruns resume."""
     from robcomp.experiments import load_experiment
 
+    file = _experiment_file(file)
     if out is None:
         out = Path("runs") / load_experiment(file, set_ or []).name
     _run_and_report(file, set_ or [], out, executor, ray_address)
@@ -265,7 +267,26 @@ def report(
     console.print("report: " + ", ".join(str(f) for f in files.paths()))
 
 
-KINDS = ("datasets", "models", "attacks", "compressors", "objectives", "presets")
+KINDS = ("datasets", "models", "attacks", "compressors", "objectives", "presets", "configs")
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Experiment files that ship with robcomp, by name (file name without ``.yaml``)."""
+    folder = Path(str(resources.files("robcomp").joinpath("configs")))
+    return {f.stem: f for f in sorted(folder.glob("*.yaml"))}
+
+
+def _experiment_file(file: Path) -> Path:
+    """``file`` itself, or the shipped config of that name when no such file exists."""
+    if file.exists():
+        return file
+    shipped = shipped_configs().get(file.name.removesuffix(".yaml"))
+    if shipped is None:
+        raise FileNotFoundError(
+            f"{file}: no such experiment file, and no shipped config of that name "
+            f"(shipped: {', '.join(shipped_configs())})"
+        )
+    return shipped
 
 
 @app.command(name="list")
@@ -282,7 +303,10 @@ def list_(
     from robcomp.train import OBJECTIVES
 
     registries = (DATASETS, MODELS, ATTACKS, COMPRESSORS, OBJECTIVES)
-    names = {k: r.names() for k, r in zip(KINDS, registries)} | {"presets": preset_names()}
+    names = {k: r.names() for k, r in zip(KINDS, registries)} | {
+        "presets": preset_names(),
+        "configs": list(shipped_configs()),
+    }
     if kind is not None and kind not in names:
         raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
     for name, members in names.items():
