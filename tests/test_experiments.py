@@ -12,6 +12,7 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+from rich.console import Console
 
 from robcomp.config import ConfigError
 from robcomp.experiments import (
@@ -24,6 +25,7 @@ from robcomp.experiments import (
 )
 from robcomp.experiments import runner as runner_module
 from robcomp.report import write_report
+from robcomp.report.tables import leaderboard_table
 
 
 def tiny_experiment(**grid: list[Any]) -> dict[str, Any]:
@@ -297,3 +299,31 @@ def test_zipped_grid_axis_sets_keys_together() -> None:
     raw["grid"] = {"compress,finetune": [[{"name": "none"}]]}
     with pytest.raises(ConfigError, match="list of 2 values"):
         load_experiment(raw)
+
+
+def _rendered(rows: list[dict[str, Any]]) -> str:
+    console = Console(record=True, width=200)
+    console.print(leaderboard_table(rows))
+    return console.export_text()
+
+
+def test_leaderboard_tells_rows_apart_by_their_finetuning() -> None:
+    row = {"data": "digits", "model": "lenet5", "compress": "magnitude-global-0.9"}
+    natural = {**row, "finetune": "ce x16", "clean_accuracy": 0.98, "pgd20-linf@0.1": 0.69}
+    robust = {**row, "finetune": "pgd-at x16", "clean_accuracy": 0.98, "pgd20-linf@0.1": 0.76}
+    text = _rendered([robust, natural])
+    assert "finetune" in text and "pgd-at x16" in text and "ce x16" in text
+    # without fine-tuning anywhere the column, and its caption entry, stay out of the way
+    text = _rendered([{**natural, "finetune": "-"}, {**row, "compress": "none", "finetune": "-"}])
+    assert "finetune" not in text
+
+
+def test_leaderboard_shows_component_grid_values_compactly() -> None:
+    row = {"data": "digits", "model": "tiny_cnn", "compress": "none", "clean_accuracy": 0.9}
+    trades = {"name": "trades", "eps": 0.1, "beta": 6.0}
+    rows = [
+        {**row, "grid:train.objective": trades},
+        {**row, "grid:train.objective": {"name": "ce"}},
+    ]
+    text = _rendered(rows)
+    assert "trades eps=0.1 beta=6.0" in text and "{" not in text

@@ -7,9 +7,7 @@ trained network and reports higher PGD and CW accuracy than the robust network a
 compressed, attacked and reported by the same code::
 
     model:
-      name: ensemble
-      mean: [0.0]          # members normalise their own inputs (see below)
-      std: [1.0]
+      name: ensemble       # members normalise their own inputs (see below)
       options:
         members:
           - {weights: runs/robust-teacher}          # a robcomp checkpoint folder
@@ -28,9 +26,9 @@ may be gradient masking. Check it with the diagnostics, gradient-free and transf
 **Normalisation.** Every member normalises its own input: a checkpoint folder brings its
 statistics, a member built by name takes ``mean``/``std`` from its entry (identity by default).
 The ensemble's own Normalize, which :func:`robcomp.models.create` puts in front of every model,
-must then be the identity; create's defaults are, but an experiment runner passes the data's
-statistics unless ``model.mean``/``model.std`` say otherwise. Inputs outside [0, 1] reaching
-members that normalise themselves are therefore an error, raised at the first forward pass.
+must then be the identity: create's defaults are, and the experiment runner gives an ensemble the
+identity too instead of the data's statistics. Members expect raw pixels, so inputs outside
+[0, 1] (a sign of normalising twice) are an error, raised at the first forward pass.
 
 **Training.** Members that load weights are frozen by default (parameters without gradients,
 BatchNorm kept in eval mode even when the ensemble is trained): an ensemble of trained models is

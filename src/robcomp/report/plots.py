@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -9,13 +10,42 @@ from typing import Any
 from robcomp.experiments.store import RunRow
 from robcomp.report.tables import attack_columns
 
+_RATE = re.compile(r"-[0-9.]+p?$")  # the rate at the end of a compressor label: -0.9, -2450p
+
 
 def _group_key(row: dict[str, Any]) -> str:
-    # Cells of one compression method that differ only in its rate form one line; any other
-    # grid axis splits lines.
+    # Cells of one compression method (its label without the rate, e.g. magnitude-global) and
+    # one fine-tuning that differ only in the rate form one line; any other grid axis splits
+    # lines.
     grid = {k: v for k, v in row.items() if k.startswith("grid:") and "compress" not in k}
-    method = row.get("method", row["compress"])
-    return ", ".join([row["model"], method, *(f"{k[5:]}={v}" for k, v in grid.items())])
+    method = _RATE.sub("", str(row["compress"]))
+    finetune = row.get("finetune", "-")
+    return ", ".join(
+        [
+            row["model"],
+            method + ("" if finetune == "-" else f" + {finetune}"),
+            *(f"{k[5:]}={v}" for k, v in grid.items()),
+        ]
+    )
+
+
+def _color(i: int) -> str:
+    """The i-th line's colour, the same in every panel (matplotlib's cycle restarts per axes,
+    so a line missing from one panel would shift every colour after it)."""
+    return f"C{i % 10}"
+
+
+def _legend_below(fig: Any, axes: Any, height: float, ncol: int = 3) -> None:
+    """A figure legend under the panels: the figure grows by as many rows as the legend needs,
+    so the panels keep their ``height`` (inches) however many lines there are."""
+    # every line once, from whichever panel has it (not every panel has every line)
+    legend = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels())}
+    handles, labels = list(legend.values()), list(legend)
+    ncol = max(1, min(ncol, len(labels)))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
+    extra = 0.15 + 0.2 * -(-len(labels) // ncol)
+    fig.set_size_inches(fig.get_size_inches()[0], height + extra)
+    fig.tight_layout(rect=(0, extra / (height + extra), 1, 1 - 0.3 / (height + extra)))
 
 
 def plot_robustness_vs_compression(rows: list[dict[str, Any]], path: Path) -> Path | None:
@@ -31,14 +61,14 @@ def plot_robustness_vs_compression(rows: list[dict[str, Any]], path: Path) -> Pa
     nrows = -(-len(measures) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
     for ax, measure in zip(axes.flat, measures):
-        for label, members in groups.items():
+        for i, (label, members) in enumerate(groups.items()):
             pts = sorted(
                 (100 * (r.get("compression_rate") or 0.0), 100 * r[measure])
                 for r in members
                 if r.get(measure) is not None
             )
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=label)
+                ax.plot(*zip(*pts), marker="o", label=label, color=_color(i))
         ax.set_title("clean" if measure == "clean_accuracy" else measure, fontsize=10)
         ax.set_xlabel("compression rate (% of parameters removed)")
         ax.set_ylabel("accuracy (%)")
@@ -46,10 +76,8 @@ def plot_robustness_vs_compression(rows: list[dict[str, Any]], path: Path) -> Pa
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(measures) :]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
     fig.suptitle("Accuracy and robust accuracy vs compression rate")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    _legend_below(fig, axes, 3.4 * nrows)
     return _save(fig, path)
 
 
@@ -62,17 +90,40 @@ CURVES = {
 }
 
 
+def _stage_histories(label: str, history: Any) -> dict[str, list[dict[str, float]]]:
+    """The per-epoch records a compressor kept of its own training (``record.details.history``):
+    one loop's ``{"epochs": [...]}`` (distill, proximal-l0), stages of them (HYDRA's prune and
+    finetune), or a bare list of epoch records (ADMM's)."""
+    if isinstance(history, list):
+        return {label: history} if history else {}
+    if not isinstance(history, dict):
+        return {}
+    if isinstance(history.get("epochs"), list):
+        return {label: history["epochs"]} if history["epochs"] else {}
+    stages: dict[str, list[dict[str, float]]] = {}
+    for stage, part in history.items():
+        stages.update(_stage_histories(f"{label} {stage}", part))
+    return stages
+
+
 def _training_curves(runs: list[RunRow]) -> dict[str, list[dict[str, float]]]:
-    """Per-epoch records by stage: each distinct baseline once, then each cell's fine-tuning."""
+    """Per-epoch records by stage: each distinct baseline once, then each cell's compressor's
+    own training (robust pruning, distillation) and its fine-tuning."""
     curves: dict[str, list[dict[str, float]]] = {}
     for run in runs:
         objective = run.config["train"].get("objective", {}).get("name", "ce")
         baseline = (run.info.get("baseline") or {}).get("history", {}).get("epochs")
         if baseline:
             curves.setdefault(f"train {run.config['model']['name']} ({objective})", baseline)
+        compressor = run.info.get("compressor", run.cell_id[:8])
+        details = (run.info.get("record") or {}).get("details") or {}
+        curves.update(_stage_histories(compressor, details.get("history")))
+        if isinstance(details.get("retrain"), dict):
+            curves.update(_stage_histories(f"{compressor} retrain", details["retrain"]))
         finetune = run.info.get("finetune")
         if isinstance(finetune, dict) and finetune.get("epochs"):
-            curves[f"fine-tune {run.info.get('compressor', run.cell_id[:8])}"] = finetune["epochs"]
+            tuned = (run.config.get("finetune") or {}).get("objective", {}).get("name", "ce")
+            curves[f"fine-tune {compressor} ({tuned})"] = finetune["epochs"]
     return curves
 
 
@@ -88,19 +139,17 @@ def plot_training(runs: list[RunRow], path: Path) -> Path | None:
     nrows = -(-len(measures) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     for ax, measure in zip(axes.flat, measures):
-        for label, epochs in curves.items():
+        for i, (label, epochs) in enumerate(curves.items()):
             pts = [(e["epoch"], e[measure]) for e in epochs if measure in e]
             if pts:
-                ax.plot(*zip(*pts), marker=".", label=label)
+                ax.plot(*zip(*pts), marker=".", label=label, color=_color(i))
         ax.set_title(CURVES[measure], fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(measures) :]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8)
     fig.suptitle("Training curves")
-    fig.tight_layout(rect=(0, 0.08, 1, 0.96))
+    _legend_below(fig, axes, 3.2 * nrows)
     return _save(fig, path)
 
 
@@ -128,10 +177,8 @@ def plot_weights(runs: list[RunRow], path: Path, max_cells: int = 12) -> Path | 
         ax.set_xlabel("weight")
     for ax in list(axes.flat)[len(cells) :]:
         ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8)
     fig.suptitle("Nonzero Conv/Linear weights: dense vs compressed")
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    _legend_below(fig, axes, 2.8 * nrows, ncol=2)
     return _save(fig, path)
 
 

@@ -21,6 +21,15 @@ def attack_column(attack: str, eps: float) -> str:
     return f"{attack}@{eps:.4g}"
 
 
+def _finetune_label(finetune: dict[str, Any] | None) -> str:
+    """``pgd-at x16`` (objective and epochs) of a cell's fine-tuning, ``-`` when there is none,
+    so rows that differ only in how they were fine-tuned can be told apart."""
+    if not finetune:
+        return "-"
+    objective = finetune.get("objective") or {}
+    return f"{objective.get('name', 'ce')} x{finetune.get('epochs', '?')}"
+
+
 def _row(run: RunRow) -> dict[str, Any]:
     cfg = run.config
     row: dict[str, Any] = {
@@ -31,6 +40,7 @@ def _row(run: RunRow) -> dict[str, Any]:
         "compress": run.info.get("compressor", cfg["compress"]["name"]),
         "method": cfg["compress"]["name"],
         "sparsity": cfg["compress"].get("sparsity"),
+        "finetune": _finetune_label(cfg.get("finetune")),
         "seed": cfg["seed"],
         **{f"grid:{k}": v for k, v in run.grid_values.items()},
     }
@@ -152,6 +162,16 @@ def _robustness_columns(rows: list[dict[str, Any]]) -> list[Column]:
     return columns
 
 
+def _grid_value(value: Any) -> str:
+    """A grid value as a short cell: ``trades beta=6.0 eps=0.1`` for a component spec."""
+    if isinstance(value, dict) and "name" in value:
+        rest = " ".join(f"{k}={_grid_value(v)}" for k, v in value.items() if k != "name")
+        return f"{value['name']} {rest}".strip()
+    if isinstance(value, list):
+        return ", ".join(map(_grid_value, value))
+    return str(value)
+
+
 def _table(title: str, caption: str, rows: list[dict[str, Any]], body: list[Column]) -> Table:
     """Name columns (grid values, data, model, compress) then ``body``. Columns whose value is
     the same in every row (one model, one dataset) move into the caption."""
@@ -162,13 +182,23 @@ def _table(title: str, caption: str, rows: list[dict[str, Any]], body: list[Colu
         if k.startswith("grid:") and k.split(",")[0] != "grid:compress"
     ]
     columns: list[Column] = [
-        *((k.removeprefix("grid:"), [str(r.get(k)) for r in rows], False) for k in grid_keys),
-        *((k, [str(r[k]) for r in rows], False) for k in ("data", "model", "compress")),
+        *(
+            (k.removeprefix("grid:"), [_grid_value(r.get(k)) for r in rows], False)
+            for k in grid_keys
+        ),
+        *(
+            (k, [str(r.get(k, "-")) for r in rows], False)
+            for k in ("data", "model", "compress", "finetune")
+        ),
         *body,
     ]
     keep = ("grid", "masking", "compress")
     shown = [c for c in columns if len(rows) < 2 or len(set(c[1])) > 1 or c[0].startswith(keep)]
-    same = [f"{h}={cells[0]}" for h, cells, _ in columns if (h, cells, _) not in shown and cells]
+    same = [
+        f"{h}={cells[0]}"
+        for h, cells, _ in columns
+        if (h, cells, _) not in shown and cells and cells[0] != "-"
+    ]
     table = Table(title=title, caption=caption + ("; all rows: " + ", ".join(same) if same else ""))
     for header, cells, numeric in shown:
         table.add_column(  # cells are never folded; long headers are

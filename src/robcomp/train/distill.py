@@ -266,4 +266,5 @@ class DistillTo:
             student=self.student, teacher_params=count_params(model), objective=self.objective,
             tau=getattr(built, "tau", None), alpha=getattr(built, "alpha", None),
             best_epoch=history.best_epoch, val_accuracy=last.get("val_accuracy"),
+            history=history.as_dict(),
         )  # fmt: skip
