@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -66,7 +66,31 @@ MONITOR_PGD: Mapping[str, Any] = {"name": "pgd", "eps": 8 / 255, "steps": 10}
 
 
 @dataclass(frozen=True, kw_only=True)
-class EarlyStop:
+class _AttackChoice:
+    """An attack named by spec or name, with ``eps``/``steps``/``step_size`` shorthands merged
+    into it (into ``DEFAULT_ATTACK`` when ``attack`` is None)."""
+
+    attack: dict[str, Any] | str | None = None
+    eps: float | None = None
+    steps: int | None = None
+    step_size: float | None = None
+    DEFAULT_ATTACK: ClassVar[Mapping[str, Any]]
+    WHERE: ClassVar[str]
+
+    def __post_init__(self) -> None:
+        self.build_attack()  # fail at configuration time, not after the first epoch
+
+    def build_attack(self) -> Attack:
+        spec = attack_spec(
+            self.attack, self.DEFAULT_ATTACK, self.WHERE,
+            eps=self.eps, steps=self.steps, step_size=self.step_size,
+        )  # fmt: skip
+        attack: Attack = build_component(ATTACKS, spec, self.WHERE)
+        return attack
+
+
+@dataclass(frozen=True, kw_only=True)
+class EarlyStop(_AttackChoice):
     """Stop on catastrophic overfitting, as Wong, Rice & Kolter (2020, "Fast is better than
     free", ``--early-stop`` in locuslab/fast_adversarial ``train_fgsm.py``) do for FGSM training.
 
@@ -84,29 +108,18 @@ class EarlyStop:
         drop: the largest tolerated fall of robust accuracy between epochs, in (0, 1].
     """
 
-    attack: dict[str, Any] | str | None = None
-    eps: float | None = None
-    steps: int | None = None
-    step_size: float | None = None
     drop: float = 0.2
+    DEFAULT_ATTACK: ClassVar[Mapping[str, Any]] = EARLY_STOP_PGD
+    WHERE: ClassVar[str] = "early_stop.attack"
 
     def __post_init__(self) -> None:
         if not 0.0 < self.drop <= 1.0:
             raise ValueError(f"drop must be in (0, 1], got {self.drop}")
-        self.build_attack()  # fail at configuration time, not after the first epoch
-
-    def build_attack(self) -> Attack:
-        where = "early_stop.attack"
-        spec = attack_spec(
-            self.attack, EARLY_STOP_PGD, where,
-            eps=self.eps, steps=self.steps, step_size=self.step_size,
-        )  # fmt: skip
-        attack: Attack = build_component(ATTACKS, spec, where)
-        return attack
+        super().__post_init__()
 
 
 @dataclass(frozen=True, kw_only=True)
-class Monitor:
+class Monitor(_AttackChoice):
     """Per-epoch validation telemetry, Marshall's (2020, Sec. 4.1.2) adversarial-loss curves:
     ``val_loss`` and ``val_accuracy`` on the whole validation split, ``val_adv_loss`` and
     ``val_adv_accuracy`` under ``attack`` on its first ``points`` points (model in eval mode;
@@ -119,25 +132,14 @@ class Monitor:
         points: how many validation points to attack.
     """
 
-    attack: dict[str, Any] | str | None = None
-    eps: float | None = None
-    steps: int | None = None
-    step_size: float | None = None
     points: int = 256
+    DEFAULT_ATTACK: ClassVar[Mapping[str, Any]] = MONITOR_PGD
+    WHERE: ClassVar[str] = "monitor.attack"
 
     def __post_init__(self) -> None:
         if self.points < 1:
             raise ValueError(f"points must be >= 1, got {self.points}")
-        self.build_attack()
-
-    def build_attack(self) -> Attack:
-        where = "monitor.attack"
-        spec = attack_spec(
-            self.attack, MONITOR_PGD, where,
-            eps=self.eps, steps=self.steps, step_size=self.step_size,
-        )  # fmt: skip
-        attack: Attack = build_component(ATTACKS, spec, where)
-        return attack
+        super().__post_init__()
 
 
 @dataclass(frozen=True, kw_only=True)
