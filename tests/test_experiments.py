@@ -327,3 +327,21 @@ def test_leaderboard_shows_component_grid_values_compactly() -> None:
     ]
     text = _rendered(rows)
     assert "trades eps=0.1 beta=6.0" in text and "{" not in text
+
+
+def test_cell_id_hashes_the_components_with_their_defaults_filled_in() -> None:
+    def cell_id(compress: dict[str, Any], attacks: list[dict[str, Any]]) -> str:
+        raw = tiny_experiment()
+        raw["compress"], raw["evaluate"]["attacks"], raw["grid"] = compress, attacks, {}
+        return load_experiment(raw).cells[0].cell_id
+
+    pgd = [{"name": "pgd", "eps": 0.1}]
+    implicit = cell_id({"name": "magnitude", "sparsity": 0.5}, pgd)
+    # spelling out a default is the same cell; changing it is another
+    assert implicit == cell_id({"name": "magnitude", "sparsity": 0.5, "scope": "global"}, pgd)
+    assert implicit != cell_id({"name": "magnitude", "sparsity": 0.5, "scope": "layer"}, pgd)
+    assert implicit == cell_id({"name": "magnitude", "sparsity": 0.5}, [{**pgd[0], "steps": 10}])
+    # same fields, another method: never the same cell
+    assert implicit != cell_id({"name": "random", "sparsity": 0.5}, pgd)
+    # minimal-norm attacks default to eps=inf, which JSON cannot hold: still hashable
+    assert cell_id({"name": "none"}, [{"name": "ddn"}]) != cell_id({"name": "none"}, pgd)

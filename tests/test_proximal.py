@@ -11,8 +11,9 @@ import pytest
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
+from torch.nn.utils import prune
 
-from robcomp.compress import count_params, finalize
+from robcomp.compress import count_params, finalize, measure
 from robcomp.compress.proximal import ProximalL0, after_every_step, plan_channels
 from robcomp.config import ConfigError
 from robcomp.data.base import DataSplits, Split
@@ -52,7 +53,9 @@ def test_every_layer_has_the_requested_zero_filters(name: str, digits: DataSplit
     torch.manual_seed(0)
     model = create(name, digits.num_classes, digits.in_shape, mean=digits.mean, std=digits.std)
     before = copy.deepcopy(model.state_dict())
-    pruned, record = ProximalL0(sparsity=0.4, train={**EPOCH, "lr": 0.05})(model, digits)
+    pruned, record = ProximalL0(sparsity=0.4, train={**EPOCH, "lr": 0.05}, remove=False)(
+        model, digits
+    )
     _check_groups(pruned, 0.4)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     for layer, (kept, total) in record.details["channels"].items():
@@ -78,7 +81,7 @@ def test_projection_runs_after_every_optimizer_step(trained_cnn: nn.Module) -> N
 
 
 def test_pruned_channels_are_zero_and_removable(trained_cnn: nn.Module, digits: DataSplits) -> None:
-    pruned, record = ProximalL0(sparsity=0.5, train=EPOCH)(trained_cnn, digits)
+    pruned, record = ProximalL0(sparsity=0.5, train=EPOCH, remove=False)(trained_cnn, digits)
     model = finalize(copy.deepcopy(pruned)).eval()
     x, _ = digits.test.tensors()
     outputs: dict[str, Tensor] = {}
@@ -100,10 +103,33 @@ def test_pruned_channels_are_zero_and_removable(trained_cnn: nn.Module, digits: 
         assert torch.allclose(model(x), expected, atol=1e-5)
     assert count_params(model) < count_params(trained_cnn)
     assert record.nonzero_params < record.params
+    assert record.details["removed"] is False and record.macs == measure_macs(trained_cnn, digits)
+
+
+def measure_macs(model: nn.Module, data: DataSplits) -> int:
+    return measure(model, data.in_shape).macs
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "lenet5", "tiny_mlp"])
+def test_remove_cuts_the_zeroed_channels_out(name: str, digits: DataSplits) -> None:
+    """The default: same function as the masked model, but really smaller and cheaper."""
+    torch.manual_seed(0)
+    model = create(name, digits.num_classes, digits.in_shape, mean=digits.mean, std=digits.std)
+    masked, _ = ProximalL0(sparsity=0.5, train=EPOCH, remove=False)(model, digits)
+    removed, record = ProximalL0(sparsity=0.5, train=EPOCH)(model, digits)
+    x, _ = digits.test.tensors()
+    with torch.no_grad():
+        assert torch.allclose(removed(x), masked(x), atol=1e-5)
+    assert record.details["removed"] is True and record.details["not_removed"] is None
+    assert record.params == record.nonzero_params < count_params(model)  # no zeros left
+    assert record.params <= measure(masked, digits.in_shape).nonzero_params
+    assert record.macs < measure_macs(model, digits)
+    assert not any(prune.is_pruned(m) for m in removed.modules())  # nothing left to mask
 
 
 def test_zeros_survive_further_fine_tuning(trained_cnn: nn.Module, digits: DataSplits) -> None:
-    pruned, _ = ProximalL0(sparsity=0.5, train={"epochs": 0})(trained_cnn, digits)  # one-shot
+    one_shot = ProximalL0(sparsity=0.5, train={"epochs": 0}, remove=False)
+    pruned, _ = one_shot(trained_cnn, digits)
     # One-shot: the filters kept in the first layer are those of largest L2 norm.
     norms = trained_cnn.net.conv1.weight.detach().flatten(1).norm(dim=1)  # type: ignore[union-attr]
     kept = ~_zero_rows(pruned.net.conv1.weight)  # type: ignore[union-attr]
@@ -120,6 +146,9 @@ def test_resnet20_residual_sums_stay_aligned() -> None:
     model = create("resnet20", 10, (3, 32, 32))
     pruned, record = ProximalL0(sparsity=0.5, train={**EPOCH, "batch_size": 8})(model, data)
     assert len(record.details["channels"]) == 19  # every convolution has its filters pruned
+    # the padding shortcuts stop Torch-Pruning, so the zeros stay, masked, and the record says so
+    assert record.details["removed"] is False
+    assert "cannot remove" in record.details["not_removed"]
     assert all(kept == total // 2 for kept, total in record.details["channels"].values())
     _check_groups(pruned, 0.5)
     net: Any = pruned.net
@@ -147,7 +176,8 @@ def test_resnet20_residual_sums_stay_aligned() -> None:
 @pytest.mark.skipif("pgd-at" not in OBJECTIVES, reason="needs the pgd-at objective")
 def test_adversarial_objective_mc_at_off(trained_cnn: nn.Module, digits: DataSplits) -> None:
     objective = {"name": "pgd-at", "eps": 0.1, "step": 0.05, "steps": 2}
-    pruned, record = ProximalL0(sparsity=0.5, train=EPOCH, objective=objective)(trained_cnn, digits)
+    mc_at_off = ProximalL0(sparsity=0.5, train=EPOCH, objective=objective, remove=False)
+    pruned, record = mc_at_off(trained_cnn, digits)
     _check_groups(finalize(pruned), 0.5)
     assert record.details["objective"] == objective
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +59,7 @@ from robcomp.compress.hydra import (
     weight_of,
 )
 from robcomp.compress.prune import finalize, record_for
+from robcomp.compress.structured import PruningUnit, plan_filters
 from robcomp.data.base import DataSplits
 from robcomp.models.base import Classifier
 from robcomp.models.resnet_cifar import BasicBlock, CifarResNet, PadShortcut
@@ -300,21 +301,58 @@ def after_every_step(model: nn.Module, hook: Callable[[], object]) -> Iterator[N
         handle.remove()
 
 
-def _attach_masks(groups: list[ChannelGroup], keeps: list[Tensor]) -> dict[str, list[int]]:
-    """Fix the final zeros with prune masks (rows and columns); returns kept filters per layer."""
+def _kept(groups: list[ChannelGroup], keeps: list[Tensor]) -> dict[str, list[int]]:
+    """``{writer layer: [kept filters, filters]}``."""
+    return {
+        writer.name: [int(keep.sum()), group.channels]
+        for group, keep in zip(groups, keeps, strict=True)
+        for writer in group.writers
+    }
+
+
+def _attach_masks(groups: list[ChannelGroup], keeps: list[Tensor]) -> None:
+    """Fix the final zeros with prune masks (rows and columns)."""
     masks: dict[nn.Module, Tensor] = {}
-    kept: dict[str, list[int]] = {}
     for group, keep in zip(groups, keeps, strict=True):
         for writer in group.writers:
             mask = masks.setdefault(writer.layer, torch.ones_like(weight_of(writer.layer)))
             mask[~keep] = 0.0
-            kept[writer.name] = [int(keep.sum()), group.channels]
         for reader in group.readers:
             mask = masks.setdefault(reader.layer, torch.ones_like(weight_of(reader.layer)))
             mask[:, ~keep.repeat_interleave(reader.per_channel)] = 0.0
     for layer, mask in masks.items():
         prune.custom_from_mask(layer, "weight", mask)
-    return kept
+
+
+def remove_channels(
+    model: nn.Module, in_shape: Sequence[int], groups: list[ChannelGroup], keeps: list[Tensor]
+) -> str | None:
+    """Physically remove the zeroed channels with Torch-Pruning's dependency graph, in place.
+
+    A zeroed channel contributes nothing (its filter, bias and BatchNorm affine are zero), so
+    the outputs do not change, while parameters, bytes, MACs and latency really shrink. Returns
+    None when done, or why it cannot be done consistently (e.g. channels meeting an option-A
+    zero-padding shortcut), in which case the model is left untouched.
+    """
+    drop_of = {w.name: ~keep for g, keep in zip(groups, keeps, strict=True) for w in g.writers}
+    plan = plan_filters(model, in_shape, include_linear=True, residual="auto")
+    unit_of = {member: unit for unit in plan.units for member in unit.members}
+    stuck = sorted(name for name, drop in drop_of.items() if drop.any() and name not in unit_of)
+    if stuck:
+        reasons = {n: plan.skipped.get(n, "not a prunable unit") for n in stuck}
+        return f"Torch-Pruning cannot remove these channels consistently: {reasons}"
+    plans: list[tuple[PruningUnit, list[int]]] = []
+    for unit in plan.units:
+        drops = [drop_of[m] for m in unit.members if m in drop_of]
+        if not drops or not drops[0].any():
+            continue
+        if any(not torch.equal(d, drops[0]) for d in drops):  # coupled filters, other masks
+            return f"the layers coupled to {unit.name} were pruned with different masks"
+        plans.append((unit, drops[0].nonzero().flatten().tolist()))
+    for unit, idxs in plans:
+        fn = plan.graph.get_pruner_of_module(unit.module).prune_out_channels
+        plan.graph.get_pruning_group(unit.module, fn, idxs=idxs).prune()
+    return None
 
 
 def _default_train() -> TrainConfig:
@@ -333,19 +371,25 @@ class ProximalL0:
     ``sparsity`` fraction of lowest-L2-norm filters of every layer (with their BatchNorm
     channels and the next layers' input channels; residual-aware on CIFAR ResNets). The result
     carries ``torch.nn.utils.prune`` masks on those rows and columns, so later fine-tuning keeps
-    them at zero. ``train.epochs: 0`` is one-shot filter pruning by L2 norm.
+    them at zero; with ``remove`` (the default) the zeroed channels are then cut out of the
+    model. ``train.epochs: 0`` is one-shot filter pruning by L2 norm.
 
     Attributes:
         sparsity: fraction of filters zeroed in every layer (the classifier keeps its outputs).
         train: TrainConfig fields of the training run (its ``objective`` is ``objective``).
         objective: ``{"name": ..., **fields}`` of a registered objective: ``ce``, ``pgd-at``,
             ``trades``, ...
+        remove: physically remove the zeroed channels afterwards (Torch-Pruning), so the
+            saved model is smaller and faster, as deployed; where that cannot be done
+            consistently (option-A ResNets' padding shortcuts) the zeros stay, masked, and the
+            record says why (``removed``). False keeps the masked dense model.
         seed: seeds training.
     """
 
     sparsity: float
     train: TrainConfig = field(default_factory=_default_train)
     objective: dict[str, Any] = field(default_factory=lambda: {"name": "ce"})
+    remove: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -365,12 +409,17 @@ class ProximalL0:
         project(groups, self.sparsity)  # start training from a point of the constraint set
         with after_every_step(new, lambda: project(groups, self.sparsity)):
             history = fit(new, data, self.train, seed=self.seed, description=self.label())
-        kept = _attach_masks(groups, project(groups, self.sparsity))
+        keeps = project(groups, self.sparsity)
+        kept = _kept(groups, keeps)
         order = {name: i for i, (name, _) in enumerate(new.named_modules())}
         kept = dict(sorted(kept.items(), key=lambda item: order[item[0]]))
+        not_removed = remove_channels(new, data.in_shape, groups, keeps) if self.remove else None
+        if not_removed or not self.remove:
+            _attach_masks(groups, keeps)
         new.eval()
         return new, record_for(
             self.label(), new, data, time.perf_counter() - start,
             sparsity=self.sparsity, channels=kept, history=history.as_dict(),
-            objective=self.objective,
+            objective=self.objective, removed=self.remove and not not_removed,
+            not_removed=not_removed,
         )  # fmt: skip

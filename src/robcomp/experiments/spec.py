@@ -19,6 +19,7 @@ grid:
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from robcomp.config import (
 from robcomp.data import DATASETS
 from robcomp.models import factory_for
 from robcomp.registry import RegistryError
-from robcomp.train import TrainConfig
+from robcomp.train import OBJECTIVES, TrainConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,15 +118,50 @@ class CellConfig:
     finetune: TrainConfig | None = None
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
 
+    def canonical(self) -> dict[str, Any]:
+        """The configuration with every component's defaults filled in (data, compressor,
+        training objectives, attacks), so a changed default is a different cell, never a stale
+        cached result, and ``{sparsity: 0.5}`` is the same cell as ``{sparsity: 0.5, scope:
+        global}``."""
+        out: dict[str, Any] = to_dict(self)
+        out["data"] = _resolved(DATASETS, self.data)
+        out["compress"] = _resolved(COMPRESSORS, self.compress)
+        out["train"]["objective"] = _resolved(OBJECTIVES, self.train.objective)
+        if self.finetune is not None:
+            out["finetune"]["objective"] = _resolved(OBJECTIVES, self.finetune.objective)
+        out["evaluate"]["attacks"] = [_resolved(ATTACKS, s) for s in self.evaluate.attack_specs()]
+        out["evaluate"].pop("preset", None)  # its attacks are listed above
+        return _json_safe(out)
+
     def cell_id(self) -> str:
         """Hash of the canonical configuration: the cell's identity in the store."""
-        return config_hash(self)
+        return config_hash(self.canonical())
 
     def baseline_key(self) -> str:
         """Hash of what produces the trained baseline, shared by all compressed variants."""
-        return config_hash(
-            {"data": self.data, "model": self.model, "train": self.train, "seed": self.seed}
-        )
+        full = self.canonical()
+        return config_hash({k: full[k] for k in ("data", "model", "train", "seed")})
+
+
+def _resolved(registry: Any, spec: Mapping[str, Any] | str) -> Any:
+    """``{"name": ..., **every field}`` of a registered component; the spec as given when it
+    cannot be built on its own (e.g. an objective that needs a teacher bound at run time)."""
+    name = spec if isinstance(spec, str) else spec.get("name")
+    try:
+        return {"name": name, **to_dict(build_component(registry, spec, "hash"))}
+    except (ConfigError, RegistryError, TypeError, ValueError):
+        return to_dict(spec)
+
+
+def _json_safe(obj: Any) -> Any:
+    """Non-finite floats (``eps: inf`` of minimal-norm attacks) as strings, for the hash."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return repr(obj)
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
 
 
 @dataclass(frozen=True)
