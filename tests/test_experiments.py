@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from robcomp.experiments import (
 )
 from robcomp.experiments import runner as runner_module
 from robcomp.report import write_report
-from robcomp.report.tables import leaderboard_table
+from robcomp.report.tables import leaderboard_rows, leaderboard_table
 
 
 def tiny_experiment(**grid: list[Any]) -> dict[str, Any]:
@@ -345,3 +346,22 @@ def test_cell_id_hashes_the_components_with_their_defaults_filled_in() -> None:
     assert implicit != cell_id({"name": "random", "sparsity": 0.5}, pgd)
     # minimal-norm attacks default to eps=inf, which JSON cannot hold: still hashable
     assert cell_id({"name": "none"}, [{"name": "ddn"}]) != cell_id({"name": "none"}, pgd)
+
+
+def test_unbounded_minimal_norm_attack_reports_the_average_minimal_perturbation(
+    tmp_path: Path,
+) -> None:
+    raw = tiny_experiment()
+    raw["grid"] = {}
+    raw["evaluate"] = {
+        "attacks": [{"name": "fgsm", "eps": 0.1}, {"name": "ddn", "eps": math.inf, "steps": 20}],
+        "limit": 30,
+        "diagnostics": False,
+    }
+    run_experiment(load_experiment(raw), tmp_path)
+    (row,) = leaderboard_rows(ResultStore(tmp_path / STORE_NAME))
+    assert row["ddn20-l2@inf"] < 0.1  # unbounded: (almost) every point is broken
+    assert 0.0 < row["min_norm:ddn20-l2"] < 8.0  # 8 = the L2 diameter of [0, 1]^64
+    assert row["worst_robust_accuracy"] == row["fgsm-linf@0.1"]  # the unbounded one is no bound
+    text = _rendered([row])
+    assert "avg min" in text and f"{row['min_norm:ddn20-l2']:.3g}" in text

@@ -54,8 +54,11 @@ def _row(run: RunRow) -> dict[str, Any]:
     for m in run.metrics:
         if m.name == "robust_accuracy":
             row[attack_column(m.attack, m.eps)] = m.value
-            if m.value is not None:
+            if m.value is not None and math.isfinite(m.eps):  # unbounded: ~0 by design
                 robust.append(m.value)
+        elif m.name == "mean_norm" and math.isinf(m.eps):
+            # an unbounded minimal-norm attack: its mean norm is the average minimal perturbation
+            row[f"min_norm:{m.attack}"] = m.value
         elif not m.attack and not m.name.startswith("flag:"):
             row[m.name] = m.value
     if run.info.get("gradient_free"):
@@ -70,11 +73,15 @@ def leaderboard_rows(store: ResultStore) -> list[dict[str, Any]]:
     rows = [_row(r) for r in store.runs()]
 
     def score(row: dict[str, Any]) -> tuple[float, float]:
-        robust = [v for k, v in row.items() if "@" in k and v is not None]
+        robust = [v for k, v in row.items() if _bounded(k) and v is not None]
         mean = sum(robust) / len(robust) if robust else -1.0
         return (mean, row.get("clean_accuracy") or 0.0)
 
     return sorted(rows, key=score, reverse=True)
+
+
+def _bounded(column: str) -> bool:
+    return "@" in column and not column.endswith("@inf")
 
 
 def attack_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -147,13 +154,24 @@ def _cost_columns(rows: list[dict[str, Any]]) -> list[Column]:
     ]
 
 
+def _attack_column(column: str, rows: list[dict[str, Any]]) -> Column:
+    """Robust accuracy in % under a bounded attack; for an unbounded (eps=inf) minimal-norm
+    attack, the mean norm of its perturbations: the average minimal perturbation."""
+    attack, _, eps = column.rpartition("@")
+    if eps == "inf":
+        values = [r.get(f"min_norm:{attack}") for r in rows]
+        return (f"{attack}\navg min\nnorm", [_ms(v) for v in values], True)
+    return (
+        "\n".join(column.replace("@", "-").rsplit("-", 2)),
+        [_pct(r.get(column)) for r in rows],
+        True,
+    )
+
+
 def _robustness_columns(rows: list[dict[str, Any]]) -> list[Column]:
     columns: list[Column] = [
         ("clean", [_pct(r.get("clean_accuracy")) for r in rows], True),
-        *(
-            ("\n".join(c.replace("@", "-").rsplit("-", 2)), [_pct(r.get(c)) for r in rows], True)
-            for c in attack_columns(rows)
-        ),
+        *(_attack_column(c, rows) for c in attack_columns(rows)),
     ]
     if any("masking_flags" in r for r in rows):
         columns.append(("masking?", [_flags(r.get("masking_flags")) for r in rows], False))
