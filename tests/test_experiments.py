@@ -365,3 +365,20 @@ def test_unbounded_minimal_norm_attack_reports_the_average_minimal_perturbation(
     assert row["worst_robust_accuracy"] == row["fgsm-linf@0.1"]  # the unbounded one is no bound
     text = _rendered([row])
     assert "avg min" in text and f"{row['min_norm:ddn20-l2']:.3g}" in text
+
+
+def test_plot_lines_follow_the_rate_and_split_on_everything_else() -> None:
+    from robcomp.report.plots import _group_key
+
+    def row(sparsity: float, objective: str, finetune: str = "-") -> dict[str, Any]:
+        return {
+            "model": "tiny_cnn",
+            "compress": f"proximal-l0-{sparsity:g}",
+            "finetune": finetune,
+            "grid:compress.sparsity": sparsity,
+            "grid:compress.objective": {"name": objective},
+        }
+
+    assert _group_key(row(0.5, "ce")) == _group_key(row(0.9, "ce"))  # one line along the rate
+    assert _group_key(row(0.5, "ce")) != _group_key(row(0.5, "trades"))
+    assert _group_key(row(0.5, "ce")) != _group_key(row(0.5, "ce", finetune="pgd-at x16"))

@@ -8,23 +8,35 @@ from pathlib import Path
 from typing import Any
 
 from robcomp.experiments.store import RunRow
-from robcomp.report.tables import attack_columns
+from robcomp.report.tables import attack_columns, grid_value
 
 _RATE = re.compile(r"-[0-9.]+p?$")  # the rate at the end of a compressor label: -0.9, -2450p
+
+
+# Grid axes along a method's line (the x axis is the compression rate they set), or that name
+# the method itself (the line's label already does).
+RATE_AXES = {"sparsity", "ratio", "target_params", "sensitivity", "bits"}
+
+
+def _rate_axis(key: str) -> bool:
+    axis = key.removeprefix("grid:")
+    if axis == "compress" or axis.startswith("compress,"):
+        return True
+    return axis.startswith("compress.") and axis.removeprefix("compress.") in RATE_AXES
 
 
 def _group_key(row: dict[str, Any]) -> str:
     # Cells of one compression method (its label without the rate, e.g. magnitude-global) and
     # one fine-tuning that differ only in the rate form one line; any other grid axis splits
     # lines.
-    grid = {k: v for k, v in row.items() if k.startswith("grid:") and "compress" not in k}
+    grid = {k: v for k, v in row.items() if k.startswith("grid:") and not _rate_axis(k)}
     method = _RATE.sub("", str(row["compress"]))
     finetune = row.get("finetune", "-")
     return ", ".join(
         [
             row["model"],
             method + ("" if finetune == "-" else f" + {finetune}"),
-            *(f"{k[5:]}={v}" for k, v in grid.items()),
+            *(f"{k[5:]}={grid_value(v)}" for k, v in grid.items()),
         ]
     )
 
@@ -41,7 +53,10 @@ def _legend_below(fig: Any, axes: Any, height: float, ncol: int = 3) -> None:
     # every line once, from whichever panel has it (not every panel has every line)
     legend = {lab: h for ax in axes.flat for h, lab in zip(*ax.get_legend_handles_labels())}
     handles, labels = list(legend.values()), list(legend)
-    ncol = max(1, min(ncol, len(labels)))
+    # as many columns as fit the figure's width (about 14 characters an inch at 8 pt)
+    longest = max((len(lab) for lab in labels), default=1) + 6
+    fit = int(fig.get_size_inches()[0] * 14 / longest)
+    ncol = max(1, min(ncol, len(labels), fit))
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8)
     extra = 0.15 + 0.2 * -(-len(labels) // ncol)
     fig.set_size_inches(fig.get_size_inches()[0], height + extra)

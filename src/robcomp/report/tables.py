@@ -180,13 +180,13 @@ def _robustness_columns(rows: list[dict[str, Any]]) -> list[Column]:
     return columns
 
 
-def _grid_value(value: Any) -> str:
+def grid_value(value: Any) -> str:
     """A grid value as a short cell: ``trades beta=6.0 eps=0.1`` for a component spec."""
     if isinstance(value, dict) and "name" in value:
-        rest = " ".join(f"{k}={_grid_value(v)}" for k, v in value.items() if k != "name")
+        rest = " ".join(f"{k}={grid_value(v)}" for k, v in value.items() if k != "name")
         return f"{value['name']} {rest}".strip()
     if isinstance(value, list):
-        return ", ".join(map(_grid_value, value))
+        return ", ".join(map(grid_value, value))
     return str(value)
 
 
@@ -201,7 +201,7 @@ def _table(title: str, caption: str, rows: list[dict[str, Any]], body: list[Colu
     ]
     columns: list[Column] = [
         *(
-            (k.removeprefix("grid:"), [_grid_value(r.get(k)) for r in rows], False)
+            (k.removeprefix("grid:"), [grid_value(r.get(k)) for r in rows], False)
             for k in grid_keys
         ),
         *(
@@ -212,8 +212,8 @@ def _table(title: str, caption: str, rows: list[dict[str, Any]], body: list[Colu
     ]
     keep = ("grid", "masking", "compress")
     shown = [c for c in columns if len(rows) < 2 or len(set(c[1])) > 1 or c[0].startswith(keep)]
-    same = [
-        f"{h}={cells[0]}"
+    same = [  # headers are folded over lines; the caption has them on one
+        f"{' '.join(h.split())}={cells[0]}"
         for h, cells, _ in columns
         if (h, cells, _) not in shown and cells and cells[0] != "-"
     ]
