@@ -40,7 +40,10 @@ def _row(run: RunRow) -> dict[str, Any]:
         "compress": run.info.get("compressor", cfg["compress"]["name"]),
         "method": cfg["compress"]["name"],
         "sparsity": cfg["compress"].get("sparsity"),
-        "finetune": _finetune_label(cfg.get("finetune")),
+        # a string in info says why fine-tuning was skipped (int8 models cannot be trained)
+        "finetune": "skipped"
+        if isinstance(run.info.get("finetune"), str)
+        else _finetune_label(cfg.get("finetune")),
         "seed": cfg["seed"],
         **{f"grid:{k}": v for k, v in run.grid_values.items()},
     }
