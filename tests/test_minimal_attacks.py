@@ -257,11 +257,11 @@ def test_cw_matches_torchattacks_cw(trained: Model) -> None:
 
 def test_deepfool_matches_torchattacks_deepfool(trained: Model) -> None:
     """Same algorithm (L2, overshoot 0.02). Torchattacks recomputes each step from the
-    box-clipped point and stalls on some digits, so we compare norms where both succeed:
-    measured median relative difference 0.04%, maximum 0.14% (24 points)."""
+    box-clipped point and stalls on some digits, so we compare norms where both succeed, on all
+    200 points (on 64 the count of such points fell from 24 to 17 across library versions):
+    measured median relative difference 0.03%, maximum 0.43% (76 points)."""
     torchattacks = pytest.importorskip("torchattacks")
     model, x, y = trained
-    x, y = x[:64], y[:64]
     ours = minimal_norms(model, build("deepfool", {"norm": "l2"}), x, y)
     with attack_mode(model):
         # 10 steps: torchattacks loops over samples, and the points it breaks at all it breaks
