@@ -383,3 +383,99 @@ def test_objectives_are_plain_hashable_configs() -> None:
     assert a == b and hash(a) == hash(b)  # the progress state is not part of the config
     assert "progress" not in repr(a)
     assert dataclasses.replace(a, eps=0.2).progress.fraction is None  # a fresh state
+
+
+# --- which epoch fit keeps (train.select) -------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class RobustThenNatural:
+    """PGD-AT before epoch ``at`` (from 0), plain cross-entropy after: clean accuracy keeps
+    rising while robust accuracy falls, the shape of catastrophic overfitting that selecting on
+    clean accuracy walks into. Adversarial (it has an ``eps``), so ``select: auto`` is robust."""
+
+    eps: float = 0.1
+    at: int = 3
+    progress: Progress = field(default_factory=Progress, init=False, compare=False)
+
+    def set_progress(self, epoch: int, step: int, steps_per_epoch: int, epochs: int) -> None:
+        self.progress.update(epoch, step, steps_per_epoch, epochs)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        if self.progress.epoch < self.at:
+            return PGDAT(eps=self.eps, step=self.eps / 4, steps=5)(model, x, y)
+        logits = model(x)
+        return {"loss": F.cross_entropy(logits, y), "logits": logits}
+
+
+SELECT_RUN: dict[str, Any] = {
+    "epochs": 5, "lr": 0.05, "batch_size": 64, "schedule": "constant",
+    "objective": {"name": "test-robust-then-natural", "eps": 0.1, "at": 3},
+}  # fmt: skip
+SELECT_MONITOR = {"eps": 0.1, "steps": 10, "points": 256}
+
+
+def _select_run(digits: DataSplits, **options: Any) -> tuple[nn.Module, Any]:
+    if "test-robust-then-natural" not in OBJECTIVES:
+        OBJECTIVES.add("test-robust-then-natural", RobustThenNatural)
+    model = _model(digits)
+    return model, fit(model, digits, TrainConfig(**SELECT_RUN, **options), seed=0)
+
+
+def test_adversarial_training_keeps_the_most_robust_epoch_not_the_most_accurate(
+    digits: DataSplits,
+) -> None:
+    model, history = _select_run(digits, monitor=SELECT_MONITOR)  # select: auto
+    clean = [e["val_accuracy"] for e in history.epochs]
+    robust = [e["val_adv_accuracy"] for e in history.epochs]
+    most_accurate, most_robust = clean.index(max(clean)) + 1, robust.index(max(robust)) + 1
+    assert robust[most_accurate - 1] < max(robust) - 0.05, (clean, robust)  # the trap is real
+    assert history.best_epoch == most_robust != most_accurate
+    reference = _model(digits)  # the same run stopped after that epoch: its weights came back
+    cfg = TrainConfig(**{**SELECT_RUN, "epochs": most_robust}, select="last")
+    fit(reference, digits, cfg, seed=0)
+    assert _same_weights(model, reference)
+
+
+def test_robust_selection_without_a_monitor_attacks_at_the_objectives_eps(
+    digits: DataSplits,
+) -> None:
+    watched, with_monitor = _select_run(digits, monitor=SELECT_MONITOR)
+    model, history = _select_run(digits)  # PGD-10 at the objective's eps 0.1, 256 points
+    assert history.best_epoch == with_monitor.best_epoch
+    assert [e["val_adv_accuracy"] for e in history.epochs] == pytest.approx(
+        [e["val_adv_accuracy"] for e in with_monitor.epochs]
+    )
+    assert _same_weights(model, watched)
+
+
+@pytest.mark.parametrize("select", ["clean", "last"])
+def test_select_clean_or_last_is_honoured(select: str, digits: DataSplits) -> None:
+    model, history = _select_run(digits, select=select, monitor=SELECT_MONITOR)
+    clean = [e["val_accuracy"] for e in history.epochs]
+    expected = clean.index(max(clean)) + 1 if select == "clean" else None
+    assert history.best_epoch == expected
+    final = history.epochs[(expected or len(clean)) - 1]
+    assert accuracy(model, digits.val) == pytest.approx(final["val_accuracy"])
+
+
+def test_select_auto_is_clean_for_natural_training() -> None:
+    assert TrainConfig().criterion() == "clean"
+    assert TrainConfig(objective={"name": "trades"}).criterion() == "robust"
+    assert TrainConfig(objective={"name": "pgd-at"}, keep_best=False).criterion() == "last"
+    l2 = TrainConfig(objective={"name": "pgd-at", "eps": 0.1, "norm": "l2"})
+    attack, points = l2.selection_attack()
+    assert (attack.eps, attack.norm, points) == (0.1, "l2", 256)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"select": "robust"}, "needs an adversarial objective"),
+        ({"select": "best"}, "select must be one of auto, clean, robust, last"),
+        ({"select": "clean", "keep_best": False}, "contradicts select: clean"),
+    ],
+)
+def test_bad_select_fails_at_construction(options: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**options)

@@ -1,6 +1,7 @@
-"""The one training loop: any objective, SGD/Adam, LR schedules, best-validation checkpointing,
-optional adversarial telemetry (``monitor``) and early stopping on catastrophic overfitting
-(``early_stop``)."""
+"""The one training loop: any objective, SGD/Adam, LR schedules, keeping the best epoch (clean
+or robust validation accuracy, ``select``), optional adversarial telemetry (``monitor``), early
+stopping on catastrophic overfitting (``early_stop``) and :class:`Callback` hooks for methods
+that act on the weights as they train (ADMM's Z/U-updates, proximal steps)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import copy
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,9 @@ from robcomp.train.objectives import OBJECTIVES, Objective, ProgressAware
 log = logging.getLogger(__name__)
 
 Advance = Callable[..., None]
+LrSchedule = Callable[[int, int, int], float]  # (epoch, step, steps_per_epoch) -> lr multiplier
+Select = Literal["auto", "clean", "robust", "last"]
+SELECTS: tuple[str, ...] = get_args(Select)
 
 
 def attack_spec(
@@ -63,6 +67,7 @@ EARLY_STOP_PGD: Mapping[str, Any] = {
     "step_size": 2 / 255,
 }
 MONITOR_PGD: Mapping[str, Any] = {"name": "pgd", "eps": 8 / 255, "steps": 10}
+SELECT_POINTS = 256  # validation points attacked per epoch for ``select: robust`` (no monitor)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,7 +156,16 @@ class TrainConfig:
             (x gamma at each of ``milestones``); ``cosine`` (to 0 over the run, per iteration);
             ``cyclic`` (linear 0 -> lr at the middle -> 0, per iteration, as in Fast-AT).
         objective: ``{"name": ..., **fields}`` of a registered objective (``ce`` by default).
-        keep_best: restore the weights of the epoch with the best validation accuracy.
+        select: which epoch's weights ``fit`` returns: ``clean`` (best validation accuracy),
+            ``robust`` (best robust validation accuracy under the monitor's attack, or PGD-10 at
+            the objective's eps and norm on the first 256 validation points; ties go to the
+            better clean accuracy), ``last``, or ``auto`` (default): ``robust`` for an
+            adversarial objective (one with an ``eps``), ``clean`` otherwise. Selecting on
+            clean accuracy after adversarial training can return the epoch after Fast-AT's
+            catastrophic overfitting (Wong et al. 2020; Rice et al. 2020 select on robust
+            accuracy for the same reason).
+        keep_best: False is ``select: last`` (kept for existing files); True leaves the choice
+            to ``select``.
         early_stop: :class:`EarlyStop` fields, e.g. ``{"drop": 0.2}``, to stop when robust
             accuracy on a training batch collapses (Fast-AT's catastrophic overfitting).
             None (default): never.
@@ -174,6 +188,7 @@ class TrainConfig:
     objective: dict[str, Any] = field(default_factory=lambda: {"name": "ce"})
     augment: AugmentName = "none"
     keep_best: bool = True
+    select: Select = "auto"
     early_stop: dict[str, Any] | None = None
     monitor: dict[str, Any] | None = None
 
@@ -184,8 +199,17 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.schedule == "multistep" and not self.milestones:
             raise ValueError("schedule 'multistep' needs milestones, e.g. [50, 75]")
+        if self.select not in SELECTS:
+            raise ValueError(f"select must be one of {', '.join(SELECTS)}; got {self.select!r}")
+        if not self.keep_best and self.select not in ("auto", "last"):
+            raise ValueError(
+                f"keep_best: false means select: last, which contradicts select: {self.select}; "
+                "set select alone"
+            )
         self.early_stop_config()
         self.monitor_config()
+        if self.select == "robust" and self.monitor is None:
+            self.selection_attack()  # fails here if there is no threat model to select on
 
     def build_objective(self, where: str = "train.objective") -> Objective:
         objective: Objective = build_component(OBJECTIVES, self.objective, where)
@@ -198,6 +222,52 @@ class TrainConfig:
     def monitor_config(self) -> Monitor | None:
         """The parsed ``monitor``; raises ConfigError on a bad key or value."""
         return None if self.monitor is None else build(Monitor, self.monitor, "monitor")
+
+    def criterion(self, objective: Objective | None = None) -> Literal["clean", "robust", "last"]:
+        """``select`` with ``auto`` and ``keep_best: false`` resolved for ``objective`` (the
+        configured one when None)."""
+        if not self.keep_best or self.select == "last":
+            return "last"
+        if self.select != "auto":
+            return "robust" if self.select == "robust" else "clean"
+        threat = training_threat(objective if objective is not None else self.build_objective())
+        return "robust" if threat is not None else "clean"
+
+    def selection_attack(self, objective: Objective | None = None) -> tuple[Attack, int]:
+        """The attack and number of validation points of ``select: robust``: the monitor's,
+        else PGD-10 at the objective's threat model on the first 256 points.
+
+        Raises:
+            ValueError: with no monitor and an objective that has no threat model.
+        """
+        monitor = self.monitor_config()
+        if monitor is not None:
+            return monitor.build_attack(), monitor.points
+        threat = training_threat(objective if objective is not None else self.build_objective())
+        if threat is None:
+            raise ValueError(
+                "select: robust needs an adversarial objective (one with eps) or a monitor "
+                "attack to measure robust validation accuracy with"
+            )
+        eps, norm = threat
+        spec = {**MONITOR_PGD, "eps": eps, "norm": norm}
+        return build_component(ATTACKS, spec, "train.select"), SELECT_POINTS
+
+
+def training_threat(objective: Objective) -> tuple[float, str] | None:
+    """(eps, norm) of the threat model ``objective`` trains against, or None for a natural one.
+
+    An objective is adversarial when it has an ``eps`` field (PGD-AT, Fast-AT, TRADES, ARD,
+    ...); a PGD-AT run with a registered ``attack`` trains against that attack's eps and norm.
+    """
+    attack = getattr(objective, "attack", None)
+    if isinstance(attack, Mapping):
+        built = build_component(ATTACKS, attack, "train.objective.attack")
+        return float(built.eps), str(built.norm)
+    eps = getattr(objective, "eps", None)
+    if not isinstance(eps, int | float) or eps <= 0:
+        return None
+    return float(eps), str(getattr(objective, "norm", "linf"))
 
 
 def make_optimizer(params: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -241,6 +311,35 @@ class History:
             "best_epoch": self.best_epoch,
             "stopped_epoch": self.stopped_epoch,
         }
+
+
+class Callback:
+    """Hooks into :func:`fit` for methods that act on the weights as they train (ADMM's Z- and
+    U-updates, proximal steps). Override what you need; every hook does nothing by default.
+    ``epoch`` and ``step`` count from 0."""
+
+    def before_epoch(self, model: nn.Module, epoch: int) -> None:
+        """Before the first batch of ``epoch``."""
+
+    def after_step(self, model: nn.Module, epoch: int, step: int) -> None:
+        """Right after each optimizer step."""
+
+    def after_epoch(self, model: nn.Module, epoch: int, record: dict[str, float]) -> None:
+        """After the epoch's validation, before it is logged and selected; may add to
+        ``record``."""
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every step of one :func:`fit` call needs."""
+
+    cfg: TrainConfig
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    schedule: LrSchedule
+    steps_per_epoch: int
+    callbacks: Sequence[Callback]
+    advance: Advance
 
 
 def _mean(values: Mapping[str, list[float]]) -> dict[str, float]:
@@ -304,54 +403,77 @@ def _adversarial_metrics(
     return {"val_adv_loss": loss / len(split), "val_adv_accuracy": correct / len(split)}
 
 
-def _validate(
-    model: nn.Module, val: Split, monitor: Monitor | None, attack: Attack | None
-) -> dict[str, float]:
+def _validate(model: nn.Module, val: Split, probe: tuple[Attack, int] | None) -> dict[str, float]:
+    """Validation metrics; with ``probe`` (an attack and a number of points: the monitor's, or
+    robust selection's) also the adversarial loss and accuracy on the first points."""
     if not len(val):
         return {}
-    if monitor is None or attack is None:
+    if probe is None:
         return {"val_accuracy": accuracy(model, val)}
+    attack, points = probe
     start = time.perf_counter()
     record = _clean_metrics(model, val)
-    record |= _adversarial_metrics(model, val.head(monitor.points), attack)
+    record |= _adversarial_metrics(model, val.head(points), attack)
     record["monitor_seconds"] = time.perf_counter() - start
     return record
 
 
+@dataclass
+class _Best:
+    """The weights of the selected epoch so far, under ``criterion``."""
+
+    criterion: Literal["clean", "robust", "last"]
+    score: tuple[float, float] = (-math.inf, -math.inf)
+    epoch: int | None = None
+    state: dict[str, Tensor] | None = None
+
+    def offer(self, model: nn.Module, record: Mapping[str, float]) -> None:
+        """Keep ``model``'s weights if this epoch scores higher (ties keep the earlier one)."""
+        if self.criterion == "last":
+            return
+        clean = record.get("val_accuracy", -record["loss"])  # no validation split: train loss
+        score = (record.get("val_adv_accuracy", clean), clean)
+        if self.criterion == "clean":
+            score = (clean, 0.0)
+        if score > self.score:
+            self.score, self.epoch = score, int(record["epoch"])
+            self.state = copy.deepcopy(model.state_dict())
+
+    def restore(self, model: nn.Module) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
 def _train_epoch(
-    model: nn.Module,
-    objective: Objective,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterable[tuple[Tensor, Tensor]],
-    cfg: TrainConfig,
-    epoch: int,
-    steps_per_epoch: int,
-    advance: Advance,
+    model: nn.Module, run: _Run, batches: Iterable[tuple[Tensor, Tensor]], epoch: int
 ) -> tuple[dict[str, float], tuple[Tensor, Tensor] | None]:
     """One pass over the training batches; returns the epoch's record and its first batch."""
     model.train()
     sums: dict[str, list[float]] = {}
     correct = seen = 0
     first: tuple[Tensor, Tensor] | None = None
+    cfg, objective, optimizer = run.cfg, run.objective, run.optimizer
     for step, (x, y) in enumerate(batches):
         if first is None:
             first = (x, y)
-        factor = lr_factor(cfg, epoch, step, steps_per_epoch)
+        factor = run.schedule(epoch, step, run.steps_per_epoch)
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * factor
         if isinstance(objective, ProgressAware):
-            objective.set_progress(epoch, step, steps_per_epoch, cfg.epochs)
+            objective.set_progress(epoch, step, run.steps_per_epoch, cfg.epochs)
         out = objective(model, x, y)
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
+        for callback in run.callbacks:
+            callback.after_step(model, epoch, step)
         for key, value in out.items():
             if key != "logits" and value.ndim == 0:
                 sums.setdefault(key, []).append(float(value.detach()))
         if "logits" in out:
             correct += int((out["logits"].detach().argmax(1) == y).sum())
             seen += len(y)
-        advance(1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {sums['loss'][-1]:.3f}")
+        run.advance(1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {sums['loss'][-1]:.3f}")
     record = _mean(sums)
     if seen:
         record["train_accuracy"] = correct / seen
@@ -366,41 +488,58 @@ def fit(
     *,
     seed: int = 0,
     description: str = "train",
+    objective: Objective | None = None,
+    callbacks: Sequence[Callback] = (),
+    lr_schedule: LrSchedule | None = None,
 ) -> History:
     """Train ``model`` in place on ``data.train``, selecting on ``data.val``; returns the history.
 
     Shuffling and augmentation are driven by a generator seeded with ``seed``, so a run is
-    reproducible on the same machine. ``monitor`` and ``early_stop`` attacks draw from their own
-    seeded generators and run in eval mode: enabling them does not change the trained weights
-    (until an early stop).
+    reproducible on the same machine. ``monitor``, ``early_stop`` and robust-selection attacks
+    draw from their own seeded generators and run in eval mode: enabling them does not change
+    the trained weights (until an early stop).
+
+    Args:
+        objective: train with this objective instead of ``cfg.objective`` (e.g. one wrapped
+            with a penalty); ``select: auto`` and the robust-selection attack follow it.
+        callbacks: hooks run before each epoch, after each optimizer step and after each epoch.
+        lr_schedule: ``(epoch, step, steps_per_epoch) -> multiplier of cfg.lr`` replacing
+            ``cfg.schedule`` (e.g. ADMM's period restarts).
     """
     history = History()
     if cfg.epochs == 0:
         return history
-    objective = cfg.build_objective()
+    objective = objective if objective is not None else cfg.build_objective()
+    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    best = _Best(cfg.criterion(objective))
+    probe = cfg.selection_attack(objective) if best.criterion == "robust" else None
+    monitor = cfg.monitor_config()
+    if monitor is not None:
+        probe = monitor.build_attack(), monitor.points
+    rule = cfg.early_stop_config()
+    guard = _Guard(rule, rule.build_attack()) if rule is not None else None
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     augment = augmentation(cfg.augment)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
-    monitor, rule = cfg.monitor_config(), cfg.early_stop_config()
-    monitor_attack = monitor.build_attack() if monitor is not None else None
-    guard = _Guard(rule, rule.build_attack()) if rule is not None else None
-    best_acc, best_state = -1.0, None
+    schedule = lr_schedule or (lambda e, s, n: lr_factor(cfg, e, s, n))
     with track(description, cfg.epochs * steps_per_epoch) as advance:
+        run = _Run(cfg, objective, optimizer, schedule, steps_per_epoch, callbacks, advance)
         for epoch in range(cfg.epochs):
             start = time.perf_counter()
+            for callback in callbacks:
+                callback.before_epoch(model, epoch)
             batches = data.train.batches(
                 cfg.batch_size, shuffle=True, generator=generator, augment=augment
             )
-            record, first = _train_epoch(
-                model, objective, optimizer, batches, cfg, epoch, steps_per_epoch, advance
-            )
-            record |= _validate(model, data.val, monitor, monitor_attack)
+            record, first = _train_epoch(model, run, batches, epoch)
+            record |= _validate(model, data.val, probe)
             stop = False
             if guard is not None and first is not None:
                 stop, record["early_stop_accuracy"] = guard.check(model, first)
             record["epoch"] = epoch + 1
+            for callback in callbacks:
+                callback.after_epoch(model, epoch, record)
             record["seconds"] = time.perf_counter() - start
             history.epochs.append(record)
             log.info("%s epoch %d: %s", description, epoch + 1, record)
@@ -413,11 +552,8 @@ def fit(
                 guard.restore(model)
                 history.stopped_epoch = epoch + 1
                 break
-            score = record.get("val_accuracy", -record["loss"])
-            if cfg.keep_best and score > best_acc:
-                best_acc, history.best_epoch = score, epoch + 1
-                best_state = copy.deepcopy(model.state_dict())
-    if cfg.keep_best and best_state is not None:
-        model.load_state_dict(best_state)
+            best.offer(model, record)
+    best.restore(model)
+    history.best_epoch = best.epoch
     model.eval()
     return history
