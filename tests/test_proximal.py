@@ -14,11 +14,11 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from robcomp.compress import count_params, finalize, measure
-from robcomp.compress.proximal import ProximalL0, after_every_step, plan_channels
+from robcomp.compress.proximal import ProximalL0, ProximalStep, plan_channels
 from robcomp.config import ConfigError
 from robcomp.data.base import DataSplits, Split
 from robcomp.models import create
-from robcomp.train import OBJECTIVES, TrainConfig, fit
+from robcomp.train import OBJECTIVES, Callback, TrainConfig, fit
 
 EPOCH: dict[str, Any] = {"epochs": 1, "lr": 0.01, "batch_size": 128, "keep_best": False}
 
@@ -67,17 +67,23 @@ def test_every_layer_has_the_requested_zero_filters(name: str, digits: DataSplit
     assert not {"net.fc", "net.fc2"} & set(record.details["channels"])  # logits stay
 
 
-def test_projection_runs_after_every_optimizer_step(trained_cnn: nn.Module) -> None:
-    model, other = copy.deepcopy(trained_cnn), copy.deepcopy(trained_cnn)
-    calls: list[int] = []
-    ours = torch.optim.SGD(model.parameters(), lr=0.1)
-    theirs = torch.optim.SGD(other.parameters(), lr=0.1)
-    with after_every_step(model, lambda: calls.append(1)):
-        for _ in range(3):
-            ours.step()
-        theirs.step()  # another model's optimizer: not ours to project
-    ours.step()  # after the block: no hook left behind
-    assert len(calls) == 3
+def test_projection_runs_after_every_optimizer_step(
+    trained_cnn: nn.Module, digits: DataSplits
+) -> None:
+    """A fit callback, run after ProximalStep, sees the constraint hold after every step."""
+    model = copy.deepcopy(trained_cnn)
+    groups = plan_channels(model)
+    checked: list[tuple[int, int]] = []
+
+    class Check(Callback):
+        def after_step(self, model: nn.Module, epoch: int, step: int) -> None:
+            _check_groups(model, 0.5)
+            checked.append((epoch, step))
+
+    cfg = TrainConfig(epochs=2, lr=0.05, batch_size=256, keep_best=False)
+    fit(model, digits, cfg, callbacks=[ProximalStep(groups, 0.5), Check()])
+    steps = math.ceil(len(digits.train) / 256)
+    assert checked == [(e, s) for e in range(2) for s in range(steps)]
 
 
 def test_pruned_channels_are_zero_and_removable(trained_cnn: nn.Module, digits: DataSplits) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pytest
@@ -12,7 +13,7 @@ from torch.nn import functional as F
 from robcomp.data.base import DataSplits
 from robcomp.evaluate import accuracy
 from robcomp.models import create
-from robcomp.train import OBJECTIVES, TrainConfig, fit, lr_factor
+from robcomp.train import OBJECTIVES, Callback, TrainConfig, fit, lr_factor
 
 
 def _model(data: DataSplits, name: str = "tiny_cnn") -> nn.Module:
@@ -108,3 +109,50 @@ def test_adam_optimizer_trains(digits: DataSplits) -> None:
     model = _model(digits, "tiny_mlp")
     fit(model, digits, TrainConfig(epochs=3, optimizer="adam", lr=3e-3, weight_decay=0.0))
     assert accuracy(model, digits.test) > 0.8
+
+
+class _Recorder(Callback):
+    """Logs every hook fit calls, and adds a key to each epoch's record."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+
+    def before_epoch(self, model: nn.Module, epoch: int) -> None:
+        self.calls.append(("before_epoch", epoch, -1))
+
+    def after_step(self, model: nn.Module, epoch: int, step: int) -> None:
+        self.calls.append(("after_step", epoch, step))
+
+    def after_epoch(self, model: nn.Module, epoch: int, record: dict[str, float]) -> None:
+        self.calls.append(("after_epoch", epoch, -1))
+        record["extra"] = 10.0 * epoch
+
+
+def test_fit_runs_callbacks_in_order_and_takes_an_objective_and_lr_schedule(
+    digits: DataSplits,
+) -> None:
+    recorder = _Recorder()
+
+    @dataclass(frozen=True)
+    class Marked:  # a wrapped objective, as ADMM adds its penalty
+        def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+            logits = model(x)
+            return {"loss": F.cross_entropy(logits, y), "logits": logits, "mark": torch.ones(())}
+
+    cfg = TrainConfig(epochs=2, lr=0.1, batch_size=512, select="last")
+    history = fit(
+        _model(digits), digits, cfg, objective=Marked(), callbacks=[recorder],
+        lr_schedule=lambda epoch, step, steps: 0.5 ** (epoch * steps + step),
+    )  # fmt: skip
+    steps = math.ceil(len(digits.train) / 512)
+    expected = [
+        call
+        for e in range(2)
+        for call in [("before_epoch", e, -1), *(("after_step", e, s) for s in range(steps)),
+                     ("after_epoch", e, -1)]
+    ]  # fmt: skip
+    assert recorder.calls == expected
+    assert [r["extra"] for r in history.epochs] == [0.0, 10.0]
+    assert [r["mark"] for r in history.epochs] == [1.0, 1.0]  # the given objective, not ce
+    last_lrs = [0.1 * 0.5 ** (e * steps + steps - 1) for e in range(2)]
+    assert [r["lr"] for r in history.epochs] == pytest.approx(last_lrs)

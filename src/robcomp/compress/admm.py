@@ -36,9 +36,8 @@ from robcomp.compress.efficiency import prunable_layers
 from robcomp.compress.prune import record_for
 from robcomp.config import build, build_component
 from robcomp.data.base import DataSplits
-from robcomp.data.transforms import AugmentName, augmentation
-from robcomp.progress import track
-from robcomp.train.loop import TrainConfig, fit, make_optimizer
+from robcomp.data.transforms import AugmentName
+from robcomp.train.loop import Callback, TrainConfig, fit
 from robcomp.train.objectives import OBJECTIVES, Objective, ProgressAware
 
 log = logging.getLogger(__name__)
@@ -400,10 +399,12 @@ class ADMMPruning:
         return objective
 
     def admm_config(self) -> TrainConfig:
-        """The ADMM stage's optimiser settings, as a TrainConfig for :func:`make_optimizer`."""
+        """The ADMM stage as a TrainConfig for :func:`fit` (its learning rate follows
+        :func:`admm_lr_factor`; no epoch is selected: the stage's end is pruned)."""
         return TrainConfig(
             epochs=self.admm_epochs, batch_size=self.batch_size, lr=self.lr,
             momentum=self.momentum, weight_decay=self.weight_decay, objective=self.objective,
+            augment=self.augment, schedule="constant", select="last",
         )  # fmt: skip
 
     def retrain_config(self) -> TrainConfig:
@@ -467,34 +468,16 @@ class ADMMPruning:
     def _admm_stage(
         self, model: nn.Module, data: DataSplits, layers: list[_Layer]
     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Train with the ADMM penalty; returns per-epoch and per-period records."""
-        objective = self.build_objective()
-        cfg = self.admm_config()
-        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+        """Train with the ADMM penalty (the W-step) in :func:`fit`, the Z-, U- and rho-updates
+        running before each period's first epoch; returns per-epoch and per-period records."""
         state = _ADMMState(layers, self.pattern, self.rho)
-        generator = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)  # random starts of the attack, dropout: as fit does
-        steps = math.ceil(len(data.train) / self.batch_size)
-        epochs: list[dict[str, Any]] = []
-        periods: list[dict[str, Any]] = []
-        with track("admm", self.admm_epochs * steps) as advance:
-            for epoch in range(self.admm_epochs):
-                if epoch % self.period == 0:
-                    periods.append(self._begin_period(state, epoch))
-                lr = self.lr * admm_lr_factor(epoch, self.period)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                batches = data.train.batches(
-                    self.batch_size, shuffle=True, generator=generator,
-                    augment=augmentation(self.augment),
-                )  # fmt: skip
-                context = _EpochContext(epoch, self.admm_epochs, steps, advance)
-                record = _train_epoch(model, batches, objective, optimizer, state, context)
-                record.update(epoch=epoch + 1, period=epoch // self.period, lr=lr, rho=state.rho)
-                record["residual"] = periods[-1]["residual_end"] = state.residual()
-                epochs.append(record)
-                log.info("admm epoch %d: %s", epoch + 1, record)
-        return epochs, periods
+        periods = _Periods(self, state)
+        history = fit(
+            model, data, self.admm_config(), seed=self.seed, description="admm",
+            objective=ADMMPenalty(self.build_objective(), state), callbacks=[periods],
+            lr_schedule=lambda epoch, _step, _steps: admm_lr_factor(epoch, self.period),
+        )  # fmt: skip
+        return list(history.epochs), periods.records
 
     # -- the compressor -----------------------------------------------------------------------
 
@@ -522,48 +505,41 @@ class ADMMPruning:
 
 
 @dataclass(frozen=True)
-class _EpochContext:
-    epoch: int
-    epochs: int
-    steps_per_epoch: int
-    advance: Callable[..., None]
+class ADMMPenalty:
+    """The W-step's loss: ``objective`` plus ``sum_l rho/2 ||W_l - Z_l + U_l||^2``.
+
+    ``loss`` is the sum minimised; ``task_loss`` is the objective's own loss (the adversarial
+    loss the thesis plots) and ``penalty`` the ADMM term, both logged per epoch by :func:`fit`.
+    """
+
+    objective: Objective
+    state: _ADMMState
+
+    def set_progress(self, epoch: int, step: int, steps_per_epoch: int, epochs: int) -> None:
+        if isinstance(self.objective, ProgressAware):  # e.g. the thesis's eps/steps schedules
+            self.objective.set_progress(epoch, step, steps_per_epoch, epochs)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+        out = self.objective(model, x, y)
+        penalty = self.state.penalty()
+        return {**out, "loss": out["loss"] + penalty, "task_loss": out["loss"], "penalty": penalty}
 
 
-def _train_epoch(
-    model: nn.Module,
-    batches: Any,
-    objective: Objective,
-    optimizer: torch.optim.Optimizer,
-    state: _ADMMState,
-    context: _EpochContext,
-) -> dict[str, Any]:
-    """One epoch of the W-step; returns the mean of every scalar the objective reports (its
-    ``loss`` is the adversarial loss the thesis plots), of the penalty, and train accuracy."""
-    model.train()
-    sums: dict[str, float] = {}
-    count = correct = seen = 0
-    for step, (x, y) in enumerate(batches):
-        if isinstance(objective, ProgressAware):  # e.g. the thesis's eps/steps schedules
-            objective.set_progress(context.epoch, step, context.steps_per_epoch, context.epochs)
-        out = objective(model, x, y)
-        penalty = state.penalty()
-        optimizer.zero_grad(set_to_none=True)
-        (out["loss"] + penalty).backward()
-        optimizer.step()
-        scalars = {k: v for k, v in out.items() if k != "logits" and v.ndim == 0}
-        for key, value in {**scalars, "penalty": penalty}.items():
-            sums[key] = sums.get(key, 0.0) + float(value.detach())
-        if "logits" in out:
-            correct += int((out["logits"].detach().argmax(1) == y).sum())
-            seen += len(y)
-        count += 1
-        context.advance(
-            1, status=f"epoch {context.epoch + 1} loss {float(out['loss'].detach()):.3f}"
-        )
-    record: dict[str, Any] = {k: v / max(count, 1) for k, v in sums.items()}
-    if seen:
-        record["train_accuracy"] = correct / seen
-    return record
+class _Periods(Callback):
+    """ADMM's Z-, U- and rho-updates at the start of every ``period`` epochs, and the
+    per-epoch and per-period records of how far W is from its projection."""
+
+    def __init__(self, admm: ADMMPruning, state: _ADMMState) -> None:
+        self.admm, self.state = admm, state
+        self.records: list[dict[str, Any]] = []
+
+    def before_epoch(self, model: nn.Module, epoch: int) -> None:
+        if epoch % self.admm.period == 0:
+            self.records.append(self.admm._begin_period(self.state, epoch))
+
+    def after_epoch(self, model: nn.Module, epoch: int, record: dict[str, float]) -> None:
+        record.update(period=epoch // self.admm.period, rho=self.state.rho)
+        record["residual"] = self.records[-1]["residual_end"] = self.state.residual()
 
 
 def _execution_order(model: nn.Module, in_shape: tuple[int, ...]) -> list[str]:

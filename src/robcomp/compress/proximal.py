@@ -37,8 +37,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +45,6 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 from torch.nn.utils import prune
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from robcomp.compress.base import COMPRESSORS, Record
 from robcomp.compress.efficiency import PRUNABLE
@@ -63,7 +61,7 @@ from robcomp.compress.structured import PruningUnit, plan_filters
 from robcomp.data.base import DataSplits
 from robcomp.models.base import Classifier
 from robcomp.models.resnet_cifar import BasicBlock, CifarResNet, PadShortcut
-from robcomp.train import TrainConfig, fit
+from robcomp.train import Callback, TrainConfig, fit
 
 _SHAPE_QUERIES = {"size", "dim", "shape", "ndim"}  # uses of a tensor that do not consume it
 
@@ -280,25 +278,16 @@ def project(groups: list[ChannelGroup], sparsity: float) -> list[Tensor]:
     return keeps
 
 
-@contextmanager
-def after_every_step(model: nn.Module, hook: Callable[[], object]) -> Iterator[None]:
-    """Run ``hook()`` after every step of any optimizer over ``model``'s parameters.
+@dataclass(frozen=True)
+class ProximalStep(Callback):
+    """The proximal map after every optimizer step of :func:`robcomp.train.fit`: zero the
+    ``sparsity`` fraction of lowest-norm channels of each group (:func:`project`)."""
 
-    :func:`robcomp.train.fit` builds its optimizer internally, so the hook is registered for all
-    optimizers (torch's global step post-hook) and filtered by parameter identity: optimizers of
-    other models, in this thread or another, pass through untouched.
-    """
-    ours = {id(p) for p in model.parameters()}
+    groups: list[ChannelGroup]
+    sparsity: float
 
-    def post_step(optimizer: torch.optim.Optimizer, *_: Any) -> None:
-        if any(id(p) in ours for group in optimizer.param_groups for p in group["params"]):
-            hook()
-
-    handle = register_optimizer_step_post_hook(post_step)
-    try:
-        yield
-    finally:
-        handle.remove()
+    def after_step(self, model: nn.Module, epoch: int, step: int) -> None:
+        project(self.groups, self.sparsity)
 
 
 def _kept(groups: list[ChannelGroup], keeps: list[Tensor]) -> dict[str, list[int]]:
@@ -407,8 +396,10 @@ class ProximalL0:
         new = finalize(copy.deepcopy(model))  # earlier masks become plain zeros
         groups = plan_channels(new)
         project(groups, self.sparsity)  # start training from a point of the constraint set
-        with after_every_step(new, lambda: project(groups, self.sparsity)):
-            history = fit(new, data, self.train, seed=self.seed, description=self.label())
+        history = fit(
+            new, data, self.train, seed=self.seed, description=self.label(),
+            callbacks=[ProximalStep(groups, self.sparsity)],
+        )  # fmt: skip
         keeps = project(groups, self.sparsity)
         kept = _kept(groups, keeps)
         order = {name: i for i, (name, _) in enumerate(new.named_modules())}

@@ -1,9 +1,18 @@
 """Training: one loop (:func:`fit`) and pluggable objectives."""
 
-from robcomp.train.loop import History, TrainConfig, fit, lr_factor
+from robcomp.train.loop import Callback, History, TrainConfig, fit, lr_factor
 from robcomp.train.objectives import OBJECTIVES, CrossEntropy, Objective
 
-__all__ = ["OBJECTIVES", "CrossEntropy", "History", "Objective", "TrainConfig", "fit", "lr_factor"]
+__all__ = [
+    "OBJECTIVES",
+    "Callback",
+    "CrossEntropy",
+    "History",
+    "Objective",
+    "TrainConfig",
+    "fit",
+    "lr_factor",
+]
 
 # Last: it imports robcomp.compress, which imports this package (kd objective, distill compressor).
 from robcomp.train import adversarial, distill, robust_distill  # noqa: F401
