@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from robcomp.attacks.base import ATTACKS
+from robcomp.attacks.labels import settings_label
 from robcomp.attacks.norms import Norm, get_norm
 
 log = logging.getLogger(__name__)
@@ -202,11 +203,8 @@ class _APGD:
         check_norm(self.norm, self.name)
 
     def label(self) -> str:
-        """A short name for tables, e.g. ``apgd-ce100-linf``."""
-        extras = (f"-r{self.restarts}" if self.restarts > 1 else "") + (
-            f"-eot{self.eot_iter}" if self.eot_iter > 1 else ""
-        )
-        return f"{self.name}{self.steps}-{self.norm}{extras}"
+        """``apgd-ce100-linf``, plus every other setting not at its default (``-r5-eot20``)."""
+        return settings_label(self, f"{self.name}{self.steps}-{self.norm}", ("steps", "norm"))
 
     def loss(self, logits: Tensor, y: Tensor, target: Tensor) -> Tensor:
         """The per-sample objective APGD maximizes, shape (B,)."""

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from robcomp.attacks.apgd import AutoAttackNorm, check_norm, seeded_global_rng
 from robcomp.attacks.base import ATTACKS
+from robcomp.attacks.labels import settings_label
 from robcomp.attacks.norms import get_norm
 
 # The reference spells the norms as "Linf" and "L2".
@@ -118,8 +119,8 @@ class FABT:
         check_norm(self.norm, "fab-t")
 
     def label(self) -> str:
-        """A short name for tables, e.g. ``fab-t100-linf``."""
-        return f"fab-t{self.steps}-{self.norm}"
+        """``fab-t100-linf``, plus every other setting not at its default."""
+        return settings_label(self, f"fab-t{self.steps}-{self.norm}", ("steps", "norm"))
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         fab_cls = _reference("fab_pt", "FABAttack_PT", "fab-t")
@@ -186,8 +187,8 @@ class Square:
         check_norm(self.norm, "square")
 
     def label(self) -> str:
-        """A short name for tables, e.g. ``square5000-linf``."""
-        return f"square{self.queries}-{self.norm}"
+        """``square5000-linf``, plus every other setting not at its default (``-p_init=0.3``)."""
+        return settings_label(self, f"square{self.queries}-{self.norm}", ("queries", "norm"))
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         if x.ndim != 4:

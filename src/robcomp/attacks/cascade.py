@@ -21,6 +21,7 @@ from robcomp.attacks.apgd import (
 )
 from robcomp.attacks.autoattack import FABT, Square
 from robcomp.attacks.base import ATTACKS, Attack
+from robcomp.attacks.labels import settings_label
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,11 @@ class Cascade:
         self.members()  # a member that rejects this eps or norm should fail here, not mid-run
 
     def label(self) -> str:
-        """A short name for tables, e.g. ``autoattack-standard-linf``."""
+        """``autoattack-standard-linf``, plus every other setting not at its default."""
+        shown = ("version", "attacks", "norm")
         if self.version == "custom":
-            return f"autoattack[{'+'.join(self.attacks)}]-{self.norm}"
-        return f"autoattack-{self.version}-{self.norm}"
+            return settings_label(self, f"autoattack[{'+'.join(self.attacks)}]-{self.norm}", shown)
+        return settings_label(self, f"autoattack-{self.version}-{self.norm}", shown)
 
     def members(self) -> list[tuple[str, Attack]]:
         """The attacks this cascade runs, in order, as ``(name, attack)``."""

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from robcomp.attacks.base import ATTACKS
+from robcomp.attacks.labels import settings_label
 from robcomp.attacks.norms import get_norm
 
 # Rows whose float32 norm still exceeds eps after clipping are shrunk by this extra factor.
@@ -110,8 +111,10 @@ class MinimalNormAttack(ABC):
         """The configured Foolbox ``MinimizationAttack`` (``fb`` is the foolbox module)."""
 
     def label(self) -> str:
+        """``ddn100-l2``, plus every other setting not at its default."""
         steps = getattr(self, "steps", None)
-        return f"{self.short_name}{steps if steps is not None else ''}-{self.norm}"
+        short = f"{self.short_name}{steps if steps is not None else ''}-{self.norm}"
+        return settings_label(self, short, ("steps", "norm"))
 
     def minimal(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """The unbounded minimal adversarial examples, float32 and contiguous like ``x``.
@@ -209,7 +212,8 @@ class CarliniWagner(MinimalNormAttack):
     short_name: ClassVar[str] = "cw"
 
     def label(self) -> str:
-        return f"cw{self.binary_search_steps}x{self.steps}-l2"
+        short = f"cw{self.binary_search_steps}x{self.steps}-l2"
+        return settings_label(self, short, ("binary_search_steps", "steps", "norm"))
 
     def foolbox_attack(self, fb: Any) -> Any:
         return fb.attacks.L2CarliniWagnerAttack(
@@ -288,7 +292,8 @@ class EAD(MinimalNormAttack):
     short_name: ClassVar[str] = "ead"
 
     def label(self) -> str:
-        return f"ead{self.binary_search_steps}x{self.steps}-l1"
+        short = f"ead{self.binary_search_steps}x{self.steps}-l1"
+        return settings_label(self, short, ("binary_search_steps", "steps", "norm"))
 
     def foolbox_attack(self, fb: Any) -> Any:
         return fb.attacks.EADAttack(

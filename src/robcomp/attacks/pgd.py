@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from robcomp.attacks.base import ATTACKS
+from robcomp.attacks.labels import settings_label
 from robcomp.attacks.norms import L1, Linf, NormName, box_feasible, get_norm
 
 
@@ -49,7 +50,8 @@ class PGD:
         return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
 
     def label(self) -> str:
-        return f"pgd{self.steps}-{self.norm}"
+        """``pgd10-linf``, plus every other setting not at its default (``-s0.01-r5``)."""
+        return settings_label(self, f"pgd{self.steps}-{self.norm}", ("steps", "norm"))
 
     def _run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         norm = get_norm(self.norm)
@@ -118,7 +120,8 @@ class FGSM:
     seed: int = 0
 
     def label(self) -> str:
-        return f"fgsm-{self.norm}"
+        """``fgsm-linf``, plus every other setting not at its default."""
+        return settings_label(self, f"fgsm-{self.norm}", ("norm",))
 
     def as_pgd(self) -> PGD:
         return PGD(

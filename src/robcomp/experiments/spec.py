@@ -99,10 +99,22 @@ class EvaluateSpec:
         return specs
 
     def build_attacks(self, where: str = "evaluate") -> list[Attack]:
-        return [
-            build_component(ATTACKS, spec, f"{where}.attacks[{i}]")
-            for i, spec in enumerate(self.attack_specs())
-        ]
+        """The suite's attacks; two with one label and eps are an error, since the second's
+        metrics would overwrite the first's in the store."""
+        attacks: list[Attack] = []
+        seen: dict[tuple[str, float], str] = {}
+        for i, spec in enumerate(self.attack_specs()):
+            name = f"{where}.attacks[{i}]"
+            attack = build_component(ATTACKS, spec, name)
+            key = (attack.label(), float(attack.eps))
+            if key in seen:
+                raise ConfigError(
+                    f"{seen[key]} and {name} {spec} are both {key[0]} at eps={key[1]:.6g}; "
+                    "their results would overwrite each other: change a setting or drop one"
+                )
+            seen[key] = f"{name} {spec}"
+            attacks.append(attack)
+        return attacks
 
 
 @dataclass(frozen=True, kw_only=True)
