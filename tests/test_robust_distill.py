@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from robcomp.attacks import PGD
+from robcomp.compress.distill import DistillTo
 from robcomp.config import ConfigError
 from robcomp.data.base import DataSplits
 from robcomp.evaluate import accuracy
@@ -20,7 +21,7 @@ from robcomp.experiments.spec import resolve
 from robcomp.models import Classifier, create, save_checkpoint
 from robcomp.train import OBJECTIVES, TrainConfig, fit
 from robcomp.train import robust_distill as rd
-from robcomp.train.distill import DistillTo, registered_teacher
+from robcomp.train.distill import registered_teacher
 
 EPS = 0.15  # digits pixels are in [0, 1] with 17 grey levels; 0.15 breaks a CE-trained MLP
 ATTACK = {"eps": EPS, "step": EPS / 2, "steps": 3}

@@ -1,7 +1,6 @@
 """Compression (registry). ``compressor(model, data) -> (new_model, Record)``."""
 
-import robcomp.train  # noqa: F401  (registers the "distill" compressor, robcomp.train.distill)
-from robcomp.compress import admm, hydra, proximal  # noqa: F401  (register their compressors)
+from robcomp.compress import admm, distill, hydra, proximal  # noqa: F401  (register compressors)
 from robcomp.compress.base import COMPRESSORS, Compressor, Record
 from robcomp.compress.efficiency import Efficiency, count_macs, count_nonzero, count_params, measure
 from robcomp.compress.latency import LatencyResult, latency, peak_memory_bytes

@@ -1,5 +1,6 @@
 """Training: one loop (:func:`fit`) and pluggable objectives."""
 
+from robcomp.train import adversarial, distill, robust_distill  # noqa: F401  (register objectives)
 from robcomp.train.loop import Callback, History, TrainConfig, fit, lr_factor
 from robcomp.train.objectives import OBJECTIVES, CrossEntropy, Objective
 
@@ -13,6 +14,3 @@ __all__ = [
     "fit",
     "lr_factor",
 ]
-
-# Last: it imports robcomp.compress, which imports this package (kd objective, distill compressor).
-from robcomp.train import adversarial, distill, robust_distill  # noqa: F401
