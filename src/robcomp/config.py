@@ -3,6 +3,18 @@
 Every component (dataset, attack, compressor, objective) is a frozen keyword-only dataclass. This
 module turns plain mappings (parsed YAML, ``--set`` overrides) into those dataclasses, rejecting
 unknown keys and wrong types with messages that name the file, the key and the allowed values.
+
+Two rules hold for every component:
+
+- **Nested options merge.** A field whose value is itself a dataclass (HYDRA's ``prune`` stage,
+  a distiller's ``train``) is built from the user's keys over *the component's own default* for
+  that field, not over the nested class's generic defaults: ``prune: {lr: 0.1}`` keeps HYDRA's
+  20 epochs and weight decay 1e-4.
+- **Operational fields are not identity.** A field declared with ``metadata=OPERATIONAL``
+  changes where or how fast a result is computed, never the result (a data folder, a download
+  switch, timing repeats, devices, threads). :func:`identity_dict` leaves such fields out, so
+  cell ids and cache keys do not change with them. Mark a new field of that kind with
+  ``field(default=..., metadata=OPERATIONAL)``.
 """
 
 from __future__ import annotations
@@ -17,6 +29,7 @@ import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
@@ -26,6 +39,9 @@ from robcomp.registry import Registry, RegistryError
 T = TypeVar("T")
 
 _FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
+
+# Field metadata of a setting that does not change results; see the module docstring.
+OPERATIONAL: Mapping[str, Any] = MappingProxyType({"operational": True})
 
 
 class ConfigError(ValueError):
@@ -122,8 +138,53 @@ def fields_of(cls: type) -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(cls) if f.init}
 
 
-def build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
+def _field_default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _accepts(hint: Any, cls: type) -> bool:
+    if get_origin(hint) in (Union, types.UnionType):
+        return any(_accepts(h, cls) for h in get_args(hint))
+    return hint is cls
+
+
+def _nested(value: Any, default: Any, hint: Any, where: str) -> Any:
+    """A mapping for a field whose default is a dataclass instance: the user's keys over that
+    default (recursively); anything else is coerced to ``hint`` as usual."""
+    if (
+        isinstance(value, Mapping)
+        and dataclasses.is_dataclass(default)
+        and not isinstance(default, type)
+        and _accepts(hint, type(default))
+    ):
+        return build(type(default), value, where, base=default)
+    return coerce(value, hint, where)
+
+
+def nested_field(obj: Any, name: str, where: str) -> Any:
+    """Field ``name`` of the dataclass ``obj`` under the nested-options rule, for components
+    built in Python with a mapping where a dataclass belongs (YAML goes through :func:`build`,
+    which applies the rule itself): the mapping's keys over the field's own default."""
+    value = getattr(obj, name)
+    if not isinstance(value, Mapping):
+        return value
+    f = fields_of(type(obj))[name]
+    return _nested(value, _field_default(f), typing.get_type_hints(type(obj))[name], where)
+
+
+def build(cls: type[T], values: Mapping[str, Any], where: str, *, base: Any = None) -> T:
     """Build the dataclass ``cls`` from ``values``, checking keys and types.
+
+    A field whose default is a dataclass instance and whose value is a mapping is built from
+    the mapping's keys over that default (nested options merge; see the module docstring).
+
+    Args:
+        base: an instance of ``cls`` whose values stand in for the keys ``values`` leaves out
+            (instead of the class's defaults).
 
     Raises:
         ConfigError: on an unknown key (with the closest allowed keys), a missing required key,
@@ -139,7 +200,10 @@ def build(cls: type[T], values: Mapping[str, Any], where: str) -> T:
             raise ConfigError(
                 f"{where}: unknown key {key!r}{hint}; allowed keys: {', '.join(sorted(allowed))}"
             )
-        kwargs[key] = coerce(value, hints[key], f"{where}.{key}")
+        default = getattr(base, key) if base is not None else _field_default(allowed[key])
+        kwargs[key] = _nested(value, default, hints[key], f"{where}.{key}")
+    if base is not None:
+        kwargs = {name: getattr(base, name) for name in allowed} | kwargs
     missing = [
         n
         for n, f in allowed.items()
@@ -180,6 +244,26 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def is_operational(f: dataclasses.Field[Any]) -> bool:
+    """Whether a dataclass field was declared with ``metadata=OPERATIONAL``."""
+    return bool(f.metadata.get("operational", False))
+
+
+def identity_dict(obj: Any) -> Any:
+    """:func:`to_dict` without operational fields: what a configuration's results depend on."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: identity_dict(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not is_operational(f)
+        }
+    if isinstance(obj, Mapping):
+        return {str(k): identity_dict(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [identity_dict(v) for v in obj]
+    return to_dict(obj)
 
 
 def canonical_json(obj: Any) -> str:

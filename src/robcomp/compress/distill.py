@@ -23,7 +23,7 @@ from torch import nn
 from robcomp.compress.base import COMPRESSORS, Record
 from robcomp.compress.efficiency import count_params
 from robcomp.compress.prune import record_for
-from robcomp.config import build, build_component
+from robcomp.config import build_component, nested_field
 from robcomp.data.base import DataSplits
 from robcomp.models import create, load_checkpoint, load_weights
 from robcomp.train.distill import MEMORY, registered_teacher
@@ -77,8 +77,8 @@ class DistillTo:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.train, dict):  # a mapping written in Python rather than YAML
-            object.__setattr__(self, "train", build(TrainConfig, self.train, "distill.train"))
+        # A mapping written in Python rather than YAML merges over the default, as in YAML.
+        object.__setattr__(self, "train", nested_field(self, "train", "distill.train"))
         if self.train.objective != {"name": "ce"}:
             raise ValueError(
                 "distill.train.objective is set by the compressor (from objective, "

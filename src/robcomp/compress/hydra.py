@@ -36,7 +36,7 @@ from torch.nn.utils import parametrize, prune
 from robcomp.compress.base import COMPRESSORS, Record
 from robcomp.compress.efficiency import prunable_layers
 from robcomp.compress.prune import finalize, record_for
-from robcomp.config import build, build_component
+from robcomp.config import build, build_component, nested_field
 from robcomp.data.base import DataSplits
 from robcomp.train import OBJECTIVES, TrainConfig, fit
 
@@ -244,7 +244,8 @@ class Hydra:
         objective = checked_objective(self.objective, "hydra.objective")
         object.__setattr__(self, "objective", objective)
         for stage in ("prune", "finetune"):
-            cfg = stage_config(getattr(self, stage), objective, f"hydra.{stage}")
+            value = nested_field(self, stage, f"hydra.{stage}")  # a mapping merges as in YAML
+            cfg = stage_config(value, objective, f"hydra.{stage}")
             object.__setattr__(self, stage, cfg)
 
     def label(self) -> str:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import itertools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,7 @@ from robcomp.compress.hydra import (
 )
 from robcomp.compress.prune import finalize, record_for
 from robcomp.compress.structured import PruningUnit, plan_filters
+from robcomp.config import nested_field
 from robcomp.data.base import DataSplits
 from robcomp.models.base import Classifier
 from robcomp.models.resnet_cifar import BasicBlock, CifarResNet, PadShortcut
@@ -385,7 +386,7 @@ class ProximalL0:
         check_sparsity(self.sparsity, "proximal-l0")
         objective = checked_objective(self.objective, "proximal-l0.objective")
         object.__setattr__(self, "objective", objective)
-        train: TrainConfig | Mapping[str, Any] = self.train
+        train = nested_field(self, "train", "proximal-l0.train")  # a mapping merges as in YAML
         object.__setattr__(self, "train", stage_config(train, objective, "proximal-l0.train"))
 
     def label(self) -> str:
