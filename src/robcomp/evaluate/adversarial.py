@@ -11,7 +11,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -99,7 +99,11 @@ def attack_batch(model: nn.Module, attack: Attack, x: Tensor, y: Tensor) -> Atta
 
 @dataclass(frozen=True)
 class AttackResult:
-    """Robust accuracy of a model on a split under one attack."""
+    """Robust accuracy of a model on a split under one attack.
+
+    ``robust`` keeps the verdict per point, so that several attacks at one threat model combine
+    into the per-point worst case (a point is robust only if no attack broke it).
+    """
 
     attack: str
     norm: str
@@ -110,6 +114,7 @@ class AttackResult:
     mean_norm: float  # over successful adversarial examples; nan if none succeeded
     median_norm: float
     seconds: float
+    robust: Tensor = field(compare=False, repr=False)  # (n,) bool: correct and not broken
 
 
 def evaluate_attack(
@@ -122,16 +127,20 @@ def evaluate_attack(
         raise ValueError("cannot evaluate an attack on an empty split")
     clean_correct = robust_correct = 0
     broken_norms: list[float] = []
+    robust: list[Tensor] = []
     start = time.perf_counter()
     with track(f"attack {attack.label()} eps={attack.eps:.4g}", n) as advance:
         for x, y in split.batches(batch_size):
             with attack_mode(model), torch.no_grad():
                 correct = model(x).argmax(1) == y
             clean_correct += int(correct.sum())
+            still = correct.clone()
             if correct.any():
                 outcome = attack_batch(model, attack, x[correct], y[correct])
                 robust_correct += int((~outcome.success).sum())
                 broken_norms += outcome.norms[outcome.success].tolist()
+                still[correct] = ~outcome.success
+            robust.append(still.cpu())
             advance(len(y))
     seconds = time.perf_counter() - start
     return AttackResult(
@@ -144,4 +153,5 @@ def evaluate_attack(
         mean_norm=statistics.fmean(broken_norms) if broken_norms else float("nan"),
         median_norm=statistics.median(broken_norms) if broken_norms else float("nan"),
         seconds=seconds,
+        robust=torch.cat(robust),
     )

@@ -241,5 +241,6 @@ def evaluate_without_gradients(
         mean_norm=statistics.fmean(broken) if broken else float("nan"),
         median_norm=statistics.median(broken) if broken else float("nan"),
         seconds=worst.seconds,
+        robust=torch.tensor([f is None for f in worst.found_by], dtype=torch.bool),
     )
     return result, worst

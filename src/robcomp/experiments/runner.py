@@ -46,6 +46,7 @@ from robcomp.evaluate.diagnostics import Flag, diagnose, summarize
 from robcomp.experiments.spec import Cell, CellConfig
 from robcomp.experiments.store import Metric
 from robcomp.experiments.telemetry import model_telemetry
+from robcomp.experiments.worst import record_worst_case
 from robcomp.models import Classifier, create, load_checkpoint, load_weights, save_checkpoint
 from robcomp.train import fit
 
@@ -278,11 +279,13 @@ def run_cell(cell: Cell, workdir: Path) -> CellResult:
         attacked = model.eager() if isinstance(model, QuantizedModel) else model
         evaluation = _evaluate(cfg, attacked, data, surrogate=baseline)
         flag_metrics, flags = _diagnostics(cfg, attacked, data, evaluation.results)
+        worst_metrics, worst_case = record_worst_case(evaluation.results, folder)
         metrics = (
             _efficiency_metrics(record, baseline, data)
             + _latency_metrics(cfg, model, data)
             + _twin_agreement(model, data, cfg)
             + evaluation.metrics
+            + worst_metrics
             + flag_metrics
         )
         info = {
@@ -294,6 +297,7 @@ def run_cell(cell: Cell, workdir: Path) -> CellResult:
             "diagnostics": flags,
             "masking": summarize([Flag(**f) for f in flags]) if flags else None,
             "gradient_free": evaluation.routes or None,
+            "worst_case": worst_case,
             "telemetry": model_telemetry(model, baseline),
         }
         (folder / "history.json").write_text(json.dumps(info, indent=2, default=str))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 from rich.console import Group
 from rich.table import Table
 
 from robcomp.experiments.store import ResultStore, RunRow
+from robcomp.experiments.worst import WORST
 
 EFFICIENCY = ("compression_rate", "params", "nonzero_params", "size_bytes", "sparse_bytes", "macs")
 
@@ -43,7 +45,7 @@ def _row(run: RunRow) -> dict[str, Any]:
         "seed": cfg["seed"],
         **{f"grid:{k}": v for k, v in run.grid_values.items()},
     }
-    robust: list[float] = []
+    worst: dict[str, float | None] = {}
     flags = sorted(
         m.name.removeprefix("flag:") for m in run.metrics if m.name.startswith("flag:") and m.value
     )
@@ -53,8 +55,8 @@ def _row(run: RunRow) -> dict[str, Any]:
     for m in run.metrics:
         if m.name == "robust_accuracy":
             row[attack_column(m.attack, m.eps)] = m.value
-            if m.value is not None and math.isfinite(m.eps):  # unbounded: ~0 by design
-                robust.append(m.value)
+        elif m.name == WORST:
+            worst[attack_column(m.attack, m.eps)] = m.value
         elif m.name == "mean_norm" and math.isinf(m.eps):
             # an unbounded minimal-norm attack: its mean norm is the average minimal perturbation
             row[f"min_norm:{m.attack}"] = m.value
@@ -62,25 +64,30 @@ def _row(run: RunRow) -> dict[str, Any]:
             row[m.name] = m.value
     if run.info.get("gradient_free"):
         row["gradient_free"] = run.info["gradient_free"]
-    row["worst_robust_accuracy"] = min(robust) if robust else None
+    # after the attack columns: per threat model, the points no attack of it broke
+    row.update(worst)
+    primary = (run.info.get("worst_case") or {}).get("primary")
+    row["primary_threat_model"] = (
+        attack_column(f"worst-{primary['norm']}", primary["eps"]) if primary else None
+    )
+    row[WORST] = worst.get(row["primary_threat_model"] or "")
     row["seconds"] = run.seconds
     return row
 
 
 def leaderboard_rows(store: ResultStore) -> list[dict[str, Any]]:
-    """Finished cells, most robust first (by mean robust accuracy over all attacks)."""
+    """Finished cells, most robust first: by the per-point worst case at the primary threat
+    model (the first bounded one of the suites; the most common one when experiments differ),
+    then clean accuracy. Rows without it come last."""
     rows = [_row(r) for r in store.runs()]
+    primaries = Counter(r["primary_threat_model"] for r in rows if r["primary_threat_model"])
+    primary = primaries.most_common(1)[0][0] if primaries else None
 
     def score(row: dict[str, Any]) -> tuple[float, float]:
-        robust = [v for k, v in row.items() if _bounded(k) and v is not None]
-        mean = sum(robust) / len(robust) if robust else -1.0
-        return (mean, row.get("clean_accuracy") or 0.0)
+        worst = row.get(primary) if primary else None
+        return (-1.0 if worst is None else worst, row.get("clean_accuracy") or 0.0)
 
     return sorted(rows, key=score, reverse=True)
-
-
-def _bounded(column: str) -> bool:
-    return "@" in column and not column.endswith("@inf")
 
 
 def attack_columns(rows: list[dict[str, Any]]) -> list[str]:
@@ -235,6 +242,11 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "robcomp leaderbo
     caption = (
         "accuracy in %: clean on the test split, under attack on its first evaluate.limit points"
     )
+    if any(k.startswith("worst-") for k in attack_columns(rows)):
+        caption += (
+            "; worst: points no attack of that norm and eps broke; rows ordered by it at "
+            "the first threat model"
+        )
     if any(r.get("gradient_free") for r in rows):
         caption += (
             "; via: for models without gradients (int8), robust accuracy is the worst case over "
