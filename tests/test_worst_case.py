@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from rich.console import Console
 from torch import Tensor, nn
@@ -191,3 +192,17 @@ def test_models_without_gradients_keep_the_per_point_worst_case_over_routes() ->
     assert worst.per_attack == {"bpda": 0.5, "black-box": 0.5}
     assert result.robust.tolist() == [False] * len(split)
     assert result.robust_accuracy == 0.0
+
+
+def test_the_store_refuses_two_values_under_one_metric_key(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "store.sqlite")
+    metrics = [
+        Metric("robust_accuracy", 0.4, "pgd10-linf", 0.1),
+        Metric("robust_accuracy", 0.6, "pgd10-linf", 0.1),
+    ]
+    with pytest.raises(ValueError, match="pgd10-linf"):
+        store.record(
+            cell_id="c", experiment="e", config={}, grid_values={}, metrics=metrics, info={},
+            seconds=0.0,
+        )  # fmt: skip
+    assert store.runs(status=None) == []  # nothing half-written

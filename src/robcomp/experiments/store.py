@@ -104,7 +104,20 @@ class ResultStore:
         seconds: float,
         error: str | None = None,
     ) -> None:
-        """Write one cell atomically (replacing any earlier failed attempt)."""
+        """Write one cell atomically (replacing any earlier failed attempt).
+
+        Two attack metrics with one key (name, attack label, eps) are refused: the second would
+        silently replace the first, e.g. a weaker attack's robust accuracy a stronger one's.
+        """
+        metrics = list(metrics)
+        seen: set[tuple[str, str, float]] = set()
+        for m in metrics:
+            if m.attack and (m.name, m.attack, m.eps) in seen:
+                raise ValueError(
+                    f"cell {cell_id}: two values of {m.name} for attack {m.attack!r} at "
+                    f"eps={m.eps:.6g}; give the attacks distinct labels"
+                )
+            seen.add((m.name, m.attack, m.eps))
         status = "failed" if error else "done"
         with self._connect() as conn, conn:  # the inner `conn` is the transaction
             conn.execute("DELETE FROM metrics WHERE cell_id = ?", (cell_id,))
