@@ -12,7 +12,7 @@ import torch
 
 from robcomp import data as datasets
 from robcomp.config import ConfigError
-from robcomp.data import DATASETS, DatasetNotFound
+from robcomp.data import DATASETS, DataError, DatasetNotFound
 from robcomp.data.base import DataSplits
 from robcomp.data.transforms import crop_flip
 
@@ -97,7 +97,7 @@ def test_npz_layouts_and_errors(tmp_path: Path) -> None:
         datasets.get({"name": "npz", "path": str(bad)})
     with pytest.raises(DatasetNotFound, match="no file"):
         datasets.get({"name": "npz", "path": str(tmp_path / "nope.npz")})
-    with pytest.raises(KeyError, match="no array 'images'"):
+    with pytest.raises(DataError, match="no array 'images'"):
         datasets.get({"name": "npz", "path": _npz(tmp_path), "x_key": "images"})
 
 

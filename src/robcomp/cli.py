@@ -16,6 +16,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from robcomp.config import ConfigError, parse_override
@@ -47,7 +48,9 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as err:
-            console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # escaped: rich would read "[attacks]" in a message as markup and drop it
+            message = escape(str(err))
+            console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -72,6 +75,7 @@ def _run_and_report(
     out: Path,
     executor: str = "local",
     ray_address: str | None = None,
+    append: bool = False,
 ) -> None:
     from robcomp import progress
     from robcomp.experiments import STORE_NAME, load_experiment, run_experiment
@@ -79,17 +83,26 @@ def _run_and_report(
     from robcomp.report import write_report
 
     experiment = load_experiment(source, overrides)
-    console.print(f"[bold]{experiment.name}[/]: {len(experiment.cells)} cells -> {out}")
+    header = f"[bold]{escape(experiment.name)}[/]: {len(experiment.cells)} cells -> {out}"
+    console.print(header, soft_wrap=True)
     start = time.perf_counter()
-    with progress.display(console):
-        options = {"address": ray_address} if executor == "ray" else {}
-        summary = run_experiment(experiment, out, make_executor(executor, **options))
+    try:
+        with progress.display(console):
+            options = {"address": ray_address} if executor == "ray" else {}
+            executor_ = make_executor(executor, **options)
+            summary = run_experiment(experiment, out, executor_, append=append)
+    except KeyboardInterrupt:
+        # Finished cells are committed one by one, so nothing done is lost.
+        console.print("interrupted; rerun the same command to resume", highlight=False)
+        raise typer.Exit(130) from None
     console.print(
         f"ran {summary.ran} cells, skipped {summary.skipped} already done, "
         f"{len(summary.failed)} failed, in {time.perf_counter() - start:.1f} s"
     )
     for failed in summary.failed:
-        console.print(f"[red]cell {failed.cell_id} failed:[/] {failed.error}", highlight=False)
+        # The first line says what went wrong; the traceback is in the log (-v) and the store.
+        first = (failed.error or "").splitlines()[0] if failed.error else ""
+        console.print(f"[red]cell {failed.cell_id} failed:[/] {escape(first)}", highlight=False)
     files = write_report(out / STORE_NAME, out / "report")
     _print_leaderboard(out / STORE_NAME)
     console.print("report: " + ", ".join(str(f) for f in files.paths()))
@@ -111,22 +124,53 @@ def _print_leaderboard(store_path: Path) -> None:
     wide.print(tables)
     for row in rows:
         if row.get("masking_flags") not in (None, "none"):
-            console.print(f"[red]cell {row['cell_id'][:8]}:[/] {row['masking']}", highlight=False)
+            masking = escape(str(row["masking"]))
+            console.print(f"[red]cell {row['cell_id'][:8]}:[/] {masking}", highlight=False)
+
+
+AppendOption = Annotated[
+    bool,
+    typer.Option(help="Add to an OUT that holds another experiment (their leaderboards merge)."),
+]
+# ``quickstart --quick``: the same pipeline and the same attack libraries (Square, DDN) on three
+# cells with a few epochs, points and steps, so a fresh install is checked in well under a minute
+# (CI runs it). Its numbers say nothing about the methods.
+QUICK_OVERRIDES = (
+    "name=quickstart-quick",
+    "train.epochs=2",
+    "finetune.epochs=1",
+    "evaluate.limit=32",
+    "evaluate.black_box_queries=20",
+    "evaluate.diagnostics=false",  # 32 points are too few for its statistics
+    "evaluate.latency_repeats=2",
+    "evaluate.attacks=[{name: pgd, eps: 0.1, steps: 3}, {name: apgd-ce, eps: 0.1, steps: 5}, "
+    "{name: square, eps: 0.1, queries: 20}, {name: ddn, eps: 0.5, steps: 5}]",
+    "grid.compress=[{name: none}, {name: magnitude, sparsity: 0.8}, {name: int8}]",
+)
 
 
 @app.command()
 @user_errors
 def quickstart(
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("robcomp-quickstart"),
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder [default: robcomp-quickstart, -quick with --quick]."),
+    ] = None,
     fresh: Annotated[bool, typer.Option(help="Delete earlier results in OUT first.")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="A tiny run (3 cells, 2 epochs) that checks the install.")
+    ] = False,
+    append: AppendOption = False,
     set_: SetOption = None,
 ) -> None:
     """Train a tiny CNN on digits; prune, filter-prune, distill and int8-quantize it; attack each
     with PGD, APGD-CE, Square and DDN under the gradient-masking checks; report (~2 min)."""
+    out = out or Path("robcomp-quickstart-quick" if quick else "robcomp-quickstart")
     if fresh and out.exists():
         shutil.rmtree(out)
     text = resources.files("robcomp").joinpath("configs/quickstart.yaml").read_text()
-    _run_and_report(yaml.safe_load(text), set_ or [], out)
+    overrides = [*(QUICK_OVERRIDES if quick else ()), *(set_ or [])]
+    _run_and_report(yaml.safe_load(text), overrides, out, append=append)
 
 
 @app.command()
@@ -141,6 +185,7 @@ def run(
     ray_address: Annotated[
         str | None, typer.Option(help="Ray cluster address ('auto' joins a running one).")
     ] = None,
+    append: AppendOption = False,
 ) -> None:
     """Run every cell of an experiment file (or of a shipped config: `robcomp list configs`);
     finished cells are skipped, so reruns resume."""
@@ -149,7 +194,7 @@ def run(
     file = _experiment_file(file)
     if out is None:
         out = Path("runs") / load_experiment(file, set_ or []).name
-    _run_and_report(file, set_ or [], out, executor, ray_address)
+    _run_and_report(file, set_ or [], out, executor, ray_address, append)
 
 
 @app.command()

@@ -24,6 +24,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -97,10 +98,17 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         raise _fail(where, hint, value)
     if hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and (m := _FRACTION.match(value)):
-            return float(m.group(1)) / float(m.group(2))
-        raise _fail(where, hint, value)
+            number = float(value)
+        elif isinstance(value, str) and (m := _FRACTION.match(value)):
+            if float(m.group(2)) == 0:
+                raise ConfigError(f"{where}: {value!r} divides by zero")
+            number = float(m.group(1)) / float(m.group(2))
+        else:
+            raise _fail(where, hint, value)
+        # NaN compares false with every bound, so it would slip past any range check.
+        if math.isnan(number):
+            raise ConfigError(f"{where}: expected a number, got nan")
+        return number
     if hint is str:
         if isinstance(value, str):
             return value

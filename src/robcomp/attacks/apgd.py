@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from robcomp.attacks.base import ATTACKS
+from robcomp.attacks.base import ATTACKS, check_eps
 from robcomp.attacks.labels import settings_label
 from robcomp.attacks.norms import Norm, get_norm
 
@@ -194,8 +194,7 @@ class _APGD:
     check_zero_gradients: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
-        if not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        check_eps(self.eps, self.name)
         if self.steps < 1 or self.restarts < 1 or self.eot_iter < 1:
             raise ValueError("steps, restarts and eot_iter must be >= 1")
         if not 0.0 < self.rho <= 1.0:

@@ -15,13 +15,13 @@ import importlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from robcomp.attacks.apgd import AutoAttackNorm, check_norm, seeded_global_rng
-from robcomp.attacks.base import ATTACKS
+from robcomp.attacks.base import ATTACKS, check_eps, check_positive
 from robcomp.attacks.labels import settings_label
 from robcomp.attacks.norms import get_norm
 
@@ -53,7 +53,7 @@ def _reference(module: str, name: str, attack: str) -> Any:
     except ImportError as err:
         raise ImportError(
             f"the {attack!r} attack runs the official AutoAttack code, which is not installed "
-            f"({err}); install it with: pip install robcomp[attacks]"
+            f"({err}); install it with: pip install 'pyautoattack==0.2.0'"
         ) from err
     return getattr(imported, name)
 
@@ -111,11 +111,16 @@ class FABT:
     beta: float = 0.9
     seed: int = 0
 
+    requires: ClassVar[tuple[str, ...]] = ("pyautoattack",)
+
     def __post_init__(self) -> None:
-        if not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        check_eps(self.eps, "fab-t")
         if self.steps < 1 or self.restarts < 1 or self.n_target_classes < 1:
             raise ValueError("steps, restarts and n_target_classes must be >= 1")
+        check_positive(self, "eta", "beta")
+        check_positive(self, "alpha_max", strict=False)
+        if not self.alpha_max <= 1 or not self.beta <= 1:
+            raise ValueError(f"alpha_max and beta must be <= 1, got {self.alpha_max}, {self.beta}")
         check_norm(self.norm, "fab-t")
 
     def label(self) -> str:
@@ -177,9 +182,10 @@ class Square:
     restarts: int = 1
     seed: int = 0
 
+    requires: ClassVar[tuple[str, ...]] = ("pyautoattack",)
+
     def __post_init__(self) -> None:
-        if not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        check_eps(self.eps, "square")
         if self.queries < 1 or self.restarts < 1:
             raise ValueError("queries and restarts must be >= 1")
         if not 0.0 < self.p_init <= 1.0:

@@ -20,7 +20,7 @@ from robcomp.attacks.apgd import (
     seeded_global_rng,
 )
 from robcomp.attacks.autoattack import FABT, Square
-from robcomp.attacks.base import ATTACKS, Attack
+from robcomp.attacks.base import ATTACKS, Attack, check_eps
 from robcomp.attacks.labels import settings_label
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,7 @@ class Cascade:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        check_eps(self.eps, CASCADE_NAME)
         check_norm(self.norm, CASCADE_NAME)
         if self.version not in ("standard", "rand", "custom"):
             raise ValueError(

@@ -14,7 +14,7 @@ Each attack has two entry points:
   adversarial, and the evaluator checks. So ``attack(eps)`` is at least as strong as reading the
   minimal-norm curve at eps. ``eps=inf`` returns the minimal examples themselves.
 
-The algorithms are Foolbox 3's (imported lazily: ``pip install robcomp[attacks]``), run on a
+The algorithms are Foolbox 3's (imported lazily; part of the base install), run on a
 :class:`foolbox.PyTorchModel` with bounds (0, 1) and made deterministic by seeding torch's global
 generator inside the call (and restoring it afterwards).
 """
@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from robcomp.attacks.base import ATTACKS
+from robcomp.attacks.base import ATTACKS, check_eps, check_positive
 from robcomp.attacks.labels import settings_label
 from robcomp.attacks.norms import get_norm
 
@@ -43,7 +43,7 @@ def _foolbox() -> Any:
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
             "the minimal-norm attacks (deepfool, cw, ddn, ead, salt-and-pepper, fmn) wrap "
-            "Foolbox 3; install it with: pip install robcomp[attacks]"
+            "Foolbox 3; install it with: pip install 'foolbox==3.3.4'"
         ) from error
     return foolbox
 
@@ -92,10 +92,19 @@ class MinimalNormAttack(ABC):
 
     allowed_norms: ClassVar[tuple[str, ...]]
     short_name: ClassVar[str]
+    requires: ClassVar[tuple[str, ...]] = ("foolbox",)
+    # Float settings that must be > 0, >= 0, or inside (0, 1), checked when the file is loaded.
+    positive: ClassVar[tuple[str, ...]] = ()
+    non_negative: ClassVar[tuple[str, ...]] = ()
+    unit_interval: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
-        if not self.eps >= 0:  # also rejects nan
-            raise ValueError(f"{self.short_name}: eps must be >= 0 (or inf), got {self.eps}")
+        check_eps(self.eps, self.short_name, unbounded=True)
+        check_positive(self, *self.positive, *self.unit_interval)
+        check_positive(self, *self.non_negative, strict=False)
+        for name in self.unit_interval:
+            if not getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if self.norm not in self.allowed_norms:
             raise ValueError(
                 f"{self.short_name}: norm must be one of {', '.join(self.allowed_norms)}, "
@@ -105,6 +114,8 @@ class MinimalNormAttack(ABC):
             value = getattr(self, name, 1)
             if value < 1:
                 raise ValueError(f"{self.short_name}: {name} must be >= 1, got {value}")
+        if getattr(self, "candidates", 2) < 2:  # DeepFool compares the label with >= 1 other
+            raise ValueError(f"candidates must be >= 2, got {getattr(self, 'candidates', 2)}")
 
     @abstractmethod
     def foolbox_attack(self, fb: Any) -> Any:
@@ -173,6 +184,7 @@ class DeepFool(MinimalNormAttack):
 
     allowed_norms: ClassVar[tuple[str, ...]] = ("l2", "linf")
     short_name: ClassVar[str] = "deepfool"
+    non_negative: ClassVar[tuple[str, ...]] = ("overshoot",)
 
     def foolbox_attack(self, fb: Any) -> Any:
         cls = fb.attacks.L2DeepFoolAttack if self.norm == "l2" else fb.attacks.LinfDeepFoolAttack
@@ -210,6 +222,8 @@ class CarliniWagner(MinimalNormAttack):
 
     allowed_norms: ClassVar[tuple[str, ...]] = ("l2",)
     short_name: ClassVar[str] = "cw"
+    positive: ClassVar[tuple[str, ...]] = ("stepsize", "initial_const")
+    non_negative: ClassVar[tuple[str, ...]] = ("confidence",)
 
     def label(self) -> str:
         short = f"cw{self.binary_search_steps}x{self.steps}-l2"
@@ -249,6 +263,8 @@ class DDN(MinimalNormAttack):
 
     allowed_norms: ClassVar[tuple[str, ...]] = ("l2",)
     short_name: ClassVar[str] = "ddn"
+    positive: ClassVar[tuple[str, ...]] = ("init_epsilon",)
+    unit_interval: ClassVar[tuple[str, ...]] = ("gamma",)
 
     def foolbox_attack(self, fb: Any) -> Any:
         return fb.attacks.DDNAttack(
@@ -290,6 +306,8 @@ class EAD(MinimalNormAttack):
 
     allowed_norms: ClassVar[tuple[str, ...]] = ("l1",)
     short_name: ClassVar[str] = "ead"
+    positive: ClassVar[tuple[str, ...]] = ("initial_stepsize", "initial_const")
+    non_negative: ClassVar[tuple[str, ...]] = ("confidence", "regularization")
 
     def label(self) -> str:
         short = f"ead{self.binary_search_steps}x{self.steps}-l1"
@@ -389,6 +407,8 @@ class FMN(MinimalNormAttack):
 
     allowed_norms: ClassVar[tuple[str, ...]] = ("linf", "l2", "l1")
     short_name: ClassVar[str] = "fmn"
+    positive: ClassVar[tuple[str, ...]] = ("max_stepsize",)
+    unit_interval: ClassVar[tuple[str, ...]] = ("gamma",)
 
     def foolbox_attack(self, fb: Any) -> Any:
         cls = {

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from robcomp.attacks.base import ATTACKS
+from robcomp.attacks.base import ATTACKS, check_eps, check_positive
 from robcomp.attacks.labels import settings_label
 from robcomp.attacks.norms import L1, Linf, NormName, box_feasible, get_norm
 
@@ -39,10 +39,11 @@ class PGD:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.eps < 0:
-            raise ValueError(f"eps must be >= 0, got {self.eps}")
+        check_eps(self.eps, "pgd")
         if self.steps < 1 or self.restarts < 1:
             raise ValueError("steps and restarts must be >= 1")
+        if self.step_size is not None:
+            check_positive(self, "step_size")
         get_norm(self.norm)
 
     @property
@@ -118,6 +119,10 @@ class FGSM:
     norm: NormName = "linf"
     random_start: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_eps(self.eps, "fgsm")
+        get_norm(self.norm)
 
     def label(self) -> str:
         """``fgsm-linf``, plus every other setting not at its default."""

@@ -376,7 +376,7 @@ class ADMMPruning:
             raise ValueError(f"funnel_ratio must be in (0, 1), got {self.funnel_ratio}")
 
     def _check_admm(self) -> None:
-        if self.rho <= 0 or self.rho_growth < 1:
+        if not 0 < self.rho < math.inf or not 1 <= self.rho_growth < math.inf:
             raise ValueError(f"need rho > 0 and rho_growth >= 1, got {self.rho}, {self.rho_growth}")
         if self.admm_epochs < 1 or self.period < 1:
             raise ValueError("admm_epochs and period must be >= 1")

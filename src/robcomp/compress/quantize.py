@@ -641,6 +641,14 @@ def _check_act_bits(act_bits: int | None) -> None:
         raise ValueError(f"act_bits must be 2, 4, 8 or null, got {act_bits}")
 
 
+def _check_calibration(calibration_batches: int, batch_size: int) -> None:
+    if calibration_batches < 1 or batch_size < 1:
+        raise ValueError(
+            f"calibration_batches and batch_size must be >= 1, got {calibration_batches} and "
+            f"{batch_size}"
+        )
+
+
 @COMPRESSORS.register("lowbit")
 @dataclass(frozen=True, kw_only=True)
 class LowBit:
@@ -673,6 +681,7 @@ class LowBit:
         if self.bits not in (2, 4, 8):
             raise ValueError(f"bits must be 2, 4 or 8 (binary weights: 'binary'), got {self.bits}")
         _check_act_bits(self.act_bits)
+        _check_calibration(self.calibration_batches, self.batch_size)
 
     def label(self) -> str:
         act = f"a{self.act_bits}" if self.act_bits else ""
@@ -713,6 +722,7 @@ class BinaryWeights:
 
     def __post_init__(self) -> None:
         _check_act_bits(self.act_bits)
+        _check_calibration(self.calibration_batches, self.batch_size)
 
     def label(self) -> str:
         return "binary" + (f"-a{self.act_bits}" if self.act_bits else "")

@@ -8,7 +8,15 @@ from typing import Any
 
 from robcomp.config import build_component
 from robcomp.data import builtin, vision  # noqa: F401  (registers the datasets)
-from robcomp.data.base import Dataset, DatasetNotFound, DataSplits, Split, data_root
+from robcomp.data.base import (
+    DataError,
+    Dataset,
+    DatasetNotFound,
+    DataSplits,
+    Split,
+    check_splits,
+    data_root,
+)
 from robcomp.data.registry import DATASETS
 
 
@@ -16,7 +24,25 @@ def get(spec: Mapping[str, Any] | str, seed: int = 0, where: str = "data") -> Da
     """Load the dataset described by ``{"name": ..., **options}`` with splits seeded by ``seed``."""
     dataset = build_component(DATASETS, spec, where)
     name = spec if isinstance(spec, str) else str(spec["name"])
-    return dataclasses.replace(dataset.load(seed), name=name)
+    splits = dataclasses.replace(dataset.load(seed), name=name)
+    check_splits(splits, _describe(dataset, name))
+    return splits
 
 
-__all__ = ["DATASETS", "DataSplits", "Dataset", "DatasetNotFound", "Split", "data_root", "get"]
+def _describe(dataset: Dataset, name: str) -> str:
+    """How error messages name a dataset: its file when it has one."""
+    path = getattr(dataset, "path", None)
+    return f"{name} dataset {path}" if path else f"{name} dataset"
+
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "DataSplits",
+    "Dataset",
+    "DatasetNotFound",
+    "Split",
+    "check_splits",
+    "data_root",
+    "get",
+]

@@ -18,6 +18,11 @@ class DatasetNotFound(FileNotFoundError):
     """A dataset's files are missing; the message says where we looked and how to get them."""
 
 
+class DataError(ValueError):
+    """A dataset's files exist but hold data robcomp cannot use; the message says what is wrong
+    in one line (the file, the array, the offending values)."""
+
+
 def data_root(root: str | None) -> Path:
     """The folder datasets are read from: ``root``, else ``$ROBCOMP_DATA``, else ``./data``."""
     return Path(root or os.environ.get("ROBCOMP_DATA") or "data").expanduser()
@@ -109,6 +114,54 @@ class DataSplits:
         )
 
 
+def check_splits(splits: DataSplits, where: str) -> None:
+    """Reject data that would train or be attacked silently wrong, before any cell runs.
+
+    Inputs must be uint8 (0-255) or finite floats in [0, 1] (NaN passes a ``<``/``>`` range
+    check, so finiteness is tested on its own), labels integers in ``[0, num_classes)``, and
+    the train and test splits non-empty (validation may be empty with ``val_fraction: 0``).
+
+    Raises:
+        DataError: naming ``where``, the split and what is wrong.
+    """
+    for part in ("train", "val", "test"):
+        split: Split = getattr(splits, part)
+        if len(split) == 0:
+            if part == "val":
+                continue
+            raise DataError(f"{where}: the {part} split is empty")
+        check_inputs(split.x, f"{where}: {part} inputs")
+        _check_labels(split.y, splits.num_classes, f"{where}: {part} labels")
+
+
+def check_inputs(x: Tensor, where: str) -> None:
+    """Inputs must be uint8, or finite floats in [0, 1]; raises DataError naming `where`."""
+    if x.dtype == torch.uint8:
+        return
+    if not x.is_floating_point():
+        raise DataError(f"{where} are {x.dtype}; store uint8 0-255 or floats in [0, 1]")
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise DataError(f"{where} hold {bad} NaN or infinite values")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise DataError(
+            f"{where} must lie in [0, 1] but range over [{lo:.4g}, {hi:.4g}]; scale them, or "
+            "store uint8 0-255"
+        )
+
+
+def _check_labels(y: Tensor, num_classes: int, where: str) -> None:
+    if y.is_floating_point() or y.dtype == torch.bool or y.is_complex():
+        raise DataError(f"{where} are {y.dtype}; class labels must be integers")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise DataError(
+            f"{where} range over [{lo}, {hi}] but must lie in [0, {num_classes - 1}] "
+            f"({num_classes} classes)"
+        )
+
+
 def split_off(split: Split, fraction: float, generator: torch.Generator) -> tuple[Split, Split]:
     """Randomly split ``split`` into (rest, part) with ``part`` holding ``fraction`` of it."""
     if not 0.0 <= fraction < 1.0:
@@ -139,6 +192,10 @@ class Dataset:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer or null, got {value}")
+        # Datasets that split their own test set off the pool (digits, gaussians, npz).
+        test_fraction = getattr(self, "test_fraction", 0.5)
+        if not 0.0 < test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
 
     def load_splits(self, seed: int) -> tuple[Split, Split, int, tuple[str, ...]]:
         """Return (train+val pool, test, num_classes, class names)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -10,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from robcomp.data.base import Dataset, DatasetNotFound, Split, split_off
+from robcomp.data.base import DataError, Dataset, DatasetNotFound, Split, check_inputs, split_off
 from robcomp.data.registry import DATASETS
 
 
@@ -93,6 +94,11 @@ class Gaussians(Dataset):
     test_fraction: float = 1 / 7
     encoder_seed: int = 0
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n < 100:  # enough for four classes in each of train, validation and test
+            raise ValueError(f"n must be >= 100, got {self.n}")
+
     def load_splits(self, seed: int) -> tuple[Split, Split, int, tuple[str, ...]]:
         g = torch.Generator().manual_seed(42)  # the data set is fixed; the run seed splits it
         z, y = gaussian_latents(self.n, g)
@@ -138,22 +144,33 @@ class Npz(Dataset):
     test_fraction: float = 0.2
     num_classes: int | None = None
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_classes is not None and self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 or null, got {self.num_classes}")
+
     def _arrays(
         self, data: np.lib.npyio.NpzFile, x_key: str, y_key: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         for key in (x_key, y_key):
             if key not in data.files:
-                raise KeyError(f"{self.path}: no array {key!r}; the file holds {data.files}")
-        x = _to_nchw(data[x_key], self.layout, self.path)
+                raise DataError(f"{self.path}: no array {key!r}; the file holds {data.files}")
+        try:
+            x_raw, y_raw = np.asarray(data[x_key]), np.asarray(data[y_key])
+        except ValueError as err:  # object arrays, refused by allow_pickle=False
+            raise DataError(f"{self.path}: cannot read {x_key!r}/{y_key!r}: {err}") from None
+        if y_raw.dtype.kind not in "iu":  # a float label would be truncated to a wrong class
+            raise DataError(f"{self.path}: labels {y_key!r} are {y_raw.dtype}; store integers")
+        if len(y_raw) == 0 or len(x_raw) != len(y_raw):
+            raise DataError(
+                f"{self.path}: {x_key!r} has {len(x_raw)} rows and {y_key!r} {len(y_raw)}; "
+                "need the same number, at least one"
+            )
+        x = _to_nchw(x_raw, self.layout, self.path)
         if x.dtype != torch.uint8:
             x = x.float()
-            lo, hi = float(x.min()), float(x.max())
-            if lo < 0.0 or hi > 1.0:
-                raise ValueError(
-                    f"{self.path}: float inputs must lie in [0, 1] but range over [{lo}, {hi}]; "
-                    "scale them, or store uint8 0-255"
-                )
-        y = torch.from_numpy(np.asarray(data[y_key])).long().reshape(-1)
+            check_inputs(x, f"{self.path}: {x_key!r}")
+        y = torch.from_numpy(y_raw.astype(np.int64)).reshape(-1)
         return x, y
 
     def load_splits(self, seed: int) -> tuple[Split, Split, int, tuple[str, ...]]:
@@ -161,7 +178,16 @@ class Npz(Dataset):
         if not path.is_file():
             raise DatasetNotFound(f"npz dataset: no file at {path.resolve()}")
         # allow_pickle=False: an npz is someone else's file; object arrays would unpickle.
-        with np.load(path, allow_pickle=False) as data:
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise DataError(f"{path}: not a readable .npz file ({err})") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise DataError(
+                f"{path}: holds one array (a .npy file); robcomp reads an .npz holding inputs "
+                "and labels, written with np.savez(path, x=inputs, y=labels)"
+            )
+        with data:
             x, y = self._arrays(data, self.x_key, self.y_key)
             if "x_test" in data.files and "y_test" in data.files:
                 pool, test = Split(x, y), Split(*self._arrays(data, "x_test", "y_test"))

@@ -81,11 +81,11 @@ class _IdxDataset(Dataset):
             self._download()
             train, test = _idx_split(folders, "train"), _idx_split(folders, "test")
         if train is None or test is None:
-            looked = "\n  ".join(str(f) for f in folders)
+            looked = ", ".join(str(f) for f in folders)
             files = ", ".join(_IDX_FILES["train"] + _IDX_FILES["test"])
-            raise DatasetNotFound(
+            raise DatasetNotFound(  # one line, like every user error
                 f"{self._torchvision}: the IDX files ({files}, "
-                f"plain or .gz) were not found. Looked in:\n  {looked}\n"
+                f"plain or .gz) were not found. Looked in: {looked}. "
                 "Put them in one of these folders, point ROBCOMP_DATA (or the dataset's `root`) at "
                 "a folder holding them, or set `download: true` (needs network)."
             )

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from robcomp import data as datasets
+from robcomp.config import ConfigError, canonical_json
+from robcomp.data import DataError, DatasetNotFound
 from robcomp.experiments.executors import Executor, LocalExecutor
 from robcomp.experiments.runner import CellResult, run_cell
-from robcomp.experiments.spec import Experiment
+from robcomp.experiments.spec import Cell, Experiment
 from robcomp.experiments.store import ResultStore
 from robcomp.progress import track
 
@@ -28,19 +32,37 @@ class RunSummary:
 
 
 def run_experiment(
-    experiment: Experiment, out_dir: str | Path, executor: Executor | None = None
+    experiment: Experiment,
+    out_dir: str | Path,
+    executor: Executor | None = None,
+    *,
+    append: bool = False,
 ) -> RunSummary:
     """Run every cell of ``experiment`` not already done in ``out_dir``.
 
     Each finished cell is committed to ``out_dir/results.sqlite`` before the next is awaited, so
-    an interrupted run loses at most the cells in flight.
+    an interrupted run loses at most the cells in flight. Every dataset the remaining cells use
+    is loaded and checked once before any cell runs.
+
+    Args:
+        append: allow ``out_dir`` to hold results of another experiment (another ``name``);
+            without it that is refused, since their leaderboards would merge.
+
+    Raises:
+        ConfigError: ``out_dir`` holds another experiment and ``append`` is False.
+        DataError, DatasetNotFound: a dataset is missing or unusable (nothing has run).
     """
     out = Path(out_dir)
+    done: set[str] = set()
+    if (out / STORE_NAME).is_file():
+        earlier = ResultStore(out / STORE_NAME)
+        _check_same_experiment(earlier, experiment.name, out, append)
+        done = earlier.done_ids()
+    todo = [c for c in experiment.cells if c.cell_id not in done]
+    check_datasets(todo, experiment.source)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(yaml.safe_dump(experiment.raw, sort_keys=False))
     store = ResultStore(out / STORE_NAME)
-    done = store.done_ids()
-    todo = [c for c in experiment.cells if c.cell_id not in done]
     skipped = len(experiment.cells) - len(todo)
     if skipped:
         log.info(
@@ -63,3 +85,27 @@ def run_experiment(
                 failed.append(result)
             advance(1, status=f"{result.cell_id} {'FAILED' if result.error else 'done'}")
     return RunSummary(out, len(experiment.cells), skipped, len(todo), failed)
+
+
+def _check_same_experiment(store: ResultStore, name: str, out: Path, append: bool) -> None:
+    others = sorted({run.experiment for run in store.runs(status=None)} - {name})
+    if others and not append:
+        raise ConfigError(
+            f"{out} holds results of experiment {others[0]!r}, and this is {name!r}: their "
+            "leaderboards would merge. Use another --out, or --append to add to it"
+        )
+
+
+def check_datasets(cells: Sequence[Cell], where: str) -> None:
+    """Load and check each distinct dataset of ``cells`` once, so a missing file, a wrong key
+    or NaN pixels are one message before any cell runs instead of one failure per cell."""
+    seen: set[str] = set()
+    for cell in cells:
+        key = canonical_json(cell.config.data)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            datasets.get(cell.config.data, seed=cell.config.seed)
+        except (DataError, DatasetNotFound) as err:
+            raise type(err)(f"{where}: data: {err}") from None

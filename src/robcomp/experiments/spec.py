@@ -18,6 +18,8 @@ grid:
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import itertools
 import math
 from collections.abc import Mapping, Sequence
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from robcomp.attacks import ATTACKS, Attack
+from robcomp.attacks.base import missing_library
 from robcomp.attacks.presets import preset_attacks
 from robcomp.compress import COMPRESSORS
 from robcomp.config import (
@@ -88,6 +91,18 @@ class EvaluateSpec:
     black_box_queries: int = 5000
     latency_batch_sizes: tuple[int, ...] = (1, 64)
     latency_repeats: int = 20
+
+    def __post_init__(self) -> None:
+        # limit: 0 would fail every cell after training; a negative one would slice off the
+        # last points instead of keeping the first ones.
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (points to attack) or null, got {self.limit}")
+        for name in ("batch_size", "diagnostics_points", "black_box_queries", "latency_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(b < 1 for b in self.latency_batch_sizes):
+            sizes = list(self.latency_batch_sizes)
+            raise ValueError(f"latency_batch_sizes must be >= 1, got {sizes}")
 
     def attack_specs(self) -> list[dict[str, Any]]:
         """The preset's attacks then the listed ones, one spec per eps value."""
@@ -196,13 +211,33 @@ def validate(cfg: CellConfig, where: str) -> None:
     if cfg.finetune is not None:
         cfg.finetune.build_objective(f"{where}: finetune.objective")
     try:
-        cfg.evaluate.build_attacks(f"{where}: evaluate")
+        attacks = cfg.evaluate.build_attacks(f"{where}: evaluate")
     except KeyError as err:  # an unknown preset
         raise ConfigError(f"{where}: evaluate.preset: {err}") from None
+    for i, attack in enumerate(attacks):  # a missing library fails here, not after training
+        if message := missing_library(attack):
+            raise ConfigError(f"{where}: evaluate.attacks[{i}]: {message}")
     try:
-        factory_for(cfg.model.name)
+        factory = factory_for(cfg.model.name)
     except (RegistryError, ValueError) as err:
         raise ConfigError(f"{where}: model.name: {err}") from None
+    _check_model_options(factory, cfg.model, where)
+
+
+def _check_model_options(factory: Any, model: ModelSpec, where: str) -> None:
+    """An option the model's factory does not take is an error now, not when a cell builds it."""
+    params = inspect.signature(factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [p for p in params if p not in ("num_classes", "in_shape")]
+    for key in model.options:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(
+                f"{where}: model.options: model {model.name!r} has no option {key!r}{hint}; "
+                f"its options: {', '.join(allowed) or 'none'}"
+            )
 
 
 def resolve(raw: Mapping[str, Any], where: str) -> CellConfig:

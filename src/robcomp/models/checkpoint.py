@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -50,7 +51,7 @@ def load_checkpoint(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
             f"{folder}: not a robcomp checkpoint (expected {SPEC} and {WEIGHTS}); "
             "train one with `robcomp train`"
         )
-    spec = json.loads(spec_path.read_text())
+    spec = _read_spec(spec_path)
     model = create(
         spec["name"],
         spec["num_classes"],
@@ -59,8 +60,27 @@ def load_checkpoint(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
         std=spec.get("std"),
         **spec.get("options", {}),
     )
-    model.load_state_dict(load_file(str(weights_path)))
+    try:
+        model.load_state_dict(load_file(str(weights_path)))
+    except (SafetensorError, RuntimeError) as err:  # truncated, garbage, or another model's
+        reason = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{weights_path}: cannot load the weights ({reason})") from None
     return model.eval(), spec
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is corrupt or does not match its spec; the message names the file."""
+
+
+def _read_spec(path: Path) -> dict[str, Any]:
+    try:
+        spec = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    keys = ("name", "num_classes", "in_shape")
+    if not isinstance(spec, dict) or any(k not in spec for k in keys):
+        raise CheckpointError(f"{path}: a checkpoint spec must be a JSON object with {keys}")
+    return spec
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:

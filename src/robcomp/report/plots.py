@@ -122,16 +122,37 @@ def _stage_histories(label: str, history: Any) -> dict[str, list[dict[str, float
     return stages
 
 
+# Grid axes that change the trained baseline; the others change only what follows it.
+_BASELINE_AXES = ("seed", "data", "model", "train")
+
+
+def _varying_axes(runs: list[RunRow]) -> list[str]:
+    """Grid axes (seed included) whose value differs between runs: each one labels the lines,
+    so two seeds or two datasets never share a label and hide each other's curves."""
+    axes = dict.fromkeys(k for run in runs for k in run.grid_values)
+    return [k for k in axes if len({grid_value(run.grid_values.get(k)) for run in runs}) > 1]
+
+
+def _axes_suffix(run: RunRow, axes: list[str]) -> str:
+    parts = [f"{k}={grid_value(run.grid_values.get(k))}" for k in axes]
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
 def _training_curves(runs: list[RunRow]) -> dict[str, list[dict[str, float]]]:
     """Per-epoch records by stage: each distinct baseline once, then each cell's compressor's
-    own training (robust pruning, distillation) and its fine-tuning."""
+    own training (robust pruning, distillation) and its fine-tuning, labelled by every grid
+    axis that varies (the compressor's label already names its own settings)."""
     curves: dict[str, list[dict[str, float]]] = {}
+    varying = _varying_axes(runs)
+    baseline_axes = [k for k in varying if k.split(".")[0] in _BASELINE_AXES]
+    cell_axes = [k for k in varying if not k.startswith("compress")]
     for run in runs:
         objective = run.config["train"].get("objective", {}).get("name", "ce")
         baseline = (run.info.get("baseline") or {}).get("history", {}).get("epochs")
         if baseline:
-            curves.setdefault(f"train {run.config['model']['name']} ({objective})", baseline)
-        compressor = run.info.get("compressor", run.cell_id[:8])
+            label = f"train {run.config['model']['name']} ({objective})"
+            curves.setdefault(label + _axes_suffix(run, baseline_axes), baseline)
+        compressor = run.info.get("compressor", run.cell_id[:8]) + _axes_suffix(run, cell_axes)
         details = (run.info.get("record") or {}).get("details") or {}
         curves.update(_stage_histories(compressor, details.get("history")))
         if isinstance(details.get("retrain"), dict):

@@ -195,8 +195,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1:
             raise ValueError("epochs must be >= 0 and batch_size >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        for name in ("momentum", "weight_decay", "gamma"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if self.lr_step < 1 or any(m < 1 for m in self.milestones):
+            raise ValueError(
+                f"lr_step and milestones must be >= 1 (epochs), got {self.lr_step}, "
+                f"{list(self.milestones)}"
+            )
         if self.schedule == "multistep" and not self.milestones:
             raise ValueError("schedule 'multistep' needs milestones, e.g. [50, 75]")
         if self.select not in SELECTS:

@@ -70,6 +70,10 @@ class CrossEntropy:
 
     label_smoothing: float = 0.0
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         logits = model(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)

@@ -22,6 +22,7 @@ BatchNorm running statistics are restored after the attack instead of absorbing 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -248,7 +249,7 @@ class RobustDistillation:
 
 
 def _check_tau_alpha(tau: float, alpha: float) -> None:
-    _check(tau > 0, f"tau must be positive, got {tau}")
+    _check(0 < tau < math.inf, f"tau must be a finite number > 0, got {tau}")
     check_weight("alpha", alpha)
 
 
@@ -308,7 +309,7 @@ class RSLAD(RobustDistillation):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_weight("adv_weight", self.adv_weight)
-        _check(self.scale > 0, f"scale must be positive, got {self.scale}")
+        _check(0 < self.scale < math.inf, f"scale must be a finite number > 0, got {self.scale}")
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         t_nat = _teacher_logits(self.teacher, x)
@@ -341,8 +342,8 @@ class Staged(RobustDistillation):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check(self.begin >= 0, f"begin must be >= 0, got {self.begin}")
-        _check(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
-        _check(self.tau > 0, f"tau must be positive, got {self.tau}")
+        _check(0 <= self.beta < math.inf, f"beta must be a finite number >= 0, got {self.beta}")
+        _check(0 < self.tau < math.inf, f"tau must be a finite number > 0, got {self.tau}")
 
     def set_progress(self, epoch: int, step: int, steps_per_epoch: int, epochs: int) -> None:
         """Called by :func:`robcomp.train.fit` before each batch (epoch and step from 0)."""
