@@ -189,6 +189,7 @@ class _APGD:
 
     name: ClassVar[str] = "apgd"
     min_classes: ClassVar[int] = 2
+    uses_gradients: ClassVar[bool] = True
     # DLR's gradient vanishes only when the logits do not depend on the input, so an all-zero
     # gradient there signals masking; the cross-entropy's also underflows on confident points.
     check_zero_gradients: ClassVar[bool] = False

@@ -112,6 +112,7 @@ class FABT:
     seed: int = 0
 
     requires: ClassVar[tuple[str, ...]] = ("pyautoattack",)
+    uses_gradients: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_eps(self.eps, "fab-t")
@@ -183,6 +184,7 @@ class Square:
     seed: int = 0
 
     requires: ClassVar[tuple[str, ...]] = ("pyautoattack",)
+    uses_gradients: ClassVar[bool] = False  # score-based: queries the model's outputs only
 
     def __post_init__(self) -> None:
         check_eps(self.eps, "square")

@@ -135,6 +135,11 @@ class Cascade:
             return settings_label(self, f"autoattack[{'+'.join(self.attacks)}]-{self.norm}", shown)
         return settings_label(self, f"autoattack-{self.version}-{self.norm}", shown)
 
+    @property
+    def uses_gradients(self) -> bool:
+        """True unless every member is gradient-free (a custom cascade of Square alone)."""
+        return any(member.uses_gradients for _, member in self.members())
+
     def members(self) -> list[tuple[str, Attack]]:
         """The attacks this cascade runs, in order, as ``(name, attack)``."""
         eps, norm, seed = self.eps, self.norm, self.seed

@@ -93,6 +93,7 @@ class MinimalNormAttack(ABC):
     allowed_norms: ClassVar[tuple[str, ...]]
     short_name: ClassVar[str]
     requires: ClassVar[tuple[str, ...]] = ("foolbox",)
+    uses_gradients: ClassVar[bool] = True
     # Float settings that must be > 0, >= 0, or inside (0, 1), checked when the file is loaded.
     positive: ClassVar[tuple[str, ...]] = ()
     non_negative: ClassVar[tuple[str, ...]] = ()
@@ -348,6 +349,7 @@ class SaltAndPepper(MinimalNormAttack):
 
     allowed_norms: ClassVar[tuple[str, ...]] = ("l2",)
     short_name: ClassVar[str] = "salt-and-pepper"
+    uses_gradients: ClassVar[bool] = False  # random noise, scored by the model's outputs
 
     def foolbox_attack(self, fb: Any) -> Any:
         return fb.attacks.SaltAndPepperNoiseAttack(

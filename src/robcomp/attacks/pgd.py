@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +38,8 @@ class PGD:
     random_start: bool = True
     restarts: int = 1
     seed: int = 0
+
+    uses_gradients: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_eps(self.eps, "pgd")
@@ -119,6 +122,8 @@ class FGSM:
     norm: NormName = "linf"
     random_start: bool = False
     seed: int = 0
+
+    uses_gradients: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         check_eps(self.eps, "fgsm")

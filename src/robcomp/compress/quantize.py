@@ -38,6 +38,7 @@ from robcomp.compress.base import COMPRESSORS, Record
 from robcomp.compress.efficiency import count_macs, prunable_layers
 from robcomp.compress.prune import finalize
 from robcomp.data.base import DataSplits
+from robcomp.evaluate.bpda import twin_agreement
 
 log = logging.getLogger(__name__)
 
@@ -289,16 +290,6 @@ class QuantizedModel(nn.Module):
             copy.deepcopy(self.reference, memo),
             self.compiled,
         )
-
-
-@torch.no_grad()
-def twin_agreement(qmodel: QuantizedModel, x: Tensor, batch_size: int = 512) -> float:
-    """Fraction of inputs on which the int8 model and its twin predict the same class."""
-    same = 0
-    for i in range(0, len(x), batch_size):
-        xb = x[i : i + batch_size]
-        same += int((qmodel(xb).argmax(1) == qmodel.twin(xb).argmax(1)).sum())
-    return same / max(len(x), 1)
 
 
 def _calibration(data: DataSplits, batches: int, batch_size: int, seed: int) -> Iterator[Tensor]:

@@ -18,9 +18,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robcomp.attacks.autoattack import Square
 from robcomp.attacks.base import Attack
+from robcomp.attacks.pgd import PGD
 from robcomp.data.base import Split
 from robcomp.evaluate.adversarial import AttackResult, attack_batch, attack_mode
+from robcomp.models.capabilities import GradientFree
 
 
 class _ValueOfFirstGradOfSecond(torch.autograd.Function):
@@ -244,3 +247,32 @@ def evaluate_without_gradients(
         robust=torch.tensor([f is None for f in worst.found_by], dtype=torch.bool),
     )
     return result, worst
+
+
+def black_box_for(attack: Attack, queries: int, seed: int) -> Attack | None:
+    """The gradient-free attack that joins BPDA and transfer at ``attack``'s threat model:
+    Square (Andriushchenko et al. 2020) with ``queries`` queries; None for norms it lacks."""
+    if attack.norm not in ("linf", "l2"):
+        return None
+    return Square(eps=attack.eps, norm=attack.norm, queries=queries, seed=seed)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def twin_agreement(model: GradientFree, x: Tensor, batch_size: int = 512) -> float:
+    """Fraction of inputs on which ``model`` and its differentiable twin predict the same class."""
+    same = 0
+    for i in range(0, len(x), batch_size):
+        xb = x[i : i + batch_size]
+        same += int((model(xb).argmax(1) == model.twin(xb).argmax(1)).sum())
+    return same / max(len(x), 1)
+
+
+def twin_agreements(
+    model: GradientFree, x: Tensor, y: Tensor, *, norm: str, eps: float, steps: int = 10
+) -> dict[str, float]:
+    """How often ``model`` and the twin whose gradients attack it agree, on clean points
+    (``clean``) and on PGD points crafted on the twin (``adv``): BPDA is only as strong as
+    this agreement."""
+    with attack_mode(model.twin):
+        x_adv = PGD(eps=eps, norm=norm, steps=steps)(model.twin, x, y)  # type: ignore[arg-type]
+    return {"clean": twin_agreement(model, x), "adv": twin_agreement(model, x_adv)}

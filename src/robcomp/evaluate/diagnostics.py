@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,20 @@ from torch.nn import functional as F
 from robcomp.attacks.base import Attack
 from robcomp.attacks.pgd import PGD
 from robcomp.evaluate.adversarial import attack_batch, attack_mode
+
+# The threat model the checklist probes when the suite has no bounded L-inf or L2 attack to take
+# it from: the standard CIFAR-10 L-inf radius (Croce et al. 2021, RobustBench).
+DEFAULT_NORM, DEFAULT_EPS = "linf", 8 / 255
+
+
+def probe_threat_model(
+    candidates: Iterable[tuple[str, float]], norms: Sequence[str] = ("linf", "l2")
+) -> tuple[str, float]:
+    """The first bounded ``(norm, eps)`` of ``candidates`` in ``norms``, else the default one."""
+    return next(
+        ((n, e) for n, e in candidates if n in norms and math.isfinite(e) and e > 0),
+        (DEFAULT_NORM, DEFAULT_EPS),
+    )
 
 
 @dataclass(frozen=True)
@@ -164,8 +179,8 @@ def diagnose(
     x: Tensor,
     y: Tensor,
     *,
-    norm: str = "linf",
-    eps: float = 8 / 255,
+    norm: str = DEFAULT_NORM,
+    eps: float = DEFAULT_EPS,
     robust_by_eps: Mapping[float, float] | None = None,
     black_box: Mapping[str, float] | None = None,
     white_box: float | None = None,

@@ -21,40 +21,36 @@ from torch import nn
 
 from robcomp import data as datasets
 from robcomp.attacks import Attack
-from robcomp.attacks.autoattack import Square
-from robcomp.attacks.pgd import PGD
-from robcomp.compress import (
-    COMPRESSORS,
-    QuantizedModel,
-    Record,
-    finalize,
-    latency,
-    measure,
-    twin_agreement,
-)
+from robcomp.compress import COMPRESSORS, Record, finalize, latency, measure
 from robcomp.config import build_component, to_dict
 from robcomp.data.base import DataSplits
 from robcomp.evaluate import AttackResult, accuracy, evaluate_attack
-from robcomp.evaluate.adversarial import attack_mode
 from robcomp.evaluate.bpda import (
     RouteOutcome,
     StraightThrough,
     WorstCase,
+    black_box_for,
     evaluate_without_gradients,
+    twin_agreements,
 )
-from robcomp.evaluate.diagnostics import Flag, diagnose, summarize
+from robcomp.evaluate.diagnostics import Flag, diagnose, probe_threat_model, summarize
 from robcomp.experiments.spec import Cell, CellConfig
 from robcomp.experiments.store import Metric
 from robcomp.experiments.telemetry import model_telemetry
 from robcomp.experiments.worst import record_worst_case
-from robcomp.models import Classifier, create, load_checkpoint, load_weights, save_checkpoint
+from robcomp.models import (
+    Classifier,
+    GradientFree,
+    create,
+    factory_for,
+    load_checkpoint,
+    load_weights,
+    normalizes_inputs,
+    save_checkpoint,
+)
 from robcomp.train import fit
 
 log = logging.getLogger(__name__)
-# Attacks that use no gradients of the model (their label prefixes): the masking check compares
-# them with the gradient attacks at the same threat model.
-BLACK_BOX = ("square", "salt-and-pepper", "transfer")
-SELF_NORMALIZING = ("ensemble",)
 
 
 @dataclass(frozen=True)
@@ -74,11 +70,10 @@ class CellResult:
 def build_model(cfg: CellConfig, data: DataSplits) -> tuple[Classifier, dict[str, Any]]:
     """The untrained (or pretrained-weights) model of a cell and its checkpoint spec."""
     channels = data.in_shape[0]
-    # An ensemble's members normalize their own inputs; a second Normalize in front would
-    # normalize twice, so its outer one is the identity unless the file says otherwise.
-    identity = (
-        ((0.0,) * channels, (1.0,) * channels) if cfg.model.name in SELF_NORMALIZING else None
-    )
+    # Models that normalize their own inputs (an ensemble's members do) get the identity in
+    # front, since a second Normalize would normalize twice, unless the file says otherwise.
+    self_normalizing = normalizes_inputs(factory_for(cfg.model.name))
+    identity = ((0.0,) * channels, (1.0,) * channels) if self_normalizing else None
     spec: dict[str, Any] = {
         "name": cfg.model.name,
         "num_classes": data.num_classes,
@@ -156,7 +151,8 @@ class Evaluation:
     """What the attacks of a cell produced."""
 
     metrics: list[Metric] = field(default_factory=list)
-    results: list[AttackResult] = field(default_factory=list)
+    attacks: list[Attack] = field(default_factory=list)
+    results: list[AttackResult] = field(default_factory=list)  # one per attack, in order
     routes: dict[str, dict[str, Any]] = field(default_factory=dict)  # gradient-free breakdown
 
 
@@ -165,22 +161,21 @@ def _evaluate(
 ) -> Evaluation:
     """Clean accuracy, then every attack of the suite on the first ``limit`` test points.
 
-    A model with a differentiable ``twin`` (int8) has no useful gradients of its own: each
-    gradient attack is evaluated as the worst case over BPDA through the twin, transfer from
-    ``surrogate`` (the fp32 baseline) and a full-budget Square at the same threat model.
+    A :class:`~robcomp.models.GradientFree` model (int8) has no useful gradients of its own:
+    each gradient attack is evaluated as the worst case over BPDA through its twin, transfer
+    from ``surrogate`` (the fp32 baseline) and a full-budget Square at the same threat model.
     """
     spec = cfg.evaluate
     out = Evaluation([Metric("clean_accuracy", accuracy(model, data.test, spec.batch_size))])
     points = data.test.head(spec.limit)
-    twin = getattr(model, "twin", None)
     cache: dict[tuple[str, str, float], RouteOutcome] = {}
     for attack in spec.build_attacks():
-        if twin is None or attack.label().startswith(BLACK_BOX):
+        if not (attack.uses_gradients and isinstance(model, GradientFree)):
             result = evaluate_attack(model, attack, points, spec.batch_size)
         else:
             result, worst = evaluate_without_gradients(
-                model, twin, attack, points, surrogate=surrogate,
-                black_box=_black_box(attack, spec.black_box_queries, cfg.seed),
+                model, model.twin, attack, points, surrogate=surrogate,
+                black_box=black_box_for(attack, spec.black_box_queries, cfg.seed),
                 batch_size=spec.batch_size, cache=cache,
             )  # fmt: skip
             out.routes[f"{result.attack}@{result.eps:.4g}"] = _route_info(worst)
@@ -188,15 +183,10 @@ def _evaluate(
                 Metric(f"route_accuracy:{name}", value, result.attack, result.eps)
                 for name, value in worst.per_attack.items()
             ]
+        out.attacks.append(attack)
         out.results.append(result)
         out.metrics += _attack_metrics(result)
     return out
-
-
-def _black_box(attack: Attack, queries: int, seed: int) -> Attack | None:
-    if attack.norm not in ("linf", "l2"):
-        return None  # Square is defined for these two norms only
-    return Square(eps=attack.eps, norm=attack.norm, queries=queries, seed=seed)  # type: ignore[arg-type]
 
 
 def _route_info(worst: WorstCase) -> dict[str, Any]:
@@ -209,35 +199,37 @@ def _route_info(worst: WorstCase) -> dict[str, Any]:
 
 
 def _twin_agreement(model: nn.Module, data: DataSplits, cfg: CellConfig) -> list[Metric]:
-    """How often the int8 model and the twin whose gradients attack it agree, on clean test
-    points and on PGD points crafted on the twin."""
-    if not isinstance(model, QuantizedModel):
+    """How often a gradient-free model and the twin whose gradients attack it agree, on clean
+    test points and on PGD points crafted on the twin (at the suite's first L-inf eps)."""
+    if not isinstance(model, GradientFree):
         return []
     x, y = data.test.head(cfg.evaluate.diagnostics_points).tensors()
-    eps = next((a.eps for a in cfg.evaluate.build_attacks() if a.norm == "linf"), 0.1)
-    with attack_mode(model.twin):
-        x_adv = PGD(eps=eps, steps=10)(model.twin, x, y)
+    attacks = cfg.evaluate.build_attacks()
+    norm, eps = probe_threat_model(((a.norm, a.eps) for a in attacks), norms=("linf",))
+    agree = twin_agreements(model, x, y, norm=norm, eps=eps)
     return [
-        Metric("twin_agreement_clean", twin_agreement(model, x)),
-        Metric("twin_agreement_adv", twin_agreement(model, x_adv)),
+        Metric("twin_agreement_clean", agree["clean"]),
+        Metric("twin_agreement_adv", agree["adv"]),
     ]
 
 
 def _diagnostics(
-    cfg: CellConfig, model: nn.Module, data: DataSplits, results: list[AttackResult]
+    cfg: CellConfig, model: nn.Module, data: DataSplits, evaluation: Evaluation
 ) -> tuple[list[Metric], list[dict[str, Any]]]:
     """The gradient-masking checklist at the threat model of the first gradient attack."""
     if not cfg.evaluate.diagnostics:
         return [], []
-    twin = getattr(model, "twin", None)
-    if twin is not None:  # the checklist probes the gradients attacks actually use
-        model = StraightThrough(model, twin)
-    first = next((r for r in results if r.norm in ("linf", "l2")), None)
-    norm, eps = (first.norm, first.eps) if first else ("linf", 0.1)
-    white_box = [r for r in results if (r.norm, r.eps) == (norm, eps)]
-    same_attack = [r for r in results if first and (r.attack, r.norm) == (first.attack, norm)]
-    black_box = {r.attack: r.robust_accuracy for r in white_box if r.attack.startswith(BLACK_BOX)}
-    gradient = [r.robust_accuracy for r in white_box if not r.attack.startswith(BLACK_BOX)]
+    if isinstance(model, GradientFree):  # the checklist probes the gradients attacks use
+        model = StraightThrough(model, model.twin)
+    pairs = list(zip(evaluation.attacks, evaluation.results, strict=True))
+    norm, eps = probe_threat_model((r.norm, r.eps) for a, r in pairs if a.uses_gradients)
+    same_threat = [(a, r) for a, r in pairs if (r.norm, r.eps) == (norm, eps)]
+    first = next((r for a, r in same_threat if a.uses_gradients), None)
+    same_attack = [
+        r for r in evaluation.results if first and (r.attack, r.norm) == (first.attack, norm)
+    ]
+    black_box = {r.attack: r.robust_accuracy for a, r in same_threat if not a.uses_gradients}
+    gradient = [r.robust_accuracy for a, r in same_threat if a.uses_gradients]
     x, y = data.test.head(cfg.evaluate.diagnostics_points).tensors()
     flags = diagnose(
         model, x, y, norm=norm, eps=eps,
@@ -269,16 +261,16 @@ def run_cell(cell: Cell, workdir: Path) -> CellResult:
         model, record = compressor(baseline, data)
         finetune, skipped = None, None
         if cfg.finetune is not None and cfg.finetune.epochs > 0:
-            if getattr(model, "trainable", True):
+            if not isinstance(model, GradientFree):
                 finetune = fit(model, data, cfg.finetune, seed=cfg.seed, description="fine-tune")
             else:
                 skipped = f"{compressor.label()} models cannot be trained; fine-tune skipped"
                 log.info(skipped)
         model = finalize(model)
         # Attacks call the model on many batch shapes; an int8 model would compile each one.
-        attacked = model.eager() if isinstance(model, QuantizedModel) else model
+        attacked = model.eager() if isinstance(model, GradientFree) else model
         evaluation = _evaluate(cfg, attacked, data, surrogate=baseline)
-        flag_metrics, flags = _diagnostics(cfg, attacked, data, evaluation.results)
+        flag_metrics, flags = _diagnostics(cfg, attacked, data, evaluation)
         worst_metrics, worst_case = record_worst_case(evaluation.results, folder)
         metrics = (
             _efficiency_metrics(record, baseline, data)

@@ -2,6 +2,12 @@
 
 from robcomp.models import ensemble, zoo  # noqa: F401  (register the architectures)
 from robcomp.models.base import MODELS, Classifier, Normalize, create, factory_for
+from robcomp.models.capabilities import (
+    GradientFree,
+    model_device,
+    normalizes_inputs,
+    self_normalizing,
+)
 from robcomp.models.checkpoint import (
     load_checkpoint,
     load_weights,
@@ -12,11 +18,15 @@ from robcomp.models.checkpoint import (
 __all__ = [
     "MODELS",
     "Classifier",
+    "GradientFree",
     "Normalize",
     "create",
     "factory_for",
     "load_checkpoint",
     "load_weights",
+    "model_device",
+    "normalizes_inputs",
     "read_state_dict",
     "save_checkpoint",
+    "self_normalizing",
 ]

@@ -26,7 +26,8 @@ may be gradient masking. Check it with the diagnostics, gradient-free and transf
 **Normalisation.** Every member normalises its own input: a checkpoint folder brings its
 statistics, a member built by name takes ``mean``/``std`` from its entry (identity by default).
 The ensemble's own Normalize, which :func:`robcomp.models.create` puts in front of every model,
-must then be the identity: create's defaults are, and the experiment runner gives an ensemble the
+must then be the identity: create's defaults are, and the factory is marked
+:func:`~robcomp.models.capabilities.self_normalizing`, so the experiment runner gives it the
 identity too instead of the data's statistics. Members expect raw pixels, so inputs outside
 [0, 1] (a sign of normalising twice) are an error, raised at the first forward pass.
 
@@ -50,6 +51,7 @@ from torch.nn import functional as F
 
 from robcomp.config import build
 from robcomp.models.base import MODELS, Classifier, Normalize, create
+from robcomp.models.capabilities import self_normalizing
 from robcomp.models.checkpoint import load_checkpoint, load_weights
 
 # Two fresh tiny CNNs: every registered model must build with its defaults (the zoo's tests).
@@ -219,6 +221,7 @@ def build_member(
 
 
 @MODELS.register("ensemble")
+@self_normalizing
 def ensemble(
     *,
     num_classes: int,

@@ -1,0 +1,64 @@
+"""Facts about models that the code running them asks for, instead of testing names or types.
+
+- :class:`GradientFree`: a model whose forward pass has no useful gradient (an int8 model) and
+  that carries a differentiable ``twin`` to attack through (BPDA, Athalye et al. 2018). It
+  cannot be trained, and ``eager()`` gives the same model without per-shape compilation.
+- :func:`normalizes_inputs`: a model factory whose models normalize their own inputs (an
+  ensemble of checkpoints that bring their statistics), so the Normalize in front must be the
+  identity.
+- :func:`model_device`: where a model's tensors live, so probes are created there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@runtime_checkable
+class GradientFree(Protocol):
+    """A model without useful input gradients, attacked through its differentiable ``twin``.
+
+    Attributes:
+        twin: the differentiable copy whose gradients attacks use (fake quantization for int8).
+        trainable: always False: fine-tuning such a model is skipped.
+    """
+
+    trainable: ClassVar[bool]
+
+    @property
+    def twin(self) -> nn.Module: ...
+
+    def eager(self) -> nn.Module:
+        """The same model, run eagerly for any batch shape (attacks use many)."""
+        ...
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+
+def self_normalizing(factory: F) -> F:
+    """Mark a model factory whose models normalize their own inputs (see
+    :func:`normalizes_inputs`)."""
+    factory.normalizes_inputs = True  # type: ignore[attr-defined]
+    return factory
+
+
+def normalizes_inputs(factory: Callable[..., Any]) -> bool:
+    """Whether models from ``factory`` normalize their own inputs, so the Normalize layer in
+    front of them must be the identity (normalizing twice would be wrong)."""
+    return bool(getattr(factory, "normalizes_inputs", False))
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer; CPU for a model with neither (a
+    lowered int8 graph keeps its packed weights outside ``parameters()``)."""
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
+    return torch.device("cpu")

@@ -1,0 +1,144 @@
+"""Components state their own facts (gradients, normalization, devices); the runner asks them
+instead of recognising names, label prefixes or types."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from robcomp.attacks import ATTACKS
+from robcomp.config import build_component
+from robcomp.data.base import DataSplits
+from robcomp.evaluate.bpda import StraightThrough
+from robcomp.evaluate.diagnostics import DEFAULT_EPS, DEFAULT_NORM, diagnose, probe_threat_model
+from robcomp.experiments import runner
+from robcomp.experiments.spec import CellConfig, EvaluateSpec
+from robcomp.models import (
+    GradientFree,
+    create,
+    factory_for,
+    model_device,
+    normalizes_inputs,
+)
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_every_attack_says_whether_it_uses_gradients(name: str) -> None:
+    attack = build_component(ATTACKS, {"name": name, "eps": 0.1}, "test")
+    assert isinstance(attack.uses_gradients, bool)
+    assert attack.uses_gradients == (name not in ("square", "salt-and-pepper"))
+
+
+def test_a_cascade_of_gradient_free_attacks_uses_no_gradients() -> None:
+    spec = {"name": "autoattack", "eps": 0.1, "version": "custom", "attacks": ["square"]}
+    assert build_component(ATTACKS, spec, "test").uses_gradients is False
+    spec["attacks"] = ["square", "apgd-ce"]
+    assert build_component(ATTACKS, spec, "test").uses_gradients is True
+
+
+def test_only_the_ensemble_factory_normalizes_its_own_inputs() -> None:
+    assert normalizes_inputs(factory_for("ensemble"))
+    assert not normalizes_inputs(factory_for("tiny_cnn"))
+
+
+class _Masked(nn.Module):
+    """A model whose own forward gives no gradient (rounded logits) with a differentiable twin:
+    not an int8 model, but it has the same capability, so it must be attacked the same way."""
+
+    trainable = False
+
+    def __init__(self, twin: nn.Module) -> None:
+        super().__init__()
+        self.twin = twin
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.twin(x).round()
+
+    def eager(self) -> _Masked:
+        return self
+
+
+def test_gradient_free_is_a_capability_not_a_type(trained_cnn: nn.Module) -> None:
+    masked = _Masked(trained_cnn)
+    assert isinstance(masked, GradientFree)
+    assert not isinstance(trained_cnn, GradientFree)
+    assert not isinstance(StraightThrough(masked, trained_cnn), GradientFree)
+
+
+def test_any_gradient_free_model_is_attacked_through_its_twin(
+    trained_cnn: nn.Module, digits: DataSplits
+) -> None:
+    cfg = CellConfig(
+        evaluate=EvaluateSpec(
+            attacks=(
+                {"name": "pgd", "eps": 0.1, "steps": 3},
+                {"name": "square", "eps": 0.1, "queries": 20},
+            ),
+            limit=40,
+            black_box_queries=20,
+            diagnostics_points=40,
+        )
+    )
+    evaluation = runner._evaluate(cfg, _Masked(trained_cnn), digits, surrogate=trained_cnn)
+    # the gradient attack ran as BPDA + transfer + black box; Square ran on the model itself
+    assert list(evaluation.routes) == ["pgd3-linf@0.1"]
+    assert set(evaluation.routes["pgd3-linf@0.1"]["per_route"]) == {
+        "bpda", "transfer", "black-box",
+    }  # fmt: skip
+    assert [a.uses_gradients for a in evaluation.attacks] == [True, False]
+    metrics, flags = runner._diagnostics(cfg, _Masked(trained_cnn), digits, evaluation)
+    checks = {f["check"] for f in flags}
+    assert "black_box_weaker" in checks  # Square is recognised as black box by its capability
+    assert metrics
+
+
+def test_the_default_threat_model_comes_from_one_place() -> None:
+    params = inspect.signature(diagnose).parameters
+    assert (params["norm"].default, params["eps"].default) == (DEFAULT_NORM, DEFAULT_EPS)
+    assert probe_threat_model([]) == (DEFAULT_NORM, DEFAULT_EPS)
+    # unbounded (minimal-norm) and L1 attacks give no threat model to probe
+    assert probe_threat_model([("l2", float("inf")), ("l1", 5.0)]) == (DEFAULT_NORM, DEFAULT_EPS)
+    assert probe_threat_model([("l1", 5.0), ("l2", 0.5)]) == ("l2", 0.5)
+    assert probe_threat_model([("l2", 0.5), ("linf", 0.1)], norms=("linf",)) == ("linf", 0.1)
+
+
+def test_diagnostics_without_a_bounded_attack_use_the_default_threat_model(
+    trained_cnn: nn.Module, digits: DataSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, object] = {}
+
+    def spy(model: nn.Module, x: Tensor, y: Tensor, **kwargs: object) -> list[object]:
+        seen.update(kwargs)
+        return []
+
+    monkeypatch.setattr(runner, "diagnose", spy)
+    cfg = CellConfig(evaluate=EvaluateSpec(diagnostics_points=10))
+    runner._diagnostics(cfg, trained_cnn, digits, runner.Evaluation())
+    assert (seen["norm"], seen["eps"]) == (DEFAULT_NORM, DEFAULT_EPS)
+
+
+def test_the_runner_names_no_attack_model_or_compressor() -> None:
+    """The runner asks components for their capabilities; it does not recognise them."""
+    tree = ast.parse(Path(inspect.getfile(runner)).read_text())
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)}
+    for special_case in ("Square", "PGD", "QuantizedModel", "startswith", "getattr", "trainable"):
+        assert special_case not in names, special_case
+    assert "ensemble" not in strings
+
+
+def test_model_device_reads_parameters_then_buffers() -> None:
+    model = create("tiny_mlp", 10, (1, 8, 8))
+    assert model_device(model) == torch.device("cpu")
+    assert model_device(model.to("meta")) == torch.device("meta")
+    assert model_device(nn.Identity()) == torch.device("cpu")
+    assert replace(CellConfig(), seed=1).seed == 1
