@@ -142,7 +142,7 @@ def test_baseline_is_trained_once_and_cached(
     monkeypatch.setattr(runner_module, "fit", counting_fit)
     run_experiment(load_experiment(tiny_experiment()), tmp_path)
     assert calls.count("train baseline") == 1 and calls.count("fine-tune") == 3
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert len(list((tmp_path / "cache").glob("baseline-*"))) == 1
 
 
 def test_resume_after_a_kill_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -262,6 +262,14 @@ def evaluate(
     data: Annotated[str | None, typer.Option(help="Dataset [default: the checkpoint's].")] = None,
     limit: Annotated[int | None, typer.Option(help="Attack at most this many test points.")] = None,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
+    trust_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-code",
+            help="Let the checkpoint's spec.json import the module:callable it names (runs "
+            "that code; only for checkpoints whose code you trust).",
+        ),
+    ] = False,
 ) -> None:
     """Clean and robust accuracy of a saved model on the test split, threat model checked."""
     from robcomp import progress
@@ -271,7 +279,7 @@ def evaluate(
     from robcomp.evaluate import accuracy, evaluate_attack
     from robcomp.models import load_checkpoint
 
-    model, _ = load_checkpoint(checkpoint)
+    model, _ = load_checkpoint(checkpoint, trust_code=trust_code)
     config_path = checkpoint / "config.yaml"
     data_spec: Any = data or (load_yaml(config_path)["data"] if config_path.is_file() else None)
     if data_spec is None:

@@ -34,6 +34,11 @@ class Compressor(Protocol):
     A compressor may leave reparametrizations (such as pruning masks) on the returned model so
     that fine-tuning keeps the compression; :func:`robcomp.compress.finalize` makes them
     permanent.
+
+    A compressor whose result is not the input's architecture with some channels removed (a
+    distilled student) may define ``skeleton(model, data) -> nn.Module``, an untrained model of
+    the structure it returns: the experiment runner loads cached weights into it instead of
+    compressing again.
     """
 
     def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]: ...

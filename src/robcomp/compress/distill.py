@@ -131,6 +131,11 @@ class DistillTo:
                 load_weights(student, source)
         return student
 
+    def skeleton(self, model: nn.Module, data: DataSplits) -> nn.Module:
+        """The untrained student this compressor would return for ``model``: the structure a
+        cached result is loaded into (see :class:`robcomp.compress.Compressor`)."""
+        return self._student(model, data)
+
     def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]:
         start = time.perf_counter()
         student = self._student(model, data)

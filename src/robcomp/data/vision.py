@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 import torch
 
+from robcomp.config import OPERATIONAL
 from robcomp.data.base import Dataset, DatasetNotFound, Split, data_root
 from robcomp.data.registry import DATASETS
 
@@ -57,8 +58,9 @@ def _idx_split(folders: Sequence[Path], part: str) -> Split | None:
 class _IdxDataset(Dataset):
     """MNIST-format data from the four IDX files (plain or .gz) in any of several folders."""
 
-    root: str | None = None
-    download: bool = False
+    # Where the files are read from and whether they may be fetched do not change the data.
+    root: str | None = field(default=None, metadata=OPERATIONAL)
+    download: bool = field(default=False, metadata=OPERATIONAL)
 
     _subdirs: ClassVar[tuple[str, ...]] = ()
     _torchvision: ClassVar[str] = ""
@@ -127,8 +129,8 @@ def _hwc_split(x: np.ndarray, y: Sequence[int] | np.ndarray) -> Split:
 class _TorchvisionDataset(Dataset):
     """A torchvision dataset read from ``root`` (torchvision's own layout)."""
 
-    root: str | None = None
-    download: bool = False
+    root: str | None = field(default=None, metadata=OPERATIONAL)
+    download: bool = field(default=False, metadata=OPERATIONAL)
 
     _how_to_get: ClassVar[str] = ""
 

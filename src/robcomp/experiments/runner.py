@@ -34,6 +34,7 @@ from robcomp.evaluate.bpda import (
     twin_agreements,
 )
 from robcomp.evaluate.diagnostics import Flag, diagnose, probe_threat_model, summarize
+from robcomp.experiments.cache import compressed_model, own_callables
 from robcomp.experiments.spec import Cell, CellConfig
 from robcomp.experiments.store import Metric
 from robcomp.experiments.telemetry import model_telemetry
@@ -41,6 +42,7 @@ from robcomp.experiments.worst import record_worst_case
 from robcomp.models import (
     Classifier,
     GradientFree,
+    checkpoint_trust,
     create,
     factory_for,
     load_checkpoint,
@@ -98,7 +100,8 @@ def trained_baseline(
     """The trained uncompressed model, from the cache when an earlier cell produced it."""
     folder = cache / f"baseline-{cfg.baseline_key()}"
     if (folder / "history.json").is_file():
-        model, _ = load_checkpoint(folder)
+        # Its spec came from the cell's own model config, so the callables that names are trusted.
+        model, _ = load_checkpoint(folder, trust_code=own_callables(cfg))
         log.info("baseline %s from cache", folder.name)
         return model, json.loads((folder / "history.json").read_text())
     model, spec = build_model(cfg, data)
@@ -241,8 +244,33 @@ def _diagnostics(
     return metrics, [to_dict(f) for f in flags]
 
 
+def compress_and_finetune(
+    cfg: CellConfig, compressor: Any, baseline: nn.Module, data: DataSplits
+) -> tuple[nn.Module, Record, Any]:
+    """Compress the baseline and fine-tune the result; returns (model, record, fine-tuning
+    history, or the reason it was skipped, or None)."""
+    model, record = compressor(baseline, data)
+    finetune, skipped = None, None
+    if cfg.finetune is not None and cfg.finetune.epochs > 0:
+        if not isinstance(model, GradientFree):
+            finetune = fit(model, data, cfg.finetune, seed=cfg.seed, description="fine-tune")
+        else:
+            skipped = f"{compressor.label()} models cannot be trained; fine-tune skipped"
+            log.info(skipped)
+    return finalize(model), record, finetune.as_dict() if finetune else skipped
+
+
 def run_cell(cell: Cell, workdir: Path) -> CellResult:
-    """Run one cell; errors are caught and returned so one bad cell never stops a grid."""
+    """Run one cell; errors are caught and returned so one bad cell never stops a grid.
+
+    Checkpoints the cell loads may import the code their spec names only if its config says
+    ``trust_code: true``.
+    """
+    with checkpoint_trust(cell.config.trust_code):
+        return _run_cell(cell, workdir)
+
+
+def _run_cell(cell: Cell, workdir: Path) -> CellResult:
     cfg, start = cell.config, time.perf_counter()
     config = to_dict(cfg)
     common = {
@@ -258,15 +286,10 @@ def run_cell(cell: Cell, workdir: Path) -> CellResult:
         data = datasets.get(cfg.data, seed=cfg.seed)
         baseline, baseline_info = trained_baseline(cfg, data, workdir / "cache")
         compressor = build_component(COMPRESSORS, cfg.compress, "compress")
-        model, record = compressor(baseline, data)
-        finetune, skipped = None, None
-        if cfg.finetune is not None and cfg.finetune.epochs > 0:
-            if not isinstance(model, GradientFree):
-                finetune = fit(model, data, cfg.finetune, seed=cfg.seed, description="fine-tune")
-            else:
-                skipped = f"{compressor.label()} models cannot be trained; fine-tune skipped"
-                log.info(skipped)
-        model = finalize(model)
+        model, record, finetune = compressed_model(
+            cfg, compressor, baseline, data, workdir / "cache",
+            produce=lambda: compress_and_finetune(cfg, compressor, baseline, data),
+        )  # fmt: skip
         # Attacks call the model on many batch shapes; an int8 model would compile each one.
         attacked = model.eager() if isinstance(model, GradientFree) else model
         evaluation = _evaluate(cfg, attacked, data, surrogate=baseline)
@@ -285,7 +308,7 @@ def run_cell(cell: Cell, workdir: Path) -> CellResult:
             "compressor": compressor.label(),
             "record": to_dict(record),
             "baseline": baseline_info,
-            "finetune": finetune.as_dict() if finetune else skipped,
+            "finetune": finetune,
             "diagnostics": flags,
             "masking": summarize([Flag(**f) for f in flags]) if flags else None,
             "gradient_free": evaluation.routes or None,

@@ -32,16 +32,19 @@ from robcomp.attacks.base import missing_library
 from robcomp.attacks.presets import preset_attacks
 from robcomp.compress import COMPRESSORS
 from robcomp.config import (
+    OPERATIONAL,
     ConfigError,
     build,
     build_component,
     config_hash,
+    identity_dict,
     load_yaml,
     parse_override,
     set_dotted,
     to_dict,
 )
 from robcomp.data import DATASETS
+from robcomp.experiments.digest import by_content, content_of
 from robcomp.models import factory_for
 from robcomp.registry import RegistryError
 from robcomp.train import OBJECTIVES, TrainConfig
@@ -90,7 +93,7 @@ class EvaluateSpec:
     diagnostics_points: int = 200
     black_box_queries: int = 5000
     latency_batch_sizes: tuple[int, ...] = (1, 64)
-    latency_repeats: int = 20
+    latency_repeats: int = field(default=20, metadata=OPERATIONAL)
 
     def __post_init__(self) -> None:
         # limit: 0 would fail every cell after training; a negative one would slice off the
@@ -134,7 +137,22 @@ class EvaluateSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class CellConfig:
-    """One fully resolved point of the grid: everything needed to run it, nothing else."""
+    """One fully resolved point of the grid: everything needed to run it, nothing else.
+
+    Its identity (:meth:`cell_id`, :meth:`baseline_key`, the compressed-model cache key) is a
+    hash of what the results depend on: every component's fields with defaults filled in, the
+    *contents* of the files it names (weights, teacher and ensemble checkpoints, npz data), and
+    none of its *operational* fields. A field is operational when it changes where or how fast
+    a result is computed but never the result (a data folder, ``download``, latency repeats,
+    trusting a checkpoint's code, devices, threads); declare one with
+    ``field(default=..., metadata=OPERATIONAL)`` (:data:`robcomp.config.OPERATIONAL`), here or
+    in any component, and it leaves every id and cache key unchanged.
+
+    Attributes:
+        trust_code: let checkpoints this cell loads (teachers, ensemble members, pretrained
+            students) import the ``module:callable`` their spec.json names, which runs that
+            code; by default a checkpoint may name registered models only.
+    """
 
     name: str = "experiment"
     seed: int = 0
@@ -144,13 +162,16 @@ class CellConfig:
     compress: dict[str, Any] = field(default_factory=lambda: {"name": "none"})
     finetune: TrainConfig | None = None
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
+    trust_code: bool = field(default=False, metadata=OPERATIONAL)
 
     def canonical(self) -> dict[str, Any]:
         """The configuration with every component's defaults filled in (data, compressor,
         training objectives, attacks), so a changed default is a different cell, never a stale
         cached result, and ``{sparsity: 0.5}`` is the same cell as ``{sparsity: 0.5, scope:
-        global}``."""
-        out: dict[str, Any] = to_dict(self)
+        global}``; files by their contents, operational fields left out (see the class)."""
+        out: dict[str, Any] = identity_dict(self)
+        if self.model.weights and (digest := content_of(self.model.weights, any_file=True)):
+            out["model"]["weights"] = digest
         out["data"] = _resolved(DATASETS, self.data)
         out["compress"] = _resolved(COMPRESSORS, self.compress)
         out["train"]["objective"] = _resolved(OBJECTIVES, self.train.objective)
@@ -158,7 +179,7 @@ class CellConfig:
             out["finetune"]["objective"] = _resolved(OBJECTIVES, self.finetune.objective)
         out["evaluate"]["attacks"] = [_resolved(ATTACKS, s) for s in self.evaluate.attack_specs()]
         out["evaluate"].pop("preset", None)  # its attacks are listed above
-        return _json_safe(out)
+        return _json_safe(by_content(out))
 
     def cell_id(self) -> str:
         """Hash of the canonical configuration: the cell's identity in the store."""
@@ -175,7 +196,7 @@ def _resolved(registry: Any, spec: Mapping[str, Any] | str) -> Any:
     cannot be built on its own (e.g. an objective that needs a teacher bound at run time)."""
     name = spec if isinstance(spec, str) else spec.get("name")
     try:
-        return {"name": name, **to_dict(build_component(registry, spec, "hash"))}
+        return {"name": name, **identity_dict(build_component(registry, spec, "hash"))}
     except (ConfigError, RegistryError, TypeError, ValueError):
         return to_dict(spec)
 

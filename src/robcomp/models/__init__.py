@@ -1,7 +1,15 @@
 """Model zoo: every model takes inputs in [0, 1] and normalizes inside."""
 
 from robcomp.models import ensemble, zoo  # noqa: F401  (register the architectures)
-from robcomp.models.base import MODELS, Classifier, Normalize, create, factory_for
+from robcomp.models.base import (
+    MODELS,
+    Classifier,
+    Normalize,
+    UntrustedCodeError,
+    code_trust,
+    create,
+    factory_for,
+)
 from robcomp.models.capabilities import (
     GradientFree,
     model_device,
@@ -9,6 +17,7 @@ from robcomp.models.capabilities import (
     self_normalizing,
 )
 from robcomp.models.checkpoint import (
+    checkpoint_trust,
     load_checkpoint,
     load_weights,
     read_state_dict,
@@ -20,6 +29,9 @@ __all__ = [
     "Classifier",
     "GradientFree",
     "Normalize",
+    "UntrustedCodeError",
+    "checkpoint_trust",
+    "code_trust",
     "create",
     "factory_for",
     "load_checkpoint",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -56,7 +58,50 @@ class Classifier(nn.Module):
         return self.net(self.normalize(x))
 
 
+# Which ``module:callable`` names may be imported here: True (any: the user's own code), or the
+# set allowed by every enclosing :func:`code_trust` block (empty while building from a file
+# someone else wrote, such as a checkpoint's spec.json, unless the user opted in).
+_TRUSTED: ContextVar[bool | frozenset[str]] = ContextVar("robcomp_trusted_code", default=True)
+
+
+class UntrustedCodeError(ValueError):
+    """A file names a Python callable to import, and the user did not trust its code."""
+
+
+@contextmanager
+def code_trust(trust: bool | Collection[str]) -> Iterator[None]:
+    """Within the block, import ``module:callable`` models only if ``trust`` allows them.
+
+    ``trust`` is True (any callable), False (registered models only) or the callables allowed.
+    Blocks nest by intersection: an inner block never widens what an outer one allowed, so a
+    checkpoint loaded while building another checkpoint's model is no more trusted than it.
+    """
+    outer = _TRUSTED.get()
+    inner = trust if trust is True else frozenset(trust or ())
+    if outer is True or inner is True:
+        allowed = inner if outer is True else outer
+    else:
+        allowed = frozenset(outer or ()) & inner
+    token = _TRUSTED.set(allowed)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def _check_trusted(target: str) -> None:
+    allowed = _TRUSTED.get()
+    if allowed is True or (allowed and target in allowed):
+        return
+    raise UntrustedCodeError(
+        f"model {target!r} is a Python callable to import, and importing runs its code: a "
+        "checkpoint may name registered models only (robcomp list models). If you trust the "
+        "code it names, pass --trust-code (experiment file: trust_code: true)"
+    )
+
+
 def _import_callable(target: str) -> ModelFactory:
+    _check_trusted(target)  # importing a module runs its code
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)

@@ -1,7 +1,11 @@
 """Checkpoints: safetensors weights plus a JSON spec of the architecture.
 
 Loading someone else's file is a security boundary: we read safetensors, or a PyTorch file with
-``torch.load(..., weights_only=True)``, which refuses to unpickle arbitrary objects.
+``torch.load(..., weights_only=True)``, which refuses to unpickle arbitrary objects, and a
+spec may name registered models only. A ``module:callable`` in a spec would be imported, which
+runs its code; that needs the user's explicit trust (``--trust-code``, ``trust_code: true``,
+:func:`checkpoint_trust`), or a caller that knows where the name came from (the runner's own
+baseline cache, whose names come from the user's experiment file).
 """
 
 from __future__ import annotations
@@ -9,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +24,27 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from robcomp.models.base import Classifier, create
+from robcomp.models.base import Classifier, UntrustedCodeError, code_trust, create
 
 WEIGHTS = "model.safetensors"
 SPEC = "spec.json"
 _STATE_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+Trust = bool | Collection[str]
+# What checkpoints loaded without an explicit ``trust_code`` may import: nothing by default.
+_CHECKPOINT_TRUST: ContextVar[Trust] = ContextVar("robcomp_checkpoint_trust", default=False)
+
+
+@contextmanager
+def checkpoint_trust(trust: Trust) -> Iterator[None]:
+    """Within the block, checkpoints loaded without ``trust_code`` may import ``module:callable``
+    models as ``trust`` allows: True (any, the user's ``--trust-code``), False or a set of names.
+    """
+    token = _CHECKPOINT_TRUST.set(trust)
+    try:
+        yield
+    finally:
+        _CHECKPOINT_TRUST.reset(token)
 
 
 def save_checkpoint(model: nn.Module, folder: str | Path, spec: Mapping[str, Any]) -> Path:
@@ -42,8 +64,21 @@ def save_checkpoint(model: nn.Module, folder: str | Path, spec: Mapping[str, Any
     return folder
 
 
-def load_checkpoint(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild a model saved by :func:`save_checkpoint`; returns (model in eval mode, spec)."""
+def load_checkpoint(
+    folder: str | Path, *, trust_code: Trust | None = None
+) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild a model saved by :func:`save_checkpoint`; returns (model in eval mode, spec).
+
+    Args:
+        folder: the checkpoint folder.
+        trust_code: which ``module:callable`` names its spec may import: True (any), False
+            (registered models only) or a set of names; None (default) takes the enclosing
+            :func:`checkpoint_trust`, which is False unless the user opted in.
+
+    Raises:
+        UntrustedCodeError: the spec names a callable that ``trust_code`` does not allow;
+            nothing of it was imported.
+    """
     folder = Path(folder)
     spec_path, weights_path = folder / SPEC, folder / WEIGHTS
     if not spec_path.is_file() or not weights_path.is_file():
@@ -52,14 +87,21 @@ def load_checkpoint(folder: str | Path) -> tuple[Classifier, dict[str, Any]]:
             "train one with `robcomp train`"
         )
     spec = _read_spec(spec_path)
-    model = create(
-        spec["name"],
-        spec["num_classes"],
-        spec["in_shape"],
-        mean=spec.get("mean"),
-        std=spec.get("std"),
-        **spec.get("options", {}),
-    )
+    trust = _CHECKPOINT_TRUST.get() if trust_code is None else trust_code
+    try:
+        # Nested checkpoints (an ensemble's members) are built inside this block, so they can
+        # never be trusted more than this one.
+        with code_trust(trust):
+            model = create(
+                spec["name"],
+                spec["num_classes"],
+                spec["in_shape"],
+                mean=spec.get("mean"),
+                std=spec.get("std"),
+                **spec.get("options", {}),
+            )
+    except UntrustedCodeError as err:
+        raise UntrustedCodeError(f"{spec_path}: {err}") from None
     try:
         model.load_state_dict(load_file(str(weights_path)))
     except (SafetensorError, RuntimeError) as err:  # truncated, garbage, or another model's
