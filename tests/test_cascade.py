@@ -27,9 +27,9 @@ except ImportError:
     HAS_REFERENCE = False
 else:
     HAS_REFERENCE = True
-# fab-t and square run the official code (the robcomp[attacks] extra); the cascade's own logic
-# is tested without it.
-needs_reference = pytest.mark.skipif(not HAS_REFERENCE, reason="pip install robcomp[attacks]")
+# fab-t and square run the official code (pyautoattack, in the base install); the cascade's
+# own logic is tested without it.
+needs_reference = pytest.mark.skipif(not HAS_REFERENCE, reason="pip install pyautoattack==0.2.0")
 
 GENEROUS = {"linf": 0.3, "l2": 3.0}
 
@@ -121,7 +121,7 @@ def test_missing_pyautoattack_names_the_extra(
 ) -> None:
     model, x, y = digits
     monkeypatch.setitem(sys.modules, "pyautoattack.square", None)  # makes the import fail
-    with pytest.raises(ImportError, match=r"pip install robcomp\[attacks\]"):
+    with pytest.raises(ImportError, match=r"pip install 'pyautoattack==0\.2\.0'"):
         Square(eps=0.1)(model, x[:4], y[:4])
 
 

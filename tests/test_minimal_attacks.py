@@ -155,7 +155,7 @@ def test_foolbox_missing_gives_an_actionable_error(
 ) -> None:
     model, x, y = trained
     monkeypatch.setitem(sys.modules, "foolbox", None)
-    with pytest.raises(ImportError, match=r"pip install robcomp\[attacks\]"):
+    with pytest.raises(ImportError, match=r"pip install 'foolbox==3\.3\.4'"):
         DDN(eps=1.0)(model, x[:4], y[:4])
 
 

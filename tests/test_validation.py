@@ -246,6 +246,22 @@ def test_data_problems_are_one_line_before_any_cell(tmp_path: Path, problem: str
     assert not (tmp_path / "out" / "results.sqlite").exists()  # no cell ran
 
 
+@pytest.mark.parametrize(
+    ("model", "words"),
+    [
+        ({"name": "small_cnn"}, "needs at least 1 channel and 16x16 pixels"),  # digits are 8x8
+        ({"name": "tiny_mlp", "options": {"hidden": -1}}, "negative dimension"),
+    ],
+)
+def test_models_that_cannot_be_built_fail_before_any_cell(
+    tmp_path: Path, model: dict[str, Any], words: str
+) -> None:
+    result = _run(tmp_path, _base(model=model))
+    assert result.exit_code == 2 and _one_line(result.output), result.output
+    assert words in result.output
+    assert not (tmp_path / "out" / "results.sqlite").exists()
+
+
 def test_missing_mnist_is_one_line(tmp_path: Path) -> None:
     raw = _base(data={"name": "mnist", "root": str(tmp_path)})
     result = _run(tmp_path, raw)

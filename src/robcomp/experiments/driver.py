@@ -7,15 +7,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 
 from robcomp import data as datasets
 from robcomp.config import ConfigError, canonical_json
-from robcomp.data import DataError, DatasetNotFound
+from robcomp.data import DataError, DatasetNotFound, DataSplits
 from robcomp.experiments.executors import Executor, LocalExecutor
 from robcomp.experiments.runner import CellResult, run_cell
-from robcomp.experiments.spec import Cell, Experiment
+from robcomp.experiments.spec import Cell, Experiment, ModelSpec
 from robcomp.experiments.store import ResultStore
+from robcomp.models import MODELS, create
 from robcomp.progress import track
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,7 @@ def run_experiment(
         _check_same_experiment(earlier, experiment.name, out, append)
         done = earlier.done_ids()
     todo = [c for c in experiment.cells if c.cell_id not in done]
-    check_datasets(todo, experiment.source)
+    preflight(todo, experiment.source)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(yaml.safe_dump(experiment.raw, sort_keys=False))
     store = ResultStore(out / STORE_NAME)
@@ -96,16 +98,38 @@ def _check_same_experiment(store: ResultStore, name: str, out: Path, append: boo
         )
 
 
-def check_datasets(cells: Sequence[Cell], where: str) -> None:
+def preflight(cells: Sequence[Cell], where: str) -> None:
     """Load and check each distinct dataset of ``cells`` once, so a missing file, a wrong key
-    or NaN pixels are one message before any cell runs instead of one failure per cell."""
-    seen: set[str] = set()
+    or NaN pixels are one message before any cell runs instead of one failure per cell; then
+    build each distinct registered model for its data on the meta device (no memory, no
+    compute), so a bad option value or an input shape the model cannot take fails here too."""
+    loaded: dict[str, DataSplits] = {}
+    built: set[str] = set()
     for cell in cells:
-        key = canonical_json(cell.config.data)
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            datasets.get(cell.config.data, seed=cell.config.seed)
-        except (DataError, DatasetNotFound) as err:
-            raise type(err)(f"{where}: data: {err}") from None
+        cfg = cell.config
+        key = canonical_json(cfg.data)
+        if key not in loaded:
+            try:
+                loaded[key] = datasets.get(cfg.data, seed=cfg.seed)
+            except (DataError, DatasetNotFound) as err:
+                raise type(err)(f"{where}: data: {err}") from None
+        model_key = canonical_json([cfg.model, key])
+        if model_key not in built:
+            built.add(model_key)
+            _check_model(cfg.model, loaded[key], where)
+
+
+def _check_model(spec: ModelSpec, data: DataSplits, where: str) -> None:
+    # A module:callable is the user's own code, which may not run on the meta device.
+    if spec.name not in MODELS:
+        return
+    channels = data.in_shape[0]
+    try:
+        with torch.device("meta"):
+            create(
+                spec.name, data.num_classes, data.in_shape,
+                mean=spec.mean or (0.0,) * channels, std=spec.std or (1.0,) * channels,
+                **spec.options,
+            )  # fmt: skip
+    except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:
+        raise ConfigError(f"{where}: model {spec.name!r} on {data.summary()}: {err}") from None
