@@ -129,7 +129,7 @@ def _resized(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
 def _resize(module: nn.Module, shapes: Mapping[str, torch.Size], where: str) -> None:
     for name, shape in shapes.items():
         old = getattr(module, name)
-        new = torch.zeros(shape, dtype=old.dtype)
+        new = torch.zeros(shape, dtype=old.dtype, device=old.device)
         if isinstance(old, nn.Parameter):
             setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
         else:
