@@ -367,7 +367,7 @@ def test_bad_objective_configs_fail_clearly(spec: dict[str, Any], match: str) ->
         ({"early_stop": {"patience": 3}}, "unknown key 'patience'"),
         ({"monitor": {"points": 0}}, "points must be >= 1"),
         ({"monitor": {"attack": {"name": "pgd"}}}, "missing required key"),
-        ({"monitor": {"attack": {"name": "pgd", "eps": -1}}}, "eps must be >= 0"),
+        ({"monitor": {"attack": {"name": "pgd", "eps": -1}}}, "eps must be a finite number >= 0"),
     ],
 )
 def test_bad_early_stop_and_monitor_configs_fail_at_construction(

@@ -76,7 +76,7 @@ def test_lr_schedules(schedule: str, extra: dict[str, object], expected: list[fl
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="milestones"):
         TrainConfig(schedule="multistep")
-    with pytest.raises(ValueError, match="lr must be positive"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
         TrainConfig(lr=0)
 
 
