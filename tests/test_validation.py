@@ -170,7 +170,9 @@ def test_attack_libraries_are_in_the_base_install() -> None:
     assert "pip install -q -e . " in ci and "quickstart --quick" in ci
 
 
-def test_a_missing_attack_library_fails_at_load_time(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_missing_attack_library_fails_at_load_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "pyautoattack", None)  # as if not installed
     raw = _base(evaluate=_base()["evaluate"] | {"attacks": [{"name": "square", "eps": 0.1}]})
     with pytest.raises(ConfigError, match=r"needs pyautoattack.*pip install 'pyautoattack=="):
@@ -180,6 +182,13 @@ def test_a_missing_attack_library_fails_at_load_time(monkeypatch: pytest.MonkeyP
     assert result.exit_code == 2, result.output
     assert _one_line(result.output) and "attacks[" in result.output
     assert not Path("unused").exists()
+    from robcomp.models import create, save_checkpoint
+
+    spec = {"name": "tiny_mlp", "num_classes": 10, "in_shape": [1, 8, 8], "options": {}}
+    folder = save_checkpoint(create("tiny_mlp", 10, (1, 8, 8)), tmp_path / "ckpt", spec)
+    result = runner.invoke(app, ["evaluate", str(folder), "--data", "digits", "--attack", "ddn"])
+    assert result.exit_code == 2 and _one_line(result.output), result.output
+    assert "needs foolbox" in result.output
 
 
 def _one_line(output: str) -> bool:

@@ -274,6 +274,7 @@ def evaluate(
     """Clean and robust accuracy of a saved model on the test split, threat model checked."""
     from robcomp import progress
     from robcomp.attacks import ATTACKS
+    from robcomp.attacks.base import missing_library
     from robcomp.config import build_component, load_yaml
     from robcomp.data import get
     from robcomp.evaluate import accuracy, evaluate_attack
@@ -289,6 +290,9 @@ def evaluate(
         build_component(ATTACKS, _parse_attack(a), f"--attack {a}")
         for a in (attack or ["pgd:eps=0.1"])
     ]
+    for atk in attacks:  # before the first attack runs, not halfway through the table
+        if message := missing_library(atk):
+            raise ConfigError(f"--attack: {message}")
     table = Table(title=f"{checkpoint} on {splits.name}")
     for col in ("attack", "eps", "clean %", "robust %", "median norm", "seconds"):
         table.add_column(col, justify="right")
