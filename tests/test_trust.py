@@ -181,3 +181,18 @@ def test_a_cached_baseline_of_the_users_own_callable_reloads(tmp_path: Path) -> 
     raw["evaluate"]["limit"] = 10  # new cells, same baseline
     again = run_experiment(load_experiment(raw), tmp_path)
     assert len(again.failed) == 2 and not proof.exists()
+
+
+def test_an_untrusted_ensemble_member_is_refused_before_any_cell_runs(tmp_path: Path) -> None:
+    own = _checkpoint(tmp_path / "own", _spec(TRUSTED_CALLABLE))
+    raw = {
+        "name": "trusted-ensemble",
+        "data": {"name": "digits", "train_limit": 200},
+        "model": {"name": "ensemble", "options": {"members": [{"weights": str(own)}]}},
+        "train": {"epochs": 0},
+        "evaluate": {"attacks": [{"name": "fgsm", "eps": 0.1}], "limit": 20, "diagnostics": False,
+                     "latency_batch_sizes": []},
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=TRUSTED_CALLABLE):
+        run_experiment(load_experiment(raw), tmp_path / "refused")
+    assert not (tmp_path / "refused" / "cells").exists()

@@ -17,7 +17,7 @@ from robcomp.experiments.executors import Executor, LocalExecutor
 from robcomp.experiments.runner import CellResult, run_cell
 from robcomp.experiments.spec import Cell, Experiment, ModelSpec
 from robcomp.experiments.store import ResultStore
-from robcomp.models import MODELS, create
+from robcomp.models import MODELS, checkpoint_trust, create
 from robcomp.progress import track
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,11 @@ def preflight(cells: Sequence[Cell], where: str) -> None:
                 loaded[key] = datasets.get(cfg.data, seed=cfg.seed)
             except (DataError, DatasetNotFound) as err:
                 raise type(err)(f"{where}: data: {err}") from None
-        model_key = canonical_json([cfg.model, key])
+        model_key = canonical_json([cfg.model, key, cfg.trust_code])
         if model_key not in built:
             built.add(model_key)
-            _check_model(cfg.model, loaded[key], where)
+            with checkpoint_trust(cfg.trust_code):  # as run_cell will load its checkpoints
+                _check_model(cfg.model, loaded[key], where)
 
 
 def _check_model(spec: ModelSpec, data: DataSplits, where: str) -> None:
