@@ -111,7 +111,8 @@ def test_k_fraction_and_the_reference_lr_schedule() -> None:
     expected = [1 / 3, 1 / 3, 2 / 3, 2 / 3, 1.0, 1.0]  # k falls in 3 equal steps over 6 periods
     assert [k_fraction(p, 6, 3) for p in range(6)] == pytest.approx(expected)
     assert [k_fraction(p, 4, 1) for p in range(4)] == [1.0] * 4
-    # ALGORITHMS.md "ADMM: exact schedule" with admm_epoch 20: 0-6, 7-13, 14-19, then repeat.
+    # The authors' code (yeshaokai/Robustness-Aware-Pruning-ADMM) with admm_epoch 20:
+    # 0-6, 7-13, 14-19, then repeat.
     factors = [admm_lr_factor(e, 20) for e in range(41)]
     assert factors[:7] == [1.0] * 7
     assert factors[7:14] == pytest.approx([0.1] * 7)

@@ -1,6 +1,6 @@
 """Named evaluation suites: light and heavy attack strengths per dataset.
 
-``shen-light`` / ``shen-heavy`` are the settings of Shen et al. (000 paper, Tables 4 and 5) on
+``shen-light`` / ``shen-heavy`` are the settings of Shen et al. (2024, Tables 4 and 5) on
 Office-31 images: very small budgets because their images are 224x224. The per-dataset presets
 use the budgets the field reports for each dataset (MNIST 0.1/0.3 L∞; CIFAR 2/255 and 8/255 L∞,
 0.25 and 0.5 L2), with the same family of attacks.

@@ -127,7 +127,8 @@ _PROJECTIONS: dict[str, Callable[[Tensor, float], Tensor]] = {
 def projection_mask(weight: Tensor, pattern: Pattern, amount: float) -> Tensor:
     """Boolean keep-mask of the projection of ``weight`` onto one layer's sparsity set.
 
-    ``weight * mask`` is that projection (ALGORITHMS.md Sec. 2, ``weight_pruning``). Rows of
+    ``weight * mask`` is that projection (``weight_pruning`` in the authors' code,
+    yeshaokai/Robustness-Aware-Pruning-ADMM). Rows of
     ``weight.flatten(1)`` are output filters (Conv) or neurons (Linear); columns are one input
     position across all filters.
 
@@ -181,7 +182,8 @@ def k_fraction(period: int, periods: int, stages: int) -> float:
 
 def admm_lr_factor(epoch: int, period: int) -> float:
     """Learning-rate multiplier in the ADMM stage: reset to 1 at each period's start, then x0.1
-    after each third of it (reference ``admm_adjust_learning_rate``; ALGORITHMS.md)."""
+    after each third of it (``admm_adjust_learning_rate`` in the authors' code,
+    yeshaokai/Robustness-Aware-Pruning-ADMM)."""
     return float(0.1 ** math.floor((epoch % period) / (period / 3)))
 
 

@@ -44,7 +44,8 @@ class Digits(Dataset):
         return pool, test, 10, tuple(str(i) for i in range(10))
 
 
-# The four latent classes of the on-manifold paper's simulation (Kwon & Lee 2021, ALGORITHMS.md 5).
+# The four latent classes of the on-manifold paper's simulation (Kwon & Lee 2021;
+# the authors' sanglee/MC-ATON, src/simulation/make_data.py).
 GAUSSIAN_MEANS = ((-0.1, 0.5), (0.8, 0.1), (-0.1, -0.6), (-0.8, 0.2))
 GAUSSIAN_COVS = (
     ((0.05, 0.0), (0.0, 0.05)),

@@ -1,4 +1,4 @@
-"""Robust accuracy against an increasingly strong adversary (Marshall, 003 thesis, Algorithm 2)."""
+"""Robust accuracy against an increasingly strong adversary (Marshall 2020, Algorithm 2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Transfer attacks (Marshall, 003 thesis, Algorithm 3): craft on a source, score on targets."""
+"""Transfer attacks (Marshall 2020, Algorithm 3): craft on a source, score on targets."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Each trains a student against a frozen, adversarially trained teacher, named (li
 objective's) by a checkpoint folder or by the ``memory:`` handle of the ``distill`` compressor,
 which takes any of them by name (``distill`` with ``objective: rslad``). The loss scalings follow
 the authors' code, not the papers' notation, because the KL reductions differ between methods and
-change the effective learning rate (see ``ALGORITHMS.md``, "KL normalisation summary"):
+change the effective learning rate (the reductions as written in each repository):
 
 =========  =====================================  ================================================
 name       KL reduction                           reference
