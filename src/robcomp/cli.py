@@ -132,6 +132,21 @@ AppendOption = Annotated[
     bool,
     typer.Option(help="Add to an OUT that holds another experiment (their leaderboards merge)."),
 ]
+DeviceOption = Annotated[
+    str | None,
+    typer.Option(help="Where cells run: auto (CUDA when present), cpu, cuda, cuda:1 [file's]."),
+]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Intra-op CPU threads per cell [auto: 1 for tiny models, else the free cores]."
+    ),
+]
+
+
+def _operational(device: str | None, threads: int | None) -> list[str]:
+    """``--device``/``--threads`` as overrides: where and how fast, never which result."""
+    return [f"{k}={v}" for k, v in (("device", device), ("threads", threads)) if v is not None]
 # ``quickstart --quick``: the same pipeline and the same attack libraries (Square, DDN) on three
 # cells with a few epochs, points and steps, so a fresh install is checked in well under a minute
 # (CI runs it). Its numbers say nothing about the methods.
@@ -162,6 +177,8 @@ def quickstart(
     ] = False,
     append: AppendOption = False,
     set_: SetOption = None,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Train a tiny CNN on digits; prune, filter-prune, distill and int8-quantize it; attack each
     with PGD, APGD-CE, Square and DDN under the gradient-masking checks; report (~2 min)."""
@@ -169,7 +186,7 @@ def quickstart(
     if fresh and out.exists():
         shutil.rmtree(out)
     text = resources.files("robcomp").joinpath("configs/quickstart.yaml").read_text()
-    overrides = [*(QUICK_OVERRIDES if quick else ()), *(set_ or [])]
+    overrides = [*(QUICK_OVERRIDES if quick else ()), *(set_ or []), *_operational(device, threads)]
     _run_and_report(yaml.safe_load(text), overrides, out, append=append)
 
 
@@ -186,6 +203,8 @@ def run(
         str | None, typer.Option(help="Ray cluster address ('auto' joins a running one).")
     ] = None,
     append: AppendOption = False,
+    device: DeviceOption = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Run every cell of an experiment file (or of a shipped config: `robcomp list configs`);
     finished cells are skipped, so reruns resume."""
@@ -194,7 +213,8 @@ def run(
     file = _experiment_file(file)
     if out is None:
         out = Path("runs") / load_experiment(file, set_ or []).name
-    _run_and_report(file, set_ or [], out, executor, ray_address, append)
+    overrides = [*(set_ or []), *_operational(device, threads)]
+    _run_and_report(file, overrides, out, executor, ray_address, append)
 
 
 @app.command()

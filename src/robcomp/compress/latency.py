@@ -11,11 +11,13 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from robcomp.models.capabilities import model_device
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,9 @@ def latency(
         raise ValueError("batch_size and repeats must be >= 1, warmup >= 0")
     generator = torch.Generator().manual_seed(seed)
     raw = torch.randint(0, 256, (batch_size, *in_shape), dtype=torch.uint8, generator=generator)
+    raw = raw.to(model_device(model))  # the probe lives where the model does
     x = raw.float().div_(255.0)
+    sync = _synchronizer(raw.device)
     was_training = model.training
     model.eval()
     times: list[float] = []
@@ -84,6 +88,7 @@ def latency(
                 start = time.perf_counter()
                 batch = raw.float().div_(255.0) if include_load else x
                 model(batch)
+                sync()  # an accelerator returns before its kernels finish
                 elapsed = time.perf_counter() - start
                 if i >= warmup:
                     times.append(elapsed * 1000.0)
@@ -98,6 +103,13 @@ def latency(
         repeats=repeats,
         include_load=include_load,
     )
+
+
+def _synchronizer(device: torch.device) -> Callable[[], None]:
+    """Waits for ``device``'s queued work (a no-op on the CPU, whose ops are synchronous)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def peak_memory_bytes(model: nn.Module, in_shape: Sequence[int], batch_size: int = 1) -> int:

@@ -268,11 +268,11 @@ def project(groups: list[ChannelGroup], sparsity: float) -> list[Tensor]:
         count = pruned_count(group.channels, sparsity)
         if group.shortcut is not None:  # channels a live shortcut input reaches cannot be zero
             source, offset = group.shortcut
-            live = torch.zeros(group.channels, dtype=torch.bool)
+            live = torch.zeros(group.channels, dtype=torch.bool, device=norms.device)
             live[offset : offset + len(keeps[source])] = keeps[source]
             norms = norms.masked_fill(live, float("inf"))
             count = min(count, int((~live).sum()))
-        keep = torch.ones(group.channels, dtype=torch.bool)
+        keep = torch.ones(group.channels, dtype=torch.bool, device=norms.device)
         keep[norms.argsort(stable=True)[:count]] = False
         _zero(group, keep)
         keeps.append(keep)

@@ -35,7 +35,7 @@ from torch.fx import GraphModule, Node
 from torch.nn.utils import parametrize
 
 from robcomp.compress.base import COMPRESSORS, Record
-from robcomp.compress.efficiency import count_macs, prunable_layers, select_layers
+from robcomp.compress.efficiency import count_macs, prunable_layers
 from robcomp.compress.prune import finalize
 from robcomp.data.base import DataSplits
 from robcomp.evaluate.bpda import twin_agreement
@@ -386,8 +386,12 @@ class Int8PTQ:
     def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]:
         quantize_pt2e, xiq = _torchao()
         start = time.perf_counter()
-        float_model = copy.deepcopy(model).eval()
-        batches = list(_calibration(data, self.calibration_batches, self.batch_size, self.seed))
+        # x86 int8 kernels (oneDNN) run on the CPU only: quantize a CPU copy, whatever the device.
+        float_model = copy.deepcopy(model).eval().cpu()
+        batches = [
+            x.cpu()
+            for x in _calibration(data, self.calibration_batches, self.batch_size, self.seed)
+        ]
         example = batches[0][:2] if len(batches[0]) >= 2 else torch.cat([batches[0]] * 2)
         quantizer = xiq.X86InductorQuantizer().set_global(
             xiq.get_default_x86_inductor_quantization_config()
@@ -557,7 +561,9 @@ def _fake_quantize(
 ) -> tuple[nn.Module, Record]:
     start = time.perf_counter()
     new = finalize(copy.deepcopy(model))  # pruning masks become plain zeros first
-    layers = select_layers(prunable_layers(new), include_first_last)
+    layers = prunable_layers(new)
+    if not include_first_last and len(layers) > 2:
+        layers = layers[1:-1]
     for _, module in layers:
         parametrize.register_parametrization(module, "weight", WeightQuant(bits))
         if act_bits is not None:

@@ -31,10 +31,11 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from robcomp.compress.base import COMPRESSORS, Record
-from robcomp.compress.efficiency import PRUNABLE, count_params, execution_order
+from robcomp.compress.efficiency import PRUNABLE, count_params
 from robcomp.compress.prune import record_for
 from robcomp.data.base import DataSplits
 from robcomp.evaluate.clean import accuracy
+from robcomp.models.capabilities import model_device
 from robcomp.progress import track
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,10 @@ class FilterL1(tp.importance.MagnitudeImportance):
                 continue
             if getattr(layer, "transposed", False) or any(r is None for r in item.root_idxs):
                 continue  # transposed convs keep filters in dim 1; None: not mapped to the root
-            root = torch.as_tensor(item.root_idxs)
+            root = torch.as_tensor(item.root_idxs, device=layer.weight.device)
             local = layer.weight.detach()[list(idxs)].abs().flatten(1).sum(1)  # (len(idxs),)
             if scores is None:
-                scores = torch.zeros(len(group[0].idxs), dtype=torch.float64)
+                scores = torch.zeros(len(group[0].idxs), dtype=torch.float64, device=root.device)
             scores.scatter_add_(0, root, local.double())
         if scores is None:
             raise ValueError("a pruning group without convolution or linear filters")
@@ -113,6 +114,20 @@ class PruningPlan:
     graph: Any  # tp.DependencyGraph
     units: list[PruningUnit]
     skipped: dict[str, str]  # root layer -> why it is kept intact
+
+
+def _execution_order(model: nn.Module, in_shape: Sequence[int]) -> list[str]:
+    """Names of the Conv/Linear layers in the order the forward pass runs them."""
+    names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda mod, _i, _o: order.append(names[mod])) for m in names]
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, *in_shape))
+    finally:
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
 
 
 def _resolve_names(model: nn.Module, wanted: Sequence[str]) -> set[str]:
@@ -154,11 +169,13 @@ def plan_filters(
     was_training = model.training
     model.eval()  # a batch of one through BatchNorm in training mode would fail
     try:
-        order = execution_order(model, in_shape)
+        order = _execution_order(model, in_shape)
         if not order:
             raise ValueError("the model has no Conv or Linear layer to prune")
         graph = tp.DependencyGraph().build_dependency(
-            model, example_inputs=torch.zeros(1, *in_shape), verbose=False
+            model,
+            example_inputs=torch.zeros(1, *in_shape, device=model_device(model)),
+            verbose=False,
         )
     finally:
         model.train(was_training)

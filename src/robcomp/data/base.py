@@ -49,6 +49,14 @@ class Split:
     def head(self, n: int | None) -> Split:
         return self if n is None or n >= len(self) else self.take(slice(0, n))
 
+    def to(self, device: torch.device | str) -> Split:
+        """The split on ``device`` (itself when already there); uint8 stays uint8, so an
+        accelerator holds the compact copy and converts each batch where it is used."""
+        device = torch.device(device)
+        if self.x.device == device and self.y.device == device:
+            return self
+        return Split(self.x.to(device), self.y.to(device))
+
     @staticmethod
     def to_float(x: Tensor) -> Tensor:
         return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
@@ -73,6 +81,7 @@ class Split:
             order = torch.randperm(n, generator=generator)
         else:
             order = torch.arange(n)
+        order = order.to(self.x.device)  # drawn on the CPU generator, the same on every device
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             x = self.to_float(self.x[idx])
@@ -101,6 +110,17 @@ class DataSplits:
             object.__setattr__(self, "mean", tuple(float(v) for v in x.mean(dim=dims)))
             std = x.std(dim=dims).clamp_min(1e-3)
             object.__setattr__(self, "std", tuple(float(v) for v in std))
+
+    def to(self, device: torch.device | str) -> DataSplits:
+        """Every split on ``device``: the one place a run moves its data."""
+        return dataclasses.replace(
+            self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device)
+        )
+
+    @property
+    def device(self) -> torch.device:
+        """Where the splits live (see :meth:`to`)."""
+        return self.train.x.device
 
     @property
     def in_shape(self) -> tuple[int, ...]:

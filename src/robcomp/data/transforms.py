@@ -15,7 +15,8 @@ AugmentName = Literal["none", "flip", "crop_flip"]
 
 def random_flip(x: Tensor, generator: torch.Generator) -> Tensor:
     """Mirror each image left-right with probability 1/2."""
-    flip = torch.rand(len(x), generator=generator) < 0.5
+    # Drawn on the CPU from the CPU generator, so every device sees the same augmentation.
+    flip = (torch.rand(len(x), generator=generator) < 0.5).to(x.device)
     x = x.clone()
     x[flip] = x[flip].flip(-1)
     return x
@@ -25,12 +26,13 @@ def random_crop(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor:
     """Zero-pad by ``pad`` and crop back at a random offset per image (the CIFAR recipe)."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]  # (N, 1, H, 1)
-    cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]  # (N, 1, 1, W)
-    batch = torch.arange(n)[:, None, None, None]
-    chans = torch.arange(x.shape[1])[None, :, None, None]
+    dev = x.device  # offsets drawn on the CPU generator, then moved: the same crops everywhere
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    rows = (dy[:, None] + torch.arange(h, device=dev)[None, :])[:, None, :, None]  # (N, 1, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=dev)[None, :])[:, None, None, :]  # (N, 1, 1, W)
+    batch = torch.arange(n, device=dev)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=dev)[None, :, None, None]
     return padded[batch, chans, rows, cols]
 
 

@@ -59,7 +59,7 @@ def check_threat_model(x: Tensor, x_adv: Tensor, eps: float, norm: str, where: s
             f"expected {tuple(x.shape)} {x.dtype}"
         )
     if x_adv.numel() == 0:  # an empty batch is trivially inside any threat model
-        return torch.zeros(len(x_adv))
+        return torch.zeros(len(x_adv), device=x_adv.device)
     if not torch.isfinite(x_adv).all():
         raise ThreatModelViolation(f"{label}x_adv contains NaN or inf")
     lo, hi = float(x_adv.min()), float(x_adv.max())
@@ -87,7 +87,9 @@ def attack_batch(model: nn.Module, attack: Attack, x: Tensor, y: Tensor) -> Atta
     """Run ``attack`` on one batch in attack mode and check the threat model."""
     if len(x) == 0:  # attacks need not handle empty batches
         return AttackOutcome(
-            x_adv=x.clone(), success=torch.zeros(0, dtype=torch.bool), norms=torch.zeros(0)
+            x_adv=x.clone(),
+            success=torch.zeros(0, dtype=torch.bool, device=x.device),
+            norms=torch.zeros(0, device=x.device),
         )
     with attack_mode(model):
         x_adv = attack(model, x, y)

@@ -106,7 +106,7 @@ def run_route(
     for x, y in split.batches(batch_size):
         with attack_mode(model), torch.no_grad():
             ok = model(x).argmax(1) == y
-        still, dist, x_adv = ok.clone(), torch.zeros(len(y)), x.clone()
+        still, dist, x_adv = ok.clone(), torch.zeros(len(y), device=x.device), x.clone()
         if ok.any():
             outcome = attack_batch(attacked, attack, x[ok], y[ok])
             with attack_mode(model), torch.no_grad():

@@ -22,6 +22,7 @@ from torch import nn
 from robcomp import data as datasets
 from robcomp.attacks import Attack
 from robcomp.compress import COMPRESSORS, Record, finalize, latency, measure
+from robcomp.compress.efficiency import count_macs
 from robcomp.config import build_component, to_dict
 from robcomp.data.base import DataSplits
 from robcomp.evaluate import AttackResult, accuracy, evaluate_attack
@@ -38,6 +39,7 @@ from robcomp.experiments.cache import compressed_model, own_callables
 from robcomp.experiments.spec import Cell, CellConfig
 from robcomp.experiments.store import Metric
 from robcomp.experiments.telemetry import model_telemetry
+from robcomp.experiments.threads import choose_threads, intra_op_threads, load_1min
 from robcomp.experiments.worst import record_worst_case
 from robcomp.models import (
     Classifier,
@@ -47,7 +49,9 @@ from robcomp.models import (
     factory_for,
     load_checkpoint,
     load_weights,
+    model_device,
     normalizes_inputs,
+    resolve_device,
     save_checkpoint,
 )
 from robcomp.train import fit
@@ -97,14 +101,16 @@ def build_model(cfg: CellConfig, data: DataSplits) -> tuple[Classifier, dict[str
 def trained_baseline(
     cfg: CellConfig, data: DataSplits, cache: Path
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained uncompressed model, from the cache when an earlier cell produced it."""
+    """The trained uncompressed model, from the cache when an earlier cell produced it, on the
+    data's device."""
     folder = cache / f"baseline-{cfg.baseline_key()}"
     if (folder / "history.json").is_file():
         # Its spec came from the cell's own model config, so the callables that names are trusted.
         model, _ = load_checkpoint(folder, trust_code=own_callables(cfg))
         log.info("baseline %s from cache", folder.name)
-        return model, json.loads((folder / "history.json").read_text())
+        return model.to(data.device), json.loads((folder / "history.json").read_text())
     model, spec = build_model(cfg, data)
+    model.to(data.device)
     history = fit(model, data, cfg.train, seed=cfg.seed, description="train baseline")
     save_checkpoint(model, folder, spec)
     info = {"history": history.as_dict(), "test_accuracy": accuracy(model, data.test)}
@@ -136,7 +142,10 @@ def _latency_metrics(cfg: CellConfig, model: nn.Module, data: DataSplits) -> lis
         result = latency(model, data.in_shape, batch_size, repeats=cfg.evaluate.latency_repeats)
         metrics.append(Metric(f"latency_ms_b{batch_size}", result.median_ms))
     if cfg.evaluate.latency_batch_sizes:
+        # Timings are only comparable under the same threads and load: other processes on
+        # the cores make a tiny model's forward pass many times slower.
         metrics.append(Metric("threads", torch.get_num_threads()))
+        metrics.append(Metric("load_1min", load_1min()))
     return metrics
 
 
@@ -264,10 +273,21 @@ def run_cell(cell: Cell, workdir: Path) -> CellResult:
     """Run one cell; errors are caught and returned so one bad cell never stops a grid.
 
     Checkpoints the cell loads may import the code their spec names only if its config says
-    ``trust_code: true``.
+    ``trust_code: true``. The cell picks its own intra-op threads; the caller's are restored.
     """
-    with checkpoint_trust(cell.config.trust_code):
+    with checkpoint_trust(cell.config.trust_code), intra_op_threads(torch.get_num_threads()):
         return _run_cell(cell, workdir)
+
+
+def _macs_per_image(cfg: CellConfig, data: DataSplits) -> int:
+    """Multiply-accumulates per image of the cell's model, built untrained on the CPU (cheap)."""
+    model, _ = build_model(cfg, data)
+    return count_macs(model, data.in_shape)
+
+
+def _place(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` on ``device``; a gradient-free (int8) model stays where its kernels run."""
+    return model if isinstance(model, GradientFree) else model.to(device)
 
 
 def _run_cell(cell: Cell, workdir: Path) -> CellResult:
@@ -283,15 +303,22 @@ def _run_cell(cell: Cell, workdir: Path) -> CellResult:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        data = datasets.get(cfg.data, seed=cfg.seed)
+        # The one place data moves; every model follows the data's device.
+        data = datasets.get(cfg.data, seed=cfg.seed).to(resolve_device(cfg.device))
+        macs = None if cfg.threads is not None else _macs_per_image(cfg, data)
+        torch.set_num_threads(choose_threads(cfg.threads, macs))
         baseline, baseline_info = trained_baseline(cfg, data, workdir / "cache")
         compressor = build_component(COMPRESSORS, cfg.compress, "compress")
         model, record, finetune = compressed_model(
             cfg, compressor, baseline, data, workdir / "cache",
             produce=lambda: compress_and_finetune(cfg, compressor, baseline, data),
         )  # fmt: skip
+        model = _place(model, data.device)
         # Attacks call the model on many batch shapes; an int8 model would compile each one.
         attacked = model.eager() if isinstance(model, GradientFree) else model
+        # A model that runs on the CPU only (int8) is evaluated there, with its surrogate.
+        data = data.to(model_device(attacked))
+        baseline.to(data.device)
         evaluation = _evaluate(cfg, attacked, data, surrogate=baseline)
         flag_metrics, flags = _diagnostics(cfg, attacked, data, evaluation)
         worst_metrics, worst_case = record_worst_case(evaluation.results, folder)
@@ -305,6 +332,7 @@ def _run_cell(cell: Cell, workdir: Path) -> CellResult:
         )
         info = {
             "data": data.summary(),
+            "device": str(data.device),
             "compressor": compressor.label(),
             "record": to_dict(record),
             "baseline": baseline_info,

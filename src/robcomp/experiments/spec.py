@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from robcomp.attacks import ATTACKS, Attack
 from robcomp.attacks.base import missing_library
 from robcomp.attacks.presets import preset_attacks
@@ -152,6 +154,11 @@ class CellConfig:
         trust_code: let checkpoints this cell loads (teachers, ensemble members, pretrained
             students) import the ``module:callable`` their spec.json names, which runs that
             code; by default a checkpoint may name registered models only.
+        device: where the cell's model and data live: ``auto`` (CUDA when present, else the
+            CPU), ``cpu``, ``cuda``, ``cuda:1``, ...; a model that runs on the CPU only (int8)
+            is evaluated there.
+        threads: intra-op CPU threads; null (auto) is 1 for a model under 5 M MACs per image,
+            which more threads only slow down, else every core other processes leave free.
     """
 
     name: str = "experiment"
@@ -163,6 +170,20 @@ class CellConfig:
     finetune: TrainConfig | None = None
     evaluate: EvaluateSpec = field(default_factory=EvaluateSpec)
     trust_code: bool = field(default=False, metadata=OPERATIONAL)
+    device: str = field(default="auto", metadata=OPERATIONAL)
+    threads: int | None = field(default=None, metadata=OPERATIONAL)
+
+    def __post_init__(self) -> None:
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(
+                    f"device must be auto, cpu, cuda, cuda:N or another torch device, "
+                    f"got {self.device!r}"
+                ) from None
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 or null (auto), got {self.threads}")
 
     def canonical(self) -> dict[str, Any]:
         """The configuration with every component's defaults filled in (data, compressor,

@@ -14,6 +14,7 @@ from robcomp.models.capabilities import (
     GradientFree,
     model_device,
     normalizes_inputs,
+    resolve_device,
     self_normalizing,
 )
 from robcomp.models.checkpoint import (
@@ -39,6 +40,7 @@ __all__ = [
     "model_device",
     "normalizes_inputs",
     "read_state_dict",
+    "resolve_device",
     "save_checkpoint",
     "self_normalizing",
 ]

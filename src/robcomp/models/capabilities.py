@@ -62,3 +62,11 @@ def model_device(model: nn.Module) -> torch.device:
     for buffer in model.buffers():
         return buffer.device
     return torch.device("cpu")
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU; anything else as
+    :class:`torch.device` reads it (``cpu``, ``cuda``, ``cuda:1``)."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)

@@ -157,6 +157,11 @@ def _cost_columns(rows: list[dict[str, Any]]) -> list[Column]:
             (f"ms b{k.removeprefix('latency_ms_b')}", [_ms(r.get(k)) for r in rows], True)
             for k in latency_columns(rows)
         ),
+        *(  # a timing means little without the threads it used and the load it ran under
+            (header, [_ms(r.get(key)) for r in rows], True)
+            for header, key in (("threads", "threads"), ("load", "load_1min"))
+            if latency_columns(rows) and any(key in r for r in rows)
+        ),
     ]
 
 

@@ -526,6 +526,7 @@ def fit(
         probe = monitor.build_attack(), monitor.points
     rule = cfg.early_stop_config()
     guard = _Guard(rule, rule.build_attack()) if rule is not None else None
+    model.to(data.device)  # the model follows the data (a student built on the CPU, say)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     augment = augmentation(cfg.augment)
     generator = torch.Generator().manual_seed(seed)
