@@ -81,6 +81,8 @@ def test_a_cell_records_its_threads_and_the_load_next_to_latency(tmp_path: Path)
     values = {m.name: m.value for m in run.metrics if m.attack == ""}
     assert values["threads"] == 1  # tiny_mlp: 2.4 k MACs per image
     assert values["load_1min"] >= 0 and "latency_ms_b1" in values
+    # a measurement of the machine, like a time: never compared between runs of one cell
+    assert all(m.is_timing for m in run.metrics if m.name in ("load_1min", "threads"))
     rows = leaderboard_rows(ResultStore(tmp_path / STORE_NAME))
     assert rows[0]["load_1min"] == values["load_1min"]
 

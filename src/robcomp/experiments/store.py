@@ -48,8 +48,9 @@ class Metric:
 
     @property
     def is_timing(self) -> bool:
-        """Wall-clock measurements, which differ between runs of the same cell."""
-        return self.name.startswith(("attack_seconds", "latency_ms_", "threads"))
+        """Measurements of the machine (times, threads, load), which differ between runs of
+        the same cell."""
+        return self.name.startswith(("attack_seconds", "latency_ms_", "threads", "load_1min"))
 
 
 @dataclass(frozen=True)
