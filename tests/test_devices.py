@@ -109,3 +109,19 @@ def test_a_grid_runs_on_the_gpu(tmp_path: Path) -> None:
     cells = sorted((tmp_path / "gpu" / "cells").glob("*/history.json"))
     devices = {json.loads(p.read_text())["device"] for p in cells}
     assert devices == {"cuda:0", "cpu"}  # the fp32 model on the GPU, int8 on the CPU
+
+
+def test_train_and_evaluate_take_a_device(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from robcomp.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "m"
+    args = ["train", "--data", "digits", "--model", "tiny_mlp", "--epochs", "1", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", str(out), "--limit", "20", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", str(out), "--device", "gpu0"])
+    assert result.exit_code == 2 and "device must be auto, cpu, cuda" in result.output

@@ -228,6 +228,7 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     out: Annotated[Path, typer.Option(help="Checkpoint folder.")] = Path("robcomp-model"),
     set_: SetOption = None,
+    device: DeviceOption = None,
 ) -> None:
     """Train one model and save it as a checkpoint (safetensors + spec + history + config)."""
     from robcomp import progress
@@ -236,7 +237,7 @@ def train(
     from robcomp.evaluate import accuracy
     from robcomp.experiments.runner import build_model
     from robcomp.experiments.spec import resolve
-    from robcomp.models import save_checkpoint
+    from robcomp.models import resolve_device, save_checkpoint
     from robcomp.train import fit
 
     raw: dict[str, Any] = load_yaml(file) if file else {}
@@ -244,10 +245,10 @@ def train(
     for key, value in (("data.name", data), ("model.name", model), ("train.epochs", epochs)):
         if value is not None:
             raw = set_dotted(raw, key, value)
-    for text in set_ or []:
+    for text in [*(set_ or []), *_operational(device, None)]:
         raw = set_dotted(raw, *parse_override(text))
     cfg = resolve(raw, str(file or "train"))
-    splits = get(cfg.data, seed=cfg.seed)
+    splits = get(cfg.data, seed=cfg.seed).to(resolve_device(cfg.device))
     console.print(splits.summary())
     net, spec = build_model(cfg, splits)
     with progress.display(console):
@@ -290,6 +291,7 @@ def evaluate(
             "that code; only for checkpoints whose code you trust).",
         ),
     ] = False,
+    device: DeviceOption = None,
 ) -> None:
     """Clean and robust accuracy of a saved model on the test split, threat model checked."""
     from robcomp import progress
@@ -298,14 +300,16 @@ def evaluate(
     from robcomp.config import build_component, load_yaml
     from robcomp.data import get
     from robcomp.evaluate import accuracy, evaluate_attack
-    from robcomp.models import load_checkpoint
+    from robcomp.models import load_checkpoint, resolve_device
 
+    where = resolve_device(device or "auto")
     model, _ = load_checkpoint(checkpoint, trust_code=trust_code)
+    model.to(where)
     config_path = checkpoint / "config.yaml"
     data_spec: Any = data or (load_yaml(config_path)["data"] if config_path.is_file() else None)
     if data_spec is None:
         raise ConfigError(f"{checkpoint}: no config.yaml to tell the dataset; pass --data NAME")
-    splits = get(data_spec, seed=seed)
+    splits = get(data_spec, seed=seed).to(where)
     attacks = [
         build_component(ATTACKS, _parse_attack(a), f"--attack {a}")
         for a in (attack or ["pgd:eps=0.1"])

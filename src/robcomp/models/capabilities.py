@@ -69,4 +69,9 @@ def resolve_device(setting: str) -> torch.device:
     :class:`torch.device` reads it (``cpu``, ``cuda``, ``cuda:1``)."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    try:
+        return torch.device(setting)
+    except (RuntimeError, ValueError):
+        raise ValueError(
+            f"device must be auto, cpu, cuda, cuda:N or another torch device, got {setting!r}"
+        ) from None
