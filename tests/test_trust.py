@@ -196,3 +196,16 @@ def test_an_untrusted_ensemble_member_is_refused_before_any_cell_runs(tmp_path: 
     with pytest.raises(ValueError, match=TRUSTED_CALLABLE):
         run_experiment(load_experiment(raw), tmp_path / "refused")
     assert not (tmp_path / "refused" / "cells").exists()
+
+
+def test_run_cli_trusts_code_only_with_the_flag(tmp_path: Path) -> None:
+    own = _checkpoint(tmp_path / "own", _spec(TRUSTED_CALLABLE))
+    raw = _cell(own)  # a distillation teacher, loaded when training starts
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(json.dumps(raw))  # JSON is YAML
+    refused = CliRunner().invoke(app, ["run", str(exp), "--out", str(tmp_path / "a")])
+    assert refused.exit_code != 0 and "--trust-code" in refused.output
+    trusted = CliRunner().invoke(
+        app, ["run", str(exp), "--out", str(tmp_path / "b"), "--trust-code"]
+    )
+    assert trusted.exit_code == 0, trusted.output

@@ -205,6 +205,14 @@ def run(
     append: AppendOption = False,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
+    trust_code: Annotated[
+        bool,
+        typer.Option(
+            "--trust-code",
+            help="Let checkpoints the cells load import the module:callable their spec.json "
+            "names (runs that code); the same as --set trust_code=true.",
+        ),
+    ] = False,
 ) -> None:
     """Run every cell of an experiment file (or of a shipped config: `robcomp list configs`);
     finished cells are skipped, so reruns resume."""
@@ -213,7 +221,8 @@ def run(
     file = _experiment_file(file)
     if out is None:
         out = Path("runs") / load_experiment(file, set_ or []).name
-    overrides = [*(set_ or []), *_operational(device, threads)]
+    trust = ["trust_code=true"] if trust_code else []
+    overrides = [*(set_ or []), *_operational(device, threads), *trust]
     _run_and_report(file, overrides, out, executor, ray_address, append)
 
 
