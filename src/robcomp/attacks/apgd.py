@@ -12,9 +12,10 @@ apgd-t     targeted DLR, run once per target among the top ``n_target_classes``
 
 Speed: the model's parameters are frozen by the evaluator and gradients are taken with
 ``torch.autograd.grad`` with respect to the input only. All per-point decisions (step halving,
-best-point bookkeeping) are masked tensor operations with no host synchronisation; the host is
-consulted only every few iterations to drop the points already misclassified, which shrinks the
-batch and stops early once every point is broken.
+best-point bookkeeping) are masked tensor operations with no host synchronisation. Points
+already misclassified are dropped from the batch (after every iteration on the CPU, every few
+on an accelerator, where reading the mask stalls the device), so no gradient is spent on a
+broken point and the run stops once every point is broken.
 """
 
 from __future__ import annotations
@@ -51,9 +52,16 @@ def check_norm(norm: str, attack: str) -> None:
         raise ValueError(f"{attack} supports the norms {', '.join(allowed)}, got {norm!r}")
 
 
-# Dropping broken points needs the host to read a mask; doing it every few steps keeps the
-# device queue full while still shrinking the batch soon after most points break.
+# On an accelerator, dropping broken points needs a host read of a mask, which stalls the
+# device queue; doing it every few steps keeps the queue full while still shrinking the batch
+# soon after most points break. On the CPU the read costs nothing, so broken points are
+# dropped after every step and no iteration is spent on them.
 _COMPACT_EVERY = 5
+
+
+def _compaction_period(device: torch.device) -> int:
+    """Every how many iterations APGD drops the points it has broken, on ``device``."""
+    return 1 if device.type == "cpu" else _COMPACT_EVERY
 
 
 @contextmanager
@@ -376,11 +384,19 @@ class _APGD:
             loss_best_checked=loss,
         )
 
-        out_points = x.clone()
-        out_found = torch.zeros(n, dtype=torch.bool, device=x.device)
-        out_loss = torch.full((n,), -math.inf, device=x.device)
+        out = (
+            x.clone(),
+            torch.zeros(n, dtype=torch.bool, device=x.device),
+            torch.full((n,), -math.inf, device=x.device),
+        )
         checks = dict(checkpoints(self.steps))
+        period = _compaction_period(x.device)
+        # Points the random start already broke get no iteration at all.
+        remaining = self._retire(s, s.found, out)
         for i in range(self.steps):
+            if remaining is None:
+                break
+            s = remaining
             momentum = 1.0 if i == 0 else MOMENTUM  # the first step has no previous one
             with torch.no_grad():
                 z = self._project(s.x, s.lo, s.hi, s.x_adv + s.eta * norm.ascent(s.grad), norm)
@@ -402,16 +418,25 @@ class _APGD:
                 s.loss_best = torch.where(improved, loss, s.loss_best)
                 if i + 1 in checks:
                     self._check_step_size(s, checks[i + 1])
-                last = i + 1 == self.steps
-                if last or (i + 1) % _COMPACT_EVERY == 0:
-                    done = torch.ones_like(s.found) if last else s.found
-                    n_done = int(done.sum())  # the only host synchronisation in the loop
-                    if n_done:
-                        self._write_out(s, done, out_points, out_found, out_loss)
-                        if n_done == len(done):
-                            break
-                        s = s.select(~done)
-        return out_points, out_found, out_loss
+                if i + 1 == self.steps:
+                    self._write_out(s, torch.ones_like(s.found), *out)
+                elif (i + 1) % period == 0:
+                    remaining = self._retire(s, s.found, out)
+        return out
+
+    def _retire(
+        self, s: _RunState, done: Tensor, out: tuple[Tensor, Tensor, Tensor]
+    ) -> _RunState | None:
+        """Write out the points in the mask ``done``; the state of the others, None if none.
+
+        A broken point stays broken (its misclassified iterate is kept), so dropping it changes
+        nothing but the work: every per-point tensor of the state is compacted alike.
+        """
+        n_done = int(done.sum())  # the only host synchronisation in the loop
+        if n_done == 0:
+            return s
+        self._write_out(s, done, *out)
+        return None if n_done == len(done) else s.select(~done)
 
     def _check_step_size(self, s: _RunState, window: int) -> None:
         """Halve the step of the points whose loss stalled, and restart them from their best.

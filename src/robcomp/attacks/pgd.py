@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,7 +12,63 @@ from torch.nn import functional as F
 
 from robcomp.attacks.base import ATTACKS, check_eps, check_positive
 from robcomp.attacks.labels import settings_label
-from robcomp.attacks.norms import L1, Linf, NormName, box_feasible, get_norm
+from robcomp.attacks.norms import L1, Linf, Norm, NormName, box_feasible, get_norm
+
+LossOfLogits = Callable[[Tensor], Tensor]
+
+
+def summed_ce(y: Tensor) -> LossOfLogits:
+    """Cross-entropy with labels ``y``, summed over the batch: each sample's gradient is then
+    independent of the batch size."""
+    return lambda logits: F.cross_entropy(logits, y, reduction="sum")
+
+
+def ascend(
+    model: nn.Module,
+    x: Tensor,
+    start: Tensor,
+    loss_fn: LossOfLogits,
+    *,
+    eps: float,
+    step: float,
+    steps: int,
+    norm: Norm,
+) -> Tensor:
+    """``steps`` steps of projected steepest ascent of ``loss_fn(model(x'))`` from ``start``.
+
+    The core of PGD (Madry et al. 2018), FGSM and the inner maximisation of adversarial
+    training: each step moves by ``step`` along ``norm``'s ascent direction, then projects onto
+    the eps ball around ``x`` intersected with [0, 1]. ``start`` must lie in that set;
+    ``loss_fn`` must sum over the batch.
+    """
+    x_adv = start.detach()
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(model(x_adv)), x_adv)
+        with torch.no_grad():
+            if isinstance(norm, Linf):
+                x_adv = _linf_step(x, x_adv, grad, step, eps)
+            else:
+                if isinstance(norm, L1):
+                    # A sparse step must not be spent on pixels pinned at a box face.
+                    grad = box_feasible(grad, x_adv)
+                moved = x_adv + step * norm.ascent(grad)
+                x_adv = (x + norm.project(moved - x, eps)).clamp(0.0, 1.0)
+    return x_adv.detach()
+
+
+def _linf_step(x: Tensor, x_adv: Tensor, grad: Tensor, step: float, eps: float) -> Tensor:
+    """``clamp(x + clamp(x_adv + step * sign(grad) - x, -eps, eps), 0, 1)``, in place.
+
+    The same operations in the same order as the generic step (so the same bits: the two
+    additions only swap their operands), but on one fresh tensor instead of six. Each
+    temporary has the batch's size, which CPU allocators hand back to the OS and fault in
+    again every step: on a busy 2-core machine the update of a batch of 128 CIFAR images
+    took 24 ms this way instead of 5 ms (a ResNet-20 forward/backward takes ~350 ms).
+    """
+    out = grad.sign()  # a new tensor: ``grad`` may be an expanded view, unsafe to write
+    out.mul_(step).add_(x_adv)
+    return out.sub_(x).clamp_(-eps, eps).add_(x).clamp_(0.0, 1.0)
 
 
 @ATTACKS.register("pgd")
@@ -62,35 +119,10 @@ class PGD:
         delta = (
             norm.random_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
         )
-        x_adv = (x + delta).clamp(0.0, 1.0)
-        for _ in range(self.steps):
-            x_adv.requires_grad_(True)
-            # Summed loss: each sample's gradient is independent of the batch size.
-            loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x_adv)
-            with torch.no_grad():
-                if isinstance(norm, Linf):
-                    x_adv = self._linf_step(x, x_adv, grad)
-                else:
-                    if isinstance(norm, L1):
-                        # A sparse step must not be spent on pixels pinned at a box face.
-                        grad = box_feasible(grad, x_adv)
-                    step = x_adv + self.alpha * norm.ascent(grad)
-                    x_adv = (x + norm.project(step - x, self.eps)).clamp(0.0, 1.0)
-        return x_adv.detach()
-
-    def _linf_step(self, x: Tensor, x_adv: Tensor, grad: Tensor) -> Tensor:
-        """``clamp(x + clamp(x_adv + alpha * sign(grad) - x, -eps, eps), 0, 1)``, in place.
-
-        The same operations in the same order as the generic step (so the same bits: the two
-        additions only swap their operands), but on one fresh tensor instead of six. Each
-        temporary has the batch's size, which CPU allocators hand back to the OS and fault in
-        again every step: on a busy 2-core machine the update of a batch of 128 CIFAR images
-        took 24 ms this way instead of 5 ms (a ResNet-20 forward/backward takes ~350 ms).
-        """
-        step = grad.sign()  # a new tensor: ``grad`` may be an expanded view, unsafe to write
-        step.mul_(self.alpha).add_(x_adv)
-        return step.sub_(x).clamp_(-self.eps, self.eps).add_(x).clamp_(0.0, 1.0)
+        start, ce = (x + delta).clamp(0.0, 1.0), summed_ce(y)
+        return ascend(
+            model, x, start, ce, eps=self.eps, step=self.alpha, steps=self.steps, norm=norm
+        )
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         generator = torch.Generator().manual_seed(self.seed)

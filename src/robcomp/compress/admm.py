@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from robcomp.compress.base import COMPRESSORS, Record
-from robcomp.compress.efficiency import prunable_layers
-from robcomp.compress.prune import record_for
+from robcomp.compress.efficiency import execution_order, prunable_layers, select_layers
+from robcomp.compress.prune import check_sparsity, record_for
 from robcomp.config import build, build_component
 from robcomp.data.base import DataSplits
 from robcomp.data.transforms import AugmentName
@@ -364,8 +364,7 @@ class ADMMPruning:
         if isinstance(self.sparsity, Mapping) and not self.sparsity:
             raise ValueError("sparsity: the per-layer mapping is empty")
         for value in values:
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"sparsity must be in [0, 1), got {value}")
+            check_sparsity(value, "admm")
         if self.scheme == "funnel" and isinstance(self.sparsity, Mapping):
             raise ValueError("scheme 'funnel' derives per-layer sparsities; give one number")
 
@@ -431,13 +430,13 @@ class ADMMPruning:
 
     def _layers(self, model: nn.Module, in_shape: tuple[int, ...]) -> list[_Layer]:
         """The layers to prune, in forward-pass order, with their final targets."""
-        order = _execution_order(model, in_shape)
+        order = execution_order(model, in_shape)  # "deeper" for funnel pruning
+        order += [n for n, _ in prunable_layers(model) if n not in order]  # unused layers last
         if isinstance(self.sparsity, Mapping):
             chosen = _resolve(model, self.sparsity)
             named = dict(model.named_modules())
             return [_Layer(n, named[n], chosen[n]) for n in order if n in chosen]
-        if not self.include_first_last and len(order) > 2:
-            order = order[1:-1]
+        order = select_layers(order, self.include_first_last)
         if not order:
             raise ValueError("admm: the model has no Conv/Linear layer to prune")
         modules = dict(model.named_modules())
@@ -542,27 +541,6 @@ class _Periods(Callback):
     def after_epoch(self, model: nn.Module, epoch: int, record: dict[str, float]) -> None:
         record.update(period=epoch // self.admm.period, rho=self.state.rho)
         record["residual"] = self.records[-1]["residual_end"] = self.state.residual()
-
-
-def _execution_order(model: nn.Module, in_shape: tuple[int, ...]) -> list[str]:
-    """Names of the Conv/Linear layers in forward-pass order ("deeper" for funnel pruning)."""
-    names = {m: n for n, m in prunable_layers(model)}
-    if not names:
-        return []
-    order: list[str] = []
-    hooks = [m.register_forward_hook(lambda m, _i, _o: order.append(names[m])) for m in names]
-    training = model.training
-    try:
-        model.eval()  # train mode would move BatchNorm statistics with this dummy batch
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            model(torch.zeros(1, *in_shape, device=device))
-    finally:
-        model.train(training)
-        for hook in hooks:
-            hook.remove()
-    seen = list(dict.fromkeys(order))
-    return seen + [n for n in names.values() if n not in seen]  # unused layers last
 
 
 def _resolve(model: nn.Module, sparsity: Mapping[str, float]) -> dict[str, float]:

@@ -7,23 +7,19 @@ from typing import Any, Protocol
 
 from torch import nn
 
+from robcomp.compress.efficiency import Efficiency
 from robcomp.data.base import DataSplits
 from robcomp.registry import Registry
 
 COMPRESSORS: Registry[Any] = Registry("compressor")
 
 
-@dataclass(frozen=True)
-class Record:
-    """What a compressor did and what the result costs."""
+@dataclass(frozen=True, kw_only=True)
+class Record(Efficiency):
+    """What a compressor did (method, seconds, details) and what the result costs (its
+    :class:`~robcomp.compress.efficiency.Efficiency` fields)."""
 
     method: str
-    params: int
-    nonzero_params: int
-    bits: int
-    size_bytes: int
-    sparse_bytes: int
-    macs: int
     seconds: float
     details: dict[str, Any]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from safetensors.torch import save as save_bytes
@@ -17,11 +18,47 @@ from torch import Tensor, nn
 from robcomp.models.capabilities import model_device
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_Layer = TypeVar("_Layer")
 
 
 def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Conv and Linear layers, whose ``weight`` compressors act on."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, PRUNABLE)]
+
+
+def select_layers(layers: Sequence[_Layer], include_first_last: bool) -> list[_Layer]:
+    """``layers`` without the first and the last unless ``include_first_last``.
+
+    Many papers keep those two dense or in floating point (they are small and sensitive). A
+    model of two layers or fewer keeps them all, or nothing would be left to compress.
+    """
+    if include_first_last or len(layers) <= 2:
+        return list(layers)
+    return list(layers[1:-1])
+
+
+def execution_order(model: nn.Module, in_shape: Sequence[int]) -> list[str]:
+    """Names of the Conv/Linear layers in the order one forward pass first runs them.
+
+    Layers the forward pass does not use are left out. The pass runs in eval mode on the
+    model's device, so BatchNorm statistics do not move.
+    """
+    names = {m: n for n, m in prunable_layers(model)}
+    if not names:
+        return []
+    order: list[str] = []
+    hooks = [m.register_forward_hook(lambda m, _i, _o: order.append(names[m])) for m in names]
+    training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(1, *in_shape, device=device))
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    return list(dict.fromkeys(order))
 
 
 def effective_weights(model: nn.Module) -> dict[str, Tensor]:

@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize, prune
 
 from robcomp.compress.base import COMPRESSORS, Record
-from robcomp.compress.efficiency import prunable_layers
-from robcomp.compress.prune import finalize, record_for
+from robcomp.compress.efficiency import prunable_layers, select_layers
+from robcomp.compress.prune import check_sparsity, finalize, record_for
 from robcomp.config import build, build_component, nested_field
 from robcomp.data.base import DataSplits
 from robcomp.train import OBJECTIVES, TrainConfig, fit
@@ -52,11 +52,6 @@ def pruned_count(total: int, sparsity: float) -> int:
     one entry always stays.
     """
     return min(total - 1, math.floor(sparsity * total + 1e-9))
-
-
-def check_sparsity(value: float, where: str) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{where}.sparsity must be in [0, 1), got {value}")
 
 
 def stage_config(
@@ -146,13 +141,6 @@ def _score_mask(module: nn.Module) -> ScoreMask:
         if isinstance(child, ScoreMask):
             return child
     raise RuntimeError(f"{type(module).__name__} has no HYDRA scores")
-
-
-def _targets(model: nn.Module, include_first_last: bool) -> list[tuple[str, nn.Module]]:
-    layers = prunable_layers(model)
-    if not include_first_last and len(layers) > 2:
-        layers = layers[1:-1]
-    return layers
 
 
 def _set_trainable(model: nn.Module, *, scores: bool, weights: bool, batch_norm: bool) -> None:
@@ -255,7 +243,7 @@ class Hydra:
         start = time.perf_counter()
         new = finalize(copy.deepcopy(model))  # earlier masks become plain zeros; HYDRA remasks
         flags = {name: p.requires_grad for name, p in new.named_parameters()}
-        layers = _targets(new, self.include_first_last)
+        layers = select_layers(prunable_layers(new), self.include_first_last)
         for _, module in layers:
             parametrize.register_parametrization(
                 module, "weight", ScoreMask(weight_of(module), self.sparsity)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from torch import nn
 from torch.nn.utils import prune
 
 from robcomp.compress.base import COMPRESSORS, Record
-from robcomp.compress.efficiency import measure, prunable_layers
+from robcomp.compress.efficiency import measure, prunable_layers, select_layers
 from robcomp.data.base import DataSplits
 
 
@@ -23,21 +23,17 @@ def finalize(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_sparsity(value: float, where: str, name: str = "sparsity") -> None:
+    """Raise ValueError unless ``value`` is a fraction of weights to zero, in [0, 1)."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{where}.{name} must be in [0, 1), got {value}")
+
+
 def record_for(
     method: str, model: nn.Module, data: DataSplits, seconds: float, **details: object
 ) -> Record:
-    eff = measure(model, data.in_shape)
-    return Record(
-        method=method,
-        params=eff.params,
-        nonzero_params=eff.nonzero_params,
-        bits=eff.bits,
-        size_bytes=eff.size_bytes,
-        sparse_bytes=eff.sparse_bytes,
-        macs=eff.macs,
-        seconds=seconds,
-        details=dict(details),
-    )
+    efficiency = asdict(measure(model, data.in_shape))
+    return Record(method=method, seconds=seconds, details=dict(details), **efficiency)
 
 
 @COMPRESSORS.register("none")
@@ -75,8 +71,7 @@ class MagnitudePruning:
     include_first_last: bool = True
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
+        check_sparsity(self.sparsity, "magnitude")
 
     def label(self) -> str:
         return f"magnitude-{self.scope}-{self.sparsity:g}"
@@ -84,10 +79,8 @@ class MagnitudePruning:
     def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]:
         start = time.perf_counter()
         new = copy.deepcopy(model)
-        layers = [m for _, m in prunable_layers(new)]
-        if not self.include_first_last and len(layers) > 2:
-            layers = layers[1:-1]
-        targets = [(m, "weight") for m in layers]
+        layers = select_layers(prunable_layers(new), self.include_first_last)
+        targets = [(m, "weight") for _, m in layers]
         if self.scope == "global":
             prune.global_unstructured(
                 targets, pruning_method=prune.L1Unstructured, amount=self.sparsity

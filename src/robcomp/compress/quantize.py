@@ -35,7 +35,7 @@ from torch.fx import GraphModule, Node
 from torch.nn.utils import parametrize
 
 from robcomp.compress.base import COMPRESSORS, Record
-from robcomp.compress.efficiency import count_macs, prunable_layers
+from robcomp.compress.efficiency import count_macs, prunable_layers, select_layers
 from robcomp.compress.prune import finalize
 from robcomp.data.base import DataSplits
 from robcomp.evaluate.bpda import twin_agreement
@@ -561,9 +561,7 @@ def _fake_quantize(
 ) -> tuple[nn.Module, Record]:
     start = time.perf_counter()
     new = finalize(copy.deepcopy(model))  # pruning masks become plain zeros first
-    layers = prunable_layers(new)
-    if not include_first_last and len(layers) > 2:
-        layers = layers[1:-1]
+    layers = select_layers(prunable_layers(new), include_first_last)
     for _, module in layers:
         parametrize.register_parametrization(module, "weight", WeightQuant(bits))
         if act_bits is not None:

@@ -31,7 +31,7 @@ import torch_pruning as tp
 from torch import Tensor, nn
 
 from robcomp.compress.base import COMPRESSORS, Record
-from robcomp.compress.efficiency import PRUNABLE, count_params
+from robcomp.compress.efficiency import PRUNABLE, count_params, execution_order
 from robcomp.compress.prune import record_for
 from robcomp.data.base import DataSplits
 from robcomp.evaluate.clean import accuracy
@@ -116,20 +116,6 @@ class PruningPlan:
     skipped: dict[str, str]  # root layer -> why it is kept intact
 
 
-def _execution_order(model: nn.Module, in_shape: Sequence[int]) -> list[str]:
-    """Names of the Conv/Linear layers in the order the forward pass runs them."""
-    names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
-    order: list[str] = []
-    handles = [m.register_forward_hook(lambda mod, _i, _o: order.append(names[mod])) for m in names]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *in_shape))
-    finally:
-        for h in handles:
-            h.remove()
-    return list(dict.fromkeys(order))
-
-
 def _resolve_names(model: nn.Module, wanted: Sequence[str]) -> set[str]:
     """Module names as given, or relative to the network behind Normalize (``net.``)."""
     known = {n for n, _ in model.named_modules()}
@@ -169,7 +155,7 @@ def plan_filters(
     was_training = model.training
     model.eval()  # a batch of one through BatchNorm in training mode would fail
     try:
-        order = _execution_order(model, in_shape)
+        order = execution_order(model, in_shape)
         if not order:
             raise ValueError("the model has no Conv or Linear layer to prune")
         graph = tp.DependencyGraph().build_dependency(

@@ -18,8 +18,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from robcomp.compress.base import COMPRESSORS, Record
-from robcomp.compress.efficiency import count_nonzero, prunable_layers
-from robcomp.compress.prune import record_for
+from robcomp.compress.efficiency import count_nonzero, prunable_layers, select_layers
+from robcomp.compress.prune import check_sparsity, record_for
 from robcomp.config import build
 from robcomp.data.base import DataSplits
 from robcomp.train import TrainConfig, fit
@@ -30,15 +30,7 @@ Scope = Literal["global", "layer"]
 
 
 def _targets(model: nn.Module, include_first_last: bool) -> list[tuple[nn.Module, str]]:
-    layers = [m for _, m in prunable_layers(model)]
-    if not include_first_last and len(layers) > 2:
-        layers = layers[1:-1]
-    return [(m, "weight") for m in layers]
-
-
-def _check_sparsity(value: float, name: str = "sparsity") -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return [(m, "weight") for _, m in select_layers(prunable_layers(model), include_first_last)]
 
 
 def _zeros(targets: list[tuple[nn.Module, str]]) -> tuple[int, int]:
@@ -95,10 +87,10 @@ class RandomPruning:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_sparsity(self.sparsity)
+        check_sparsity(self.sparsity, "random")
 
     def label(self) -> str:
-        return f"random-{self.scope}"
+        return f"random-{self.scope}-{self.sparsity:g}"
 
     def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]:
         start = time.perf_counter()
@@ -158,8 +150,8 @@ class GradualPruning:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_sparsity(self.sparsity)
-        _check_sparsity(self.initial_sparsity, "initial_sparsity")
+        check_sparsity(self.sparsity, "gradual")
+        check_sparsity(self.initial_sparsity, "gradual", "initial_sparsity")
         if self.initial_sparsity > self.sparsity:
             raise ValueError("initial_sparsity must not exceed sparsity")
         if self.steps < 1:
@@ -168,7 +160,7 @@ class GradualPruning:
             object.__setattr__(self, "train", build(TrainConfig, self.train, "gradual.train"))
 
     def label(self) -> str:
-        return f"gradual-{self.scope}"
+        return f"gradual-{self.scope}-{self.sparsity:g}"
 
     def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]:
         start = time.perf_counter()

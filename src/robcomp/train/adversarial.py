@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,12 +33,13 @@ from torch.nn import functional as F
 
 from robcomp.attacks.base import ATTACKS, Attack
 from robcomp.attacks.norms import get_norm
+from robcomp.attacks.pgd import LossOfLogits, summed_ce
+from robcomp.attacks.pgd import ascend as pgd_ascend
 from robcomp.config import build_component
 from robcomp.evaluate.adversarial import check_threat_model
 from robcomp.train.objectives import OBJECTIVES, Progress
 
 AttackMode = Literal["train", "eval"]
-LossOfLogits = Callable[[Tensor], Tensor]
 
 
 # --- shared machinery ---------------------------------------------------------------------------
@@ -80,25 +81,15 @@ def ascend(
     steps: int,
     norm: str = "linf",
 ) -> Tensor:
-    """Projected steepest ascent of ``loss_fn(model(x'))`` from ``start``, in the eps ball of
-    ``x`` (in ``norm``) intersected with [0, 1]; the core of PGD (Madry et al. 2018), FGSM and
-    TRADES' inner maximisation. ``loss_fn`` must sum over the batch so that each point's step
-    does not depend on the batch size. Call it inside :func:`inner_attack_mode`.
+    """Projected steepest ascent of ``loss_fn(model(x'))`` from ``start`` (first projected onto
+    the eps ball of ``x`` in ``norm``, intersected with [0, 1]): the PGD step loop of
+    :func:`robcomp.attacks.pgd.ascend`, for TRADES' and the other objectives' inner
+    maximisation. ``loss_fn`` must sum over the batch so that each point's step does not depend
+    on the batch size. Call it inside :func:`inner_attack_mode`.
     """
     ball = get_norm(norm)
-    x_adv = (x + ball.project(start - x, eps)).clamp(0.0, 1.0).detach()
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        (grad,) = torch.autograd.grad(loss_fn(model(x_adv)), x_adv)
-        with torch.no_grad():
-            moved = x_adv + step * ball.ascent(grad)
-            x_adv = (x + ball.project(moved - x, eps)).clamp(0.0, 1.0)
-    return x_adv.detach()
-
-
-def summed_ce(y: Tensor) -> LossOfLogits:
-    """Cross-entropy with labels ``y``, summed over the batch."""
-    return lambda logits: F.cross_entropy(logits, y, reduction="sum")
+    x_adv = (x + ball.project(start - x, eps)).clamp(0.0, 1.0)
+    return pgd_ascend(model, x, x_adv, loss_fn, eps=eps, step=step, steps=steps, norm=ball)
 
 
 def uniform_start(x: Tensor, eps: float, norm: str = "linf") -> Tensor:
