@@ -32,16 +32,18 @@ def ascend(
     eps: float,
     step: float,
     steps: int,
-    norm: Norm,
+    norm: Norm | str = "linf",
 ) -> Tensor:
     """``steps`` steps of projected steepest ascent of ``loss_fn(model(x'))`` from ``start``.
 
     The core of PGD (Madry et al. 2018), FGSM and the inner maximisation of adversarial
-    training: each step moves by ``step`` along ``norm``'s ascent direction, then projects onto
-    the eps ball around ``x`` intersected with [0, 1]. ``start`` must lie in that set;
-    ``loss_fn`` must sum over the batch.
+    training (TRADES and the robust distillations included): ``start`` is first projected onto
+    the eps ball around ``x`` (in ``norm``) intersected with [0, 1]; each step then moves by
+    ``step`` along ``norm``'s ascent direction and projects back. ``loss_fn`` must sum over the
+    batch, so that each point's step does not depend on the batch size.
     """
-    x_adv = start.detach()
+    norm = get_norm(norm) if isinstance(norm, str) else norm
+    x_adv = (x + norm.project(start - x, eps)).clamp(0.0, 1.0).detach()
     for _ in range(steps):
         x_adv.requires_grad_(True)
         (grad,) = torch.autograd.grad(loss_fn(model(x_adv)), x_adv)
@@ -119,10 +121,10 @@ class PGD:
         delta = (
             norm.random_start(x, self.eps, generator) if self.random_start else torch.zeros_like(x)
         )
-        start, ce = (x + delta).clamp(0.0, 1.0), summed_ce(y)
         return ascend(
-            model, x, start, ce, eps=self.eps, step=self.alpha, steps=self.steps, norm=norm
-        )
+            model, x, x + delta, summed_ce(y), eps=self.eps, step=self.alpha, steps=self.steps,
+            norm=norm,
+        )  # fmt: skip
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         generator = torch.Generator().manual_seed(self.seed)

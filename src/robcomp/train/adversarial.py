@@ -33,8 +33,7 @@ from torch.nn import functional as F
 
 from robcomp.attacks.base import ATTACKS, Attack
 from robcomp.attacks.norms import get_norm
-from robcomp.attacks.pgd import LossOfLogits, summed_ce
-from robcomp.attacks.pgd import ascend as pgd_ascend
+from robcomp.attacks.pgd import ascend, summed_ce
 from robcomp.config import build_component
 from robcomp.evaluate.adversarial import check_threat_model
 from robcomp.train.objectives import OBJECTIVES, Progress
@@ -68,28 +67,6 @@ def inner_attack_mode(model: nn.Module, mode: AttackMode) -> Iterator[nn.Module]
         for p, flag in flags:
             p.requires_grad_(flag)
         model.train(was_training)
-
-
-def ascend(
-    model: nn.Module,
-    x: Tensor,
-    start: Tensor,
-    loss_fn: LossOfLogits,
-    *,
-    eps: float,
-    step: float,
-    steps: int,
-    norm: str = "linf",
-) -> Tensor:
-    """Projected steepest ascent of ``loss_fn(model(x'))`` from ``start`` (first projected onto
-    the eps ball of ``x`` in ``norm``, intersected with [0, 1]): the PGD step loop of
-    :func:`robcomp.attacks.pgd.ascend`, for TRADES' and the other objectives' inner
-    maximisation. ``loss_fn`` must sum over the batch so that each point's step does not depend
-    on the batch size. Call it inside :func:`inner_attack_mode`.
-    """
-    ball = get_norm(norm)
-    x_adv = (x + ball.project(start - x, eps)).clamp(0.0, 1.0)
-    return pgd_ascend(model, x, x_adv, loss_fn, eps=eps, step=step, steps=steps, norm=ball)
 
 
 def uniform_start(x: Tensor, eps: float, norm: str = "linf") -> Tensor:
