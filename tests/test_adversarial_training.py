@@ -4,6 +4,7 @@ early stop and monitor: each test shows the behaviour that defines the method.""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,12 +282,17 @@ class Sabotage:
         return {"loss": -loss if self.progress.epoch >= self.at else loss, "logits": logits}
 
 
+@pytest.fixture
+def sabotage() -> Iterator[None]:
+    with OBJECTIVES.temporarily("test-sabotage", Sabotage):
+        yield
+
+
 @pytest.mark.parametrize("keep_best", [False, True])
+@pytest.mark.usefixtures("sabotage")
 def test_early_stop_on_a_collapse_restores_the_previous_epoch(
     keep_best: bool, digits: DataSplits
 ) -> None:
-    if "test-sabotage" not in OBJECTIVES:
-        OBJECTIVES.add("test-sabotage", Sabotage)
     base: dict[str, Any] = {
         "lr": 0.05, "batch_size": 64, "schedule": "constant", "keep_best": keep_best,
         "objective": {"name": "test-sabotage", "at": 2},
@@ -416,12 +422,17 @@ SELECT_MONITOR = {"eps": 0.1, "steps": 10, "points": 256}
 
 
 def _select_run(digits: DataSplits, **options: Any) -> tuple[nn.Module, Any]:
-    if "test-robust-then-natural" not in OBJECTIVES:
-        OBJECTIVES.add("test-robust-then-natural", RobustThenNatural)
     model = _model(digits)
     return model, fit(model, digits, TrainConfig(**SELECT_RUN, **options), seed=0)
 
 
+@pytest.fixture
+def robust_then_natural() -> Iterator[None]:
+    with OBJECTIVES.temporarily("test-robust-then-natural", RobustThenNatural):
+        yield
+
+
+@pytest.mark.usefixtures("robust_then_natural")
 def test_adversarial_training_keeps_the_most_robust_epoch_not_the_most_accurate(
     digits: DataSplits,
 ) -> None:
@@ -437,6 +448,7 @@ def test_adversarial_training_keeps_the_most_robust_epoch_not_the_most_accurate(
     assert _same_weights(model, reference)
 
 
+@pytest.mark.usefixtures("robust_then_natural")
 def test_robust_selection_without_a_monitor_attacks_at_the_objectives_eps(
     digits: DataSplits,
 ) -> None:
@@ -449,6 +461,7 @@ def test_robust_selection_without_a_monitor_attacks_at_the_objectives_eps(
     assert _same_weights(model, watched)
 
 
+@pytest.mark.usefixtures("robust_then_natural")
 @pytest.mark.parametrize("select", ["clean", "last"])
 def test_select_clean_or_last_is_honoured(select: str, digits: DataSplits) -> None:
     model, history = _select_run(digits, select=select, monitor=SELECT_MONITOR)

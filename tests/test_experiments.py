@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,11 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
+from torch import nn
 
+from robcomp.compress import COMPRESSORS, Record
 from robcomp.config import ConfigError
+from robcomp.data.base import DataSplits
 from robcomp.experiments import (
     STORE_NAME,
     Metric,
@@ -185,13 +189,27 @@ def test_results_are_deterministic(tmp_path: Path) -> None:
     assert values(a) == values(b)
 
 
+@dataclass(frozen=True)
+class BrokenCompressor:
+    """Valid when the file is loaded, fails when its cell runs (as a real bug would)."""
+
+    def label(self) -> str:
+        return "broken"
+
+    def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]:
+        raise RuntimeError("compression broke on purpose")
+
+
 def test_a_failing_cell_is_recorded_and_retried(tmp_path: Path) -> None:
-    raw = tiny_experiment(**{"model.name": ["tiny_mlp", "small_cnn"]})  # small_cnn needs >= 16x16
-    summary = run_experiment(load_experiment(raw), tmp_path)
-    assert len(summary.failed) == 1 and "16" in (summary.failed[0].error or "")
-    store = ResultStore(tmp_path / STORE_NAME)
-    assert len(store.runs("done")) == 1 and len(store.runs("failed")) == 1
-    again = run_experiment(load_experiment(raw), tmp_path)
+    raw = tiny_experiment(**{"compress.name": ["none", "test-broken"]})
+    raw["compress"] = {"name": "none"}
+    with COMPRESSORS.temporarily("test-broken", BrokenCompressor):
+        summary = run_experiment(load_experiment(raw), tmp_path)
+        assert len(summary.failed) == 1
+        assert "broke on purpose" in (summary.failed[0].error or "")
+        store = ResultStore(tmp_path / STORE_NAME)
+        assert len(store.runs("done")) == 1 and len(store.runs("failed")) == 1
+        again = run_experiment(load_experiment(raw), tmp_path)
     assert (again.skipped, again.ran) == (1, 1)  # the failed cell is tried again
 
 

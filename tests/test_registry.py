@@ -69,3 +69,15 @@ def test_every_builtin_registry_is_populated() -> None:
     assert {"fgsm", "pgd"} <= set(ATTACKS)
     assert {"none", "magnitude"} <= set(COMPRESSORS)
     assert "ce" in OBJECTIVES
+
+
+def test_temporarily_registers_for_the_block_only() -> None:
+    reg: Registry[int] = Registry("thing")
+    reg.add("kept", 1)
+    with pytest.raises(RuntimeError), reg.temporarily("scratch", 2):
+        assert reg.get("scratch") == 2 and reg.names() == ["kept", "scratch"]
+        raise RuntimeError("the block failed")
+    assert reg.names() == ["kept"]  # gone even when the block raised
+    with pytest.raises(RegistryError, match="already registered"), reg.temporarily("kept", 3):
+        pass
+    assert reg.get("kept") == 1  # a refused name leaves the original in place

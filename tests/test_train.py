@@ -96,11 +96,10 @@ class NoisyCE:
 
 
 def test_a_new_objective_fits_without_touching_the_loop(digits: DataSplits) -> None:
-    if "test-noisy-ce" not in OBJECTIVES:
-        OBJECTIVES.add("test-noisy-ce", NoisyCE)
     model = _model(digits)
-    cfg = TrainConfig(epochs=5, lr=0.05, batch_size=64, objective={"name": "test-noisy-ce"})
-    history = fit(model, digits, cfg)
+    with OBJECTIVES.temporarily("test-noisy-ce", NoisyCE):
+        cfg = TrainConfig(epochs=5, lr=0.05, batch_size=64, objective={"name": "test-noisy-ce"})
+        history = fit(model, digits, cfg)
     assert history.epochs[-1]["sigma"] == pytest.approx(0.1)  # extra entries are logged
     assert accuracy(model, digits.test) > 0.7
 

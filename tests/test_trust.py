@@ -198,6 +198,28 @@ def test_an_untrusted_ensemble_member_is_refused_before_any_cell_runs(tmp_path: 
     assert not (tmp_path / "refused" / "cells").exists()
 
 
+def test_ensembles_of_checkpoints_run_when_their_members_may_load(tmp_path: Path) -> None:
+    registered = tmp_path / "registered"
+    save_checkpoint(create("tiny_mlp", 10, (1, 8, 8)), registered, _spec("tiny_mlp"))
+    own = _checkpoint(tmp_path / "own", _spec(TRUSTED_CALLABLE))
+    members = [{"weights": str(registered)}, {"weights": str(own)}]
+    raw = {
+        "name": "ensemble-of-checkpoints",
+        "data": {"name": "digits", "train_limit": 200},
+        "model": {"name": "ensemble", "options": {"members": members}},
+        "train": {"epochs": 0},
+        "trust_code": True,
+        "evaluate": {"attacks": [{"name": "fgsm", "eps": 0.1}], "limit": 20, "diagnostics": False,
+                     "latency_batch_sizes": []},
+    }  # fmt: skip
+    summary = run_experiment(load_experiment(raw), tmp_path / "out")
+    assert summary.ran == 1 and not summary.failed
+    store = ResultStore(tmp_path / "out" / STORE_NAME)
+    (run,) = store.runs("done")
+    clean = [m.value for m in run.metrics if m.name == "clean_accuracy"]
+    assert len(clean) == 1 and 0.0 <= clean[0] <= 1.0
+
+
 def test_run_cli_trusts_code_only_with_the_flag(tmp_path: Path) -> None:
     own = _checkpoint(tmp_path / "own", _spec(TRUSTED_CALLABLE))
     raw = _cell(own)  # a distillation teacher, loaded when training starts

@@ -97,9 +97,7 @@ def test_threat_models_are_never_mixed_and_unbounded_attacks_stay_out() -> None:
 def test_points_file_is_compact_and_round_trips(tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(0)
     masks = [torch.rand(1001, generator=generator) < 0.5 for _ in range(3)]
-    results = [
-        _result(f"a{i}", "linf", 0.1 * (i + 1), m.tolist()) for i, m in enumerate(masks)
-    ]
+    results = [_result(f"a{i}", "linf", 0.1 * (i + 1), m.tolist()) for i, m in enumerate(masks)]
     save_points(tmp_path / "points.npz", results)
     loaded = load_points(tmp_path / "points.npz")
     assert list(loaded) == [(f"a{i}", 0.1 * (i + 1)) for i in range(3)]
@@ -172,9 +170,7 @@ def test_a_cell_stores_the_per_point_worst_case_and_its_points(tmp_path: Path) -
     values = {(m.name, m.attack, m.eps): m.value for m in run.metrics}
     linf = points["fgsm-linf", 0.05] & points["pgd3-linf", 0.05]
     assert values["worst_robust_accuracy", "worst-linf", 0.05] == _share(linf)
-    assert values["worst_robust_accuracy", "worst-l2", 1.0] == (
-        _share(points["pgd3-l2", 1.0])
-    )
+    assert values["worst_robust_accuracy", "worst-l2", 1.0] == (_share(points["pgd3-l2", 1.0]))
     for (attack, eps), mask in points.items():
         assert values["robust_accuracy", attack, eps] == _share(mask)
     assert run.info["worst_case"]["primary"] == {"norm": "linf", "eps": 0.05}

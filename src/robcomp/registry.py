@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -50,6 +51,19 @@ class Registry(Generic[T]):
                 "pick another name"
             )
         self._items[name] = item
+
+    @contextmanager
+    def temporarily(self, name: str, item: T) -> Iterator[T]:
+        """Register ``item`` as ``name`` for the ``with`` block only (tests, notebooks).
+
+        A component registered for one test must not leak into the next: code that
+        enumerates a registry (validation coverage, ``robcomp list``) would see it.
+        """
+        self.add(name, item)
+        try:
+            yield item
+        finally:
+            del self._items[name]
 
     def get(self, name: str) -> T:
         """Return the component registered as ``name``; an unknown name suggests the closest."""
