@@ -147,6 +147,8 @@ ThreadsOption = Annotated[
 def _operational(device: str | None, threads: int | None) -> list[str]:
     """``--device``/``--threads`` as overrides: where and how fast, never which result."""
     return [f"{k}={v}" for k, v in (("device", device), ("threads", threads)) if v is not None]
+
+
 # ``quickstart --quick``: the same pipeline and the same attack libraries (Square, DDN) on three
 # cells with a few epochs, points and steps, so a fresh install is checked in well under a minute
 # (CI runs it). Its numbers say nothing about the methods.

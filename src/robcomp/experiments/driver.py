@@ -17,7 +17,7 @@ from robcomp.experiments.executors import Executor, LocalExecutor
 from robcomp.experiments.runner import CellResult, run_cell
 from robcomp.experiments.spec import Cell, Experiment, ModelSpec
 from robcomp.experiments.store import ResultStore
-from robcomp.models import MODELS, checkpoint_trust, create
+from robcomp.models import MODELS, builds_from_files, checkpoint_trust, create, factory_for
 from robcomp.progress import track
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,9 @@ def preflight(cells: Sequence[Cell], where: str) -> None:
     """Load and check each distinct dataset of ``cells`` once, so a missing file, a wrong key
     or NaN pixels are one message before any cell runs instead of one failure per cell; then
     build each distinct registered model for its data on the meta device (no memory, no
-    compute), so a bad option value or an input shape the model cannot take fails here too."""
+    compute), so a bad option value or an input shape the model cannot take fails here too.
+    A model that reads checkpoints while it builds (an ensemble) is built for real, once: that
+    is also the check that its files exist, load and are trusted."""
     loaded: dict[str, DataSplits] = {}
     built: set[str] = set()
     for cell in cells:
@@ -125,8 +127,9 @@ def _check_model(spec: ModelSpec, data: DataSplits, where: str) -> None:
     if spec.name not in MODELS:
         return
     channels = data.in_shape[0]
+    device = "cpu" if builds_from_files(factory_for(spec.name)) else "meta"
     try:
-        with torch.device("meta"):
+        with torch.device(device):
             create(
                 spec.name, data.num_classes, data.in_shape,
                 mean=spec.mean or (0.0,) * channels, std=spec.std or (1.0,) * channels,

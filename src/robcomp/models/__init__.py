@@ -12,8 +12,10 @@ from robcomp.models.base import (
 )
 from robcomp.models.capabilities import (
     GradientFree,
+    builds_from_files,
     model_device,
     normalizes_inputs,
+    reads_files,
     resolve_device,
     self_normalizing,
 )
@@ -31,6 +33,7 @@ __all__ = [
     "GradientFree",
     "Normalize",
     "UntrustedCodeError",
+    "builds_from_files",
     "checkpoint_trust",
     "code_trust",
     "create",
@@ -40,6 +43,7 @@ __all__ = [
     "model_device",
     "normalizes_inputs",
     "read_state_dict",
+    "reads_files",
     "resolve_device",
     "save_checkpoint",
     "self_normalizing",

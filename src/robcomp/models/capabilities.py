@@ -6,6 +6,8 @@
 - :func:`normalizes_inputs`: a model factory whose models normalize their own inputs (an
   ensemble of checkpoints that bring their statistics), so the Normalize in front must be the
   identity.
+- :func:`reads_files`: a model factory that loads checkpoints while it builds (an ensemble of
+  checkpoint folders), so checking it means building it for real, not on the meta device.
 - :func:`model_device`: where a model's tensors live, so probes are created there.
 """
 
@@ -52,6 +54,20 @@ def normalizes_inputs(factory: Callable[..., Any]) -> bool:
     """Whether models from ``factory`` normalize their own inputs, so the Normalize layer in
     front of them must be the identity (normalizing twice would be wrong)."""
     return bool(getattr(factory, "normalizes_inputs", False))
+
+
+def reads_files(factory: F) -> F:
+    """Mark a model factory that loads checkpoint files while it builds (see
+    :func:`builds_from_files`)."""
+    factory.builds_from_files = True  # type: ignore[attr-defined]
+    return factory
+
+
+def builds_from_files(factory: Callable[..., Any]) -> bool:
+    """Whether ``factory`` reads checkpoints and inspects their values while it builds: such a
+    model cannot be built on the meta device (there are no values there), and building it for
+    real is the check that its files load, are trusted and fit."""
+    return bool(getattr(factory, "builds_from_files", False))
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -51,7 +51,7 @@ from torch.nn import functional as F
 
 from robcomp.config import build
 from robcomp.models.base import MODELS, Classifier, Normalize, create
-from robcomp.models.capabilities import self_normalizing
+from robcomp.models.capabilities import reads_files, self_normalizing
 from robcomp.models.checkpoint import load_checkpoint, load_weights
 
 # Two fresh tiny CNNs: every registered model must build with its defaults (the zoo's tests).
@@ -222,6 +222,7 @@ def build_member(
 
 @MODELS.register("ensemble")
 @self_normalizing
+@reads_files
 def ensemble(
     *,
     num_classes: int,
