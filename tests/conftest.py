@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,18 @@ def frozen_digits_cnn() -> tuple[Classifier, torch.Tensor, torch.Tensor]:
     model.eval().requires_grad_(False)
     x, y = digits.test.tensors()
     return model, x[:200], y[:200]
+
+
+@pytest.fixture(autouse=True)
+def _trained_cnn_is_left_as_found(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The session's trained_cnn is shared by many tests: one that leaves it in train mode or
+    changes its weights makes later tests fail or pass depending on the order they run in."""
+    if "trained_cnn" not in request.fixturenames:
+        yield
+        return
+    model: Classifier = request.getfixturevalue("trained_cnn")
+    before = [p.detach().clone() for p in model.parameters()]
+    yield
+    assert not model.training, f"{request.node.name} left trained_cnn in train mode"
+    changed = any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert not changed, f"{request.node.name} changed trained_cnn's weights"

@@ -113,8 +113,6 @@ def test_monotone_and_randomness_checks(trained_cnn: nn.Module, digits: DataSpli
     assert not check_monotone({0.0: 0.9, 0.1: 0.5, 0.2: 0.1}).raised
     flag = check_monotone({0.0: 0.9, 0.1: 0.3, 0.2: 0.45})
     assert flag.raised and "from eps=0.1 to eps=0.2" in flag.message
-    noisy = nn.Sequential(nn.Dropout(0.5), trained_cnn)
-    noisy.train()  # the evaluator's eval mode would switch dropout off; force randomness:
 
     class AlwaysRandom(nn.Module):
         def forward(self, x: Tensor) -> Tensor:
