@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from robcomp.attacks import Attack
 from robcomp.compress import COMPRESSORS, Record, finalize, latency, measure
 from robcomp.compress.efficiency import count_macs
 from robcomp.config import build_component, to_dict
-from robcomp.data.base import DataSplits
+from robcomp.data.base import DataSplits, Split
+from robcomp.data.shifts import shift_summary
 from robcomp.evaluate import AttackResult, accuracy, evaluate_attack
 from robcomp.evaluate.bpda import (
     RouteOutcome,
@@ -36,6 +37,8 @@ from robcomp.evaluate.bpda import (
 )
 from robcomp.evaluate.diagnostics import Flag, diagnose, probe_threat_model, summarize
 from robcomp.experiments.cache import compressed_model, own_callables
+from robcomp.experiments.shifts import baseline_scores, build_shifts, shifted_splits
+from robcomp.experiments.shifts import scores as shift_scores
 from robcomp.experiments.spec import Cell, CellConfig
 from robcomp.experiments.store import Metric
 from robcomp.experiments.telemetry import model_telemetry
@@ -178,8 +181,19 @@ def _evaluate(
     from ``surrogate`` (the fp32 baseline) and a full-budget Square at the same threat model.
     """
     spec = cfg.evaluate
-    out = Evaluation([Metric("clean_accuracy", accuracy(model, data.test, spec.batch_size))])
-    points = data.test.head(spec.limit)
+    clean = Metric("clean_accuracy", accuracy(model, data.test, spec.batch_size))
+    out = _attack_suite(cfg, model, data.test.head(spec.limit), surrogate)
+    out.metrics.insert(0, clean)
+    return out
+
+
+def _attack_suite(
+    cfg: CellConfig, model: nn.Module, points: Split, surrogate: nn.Module
+) -> Evaluation:
+    """Every attack of the suite on ``points`` (the test split's first ``limit``, or a
+    shifted split's)."""
+    spec = cfg.evaluate
+    out = Evaluation()
     cache: dict[tuple[str, str, float], RouteOutcome] = {}
     for attack in spec.build_attacks():
         if not (attack.uses_gradients and isinstance(model, GradientFree)):
@@ -199,6 +213,47 @@ def _evaluate(
         out.results.append(result)
         out.metrics += _attack_metrics(result)
     return out
+
+
+def _shift_metrics(
+    cfg: CellConfig, model: nn.Module, data: DataSplits, baseline: nn.Module, cache: Path
+) -> tuple[list[Metric], dict[str, Any]]:
+    """Clean accuracy on every shifted split of the suite (and the attacks with
+    ``attack_shifted``), each shift's summary against the dense baseline (mCE), and the
+    accuracy on the validation split (a domain shift's source-validation accuracy)."""
+    spec = cfg.evaluate
+    if not spec.shifts:
+        return [], {}
+    metrics = (
+        [Metric("val_accuracy", accuracy(model, data.val, spec.batch_size))]
+        if len(data.val)
+        else []
+    )
+    clean = (accuracy(model, data.test, spec.batch_size), accuracy(baseline, data.test))
+    info: dict[str, Any] = {}
+    for shift in build_shifts(cfg):
+        splits = shifted_splits(cfg, shift, data, baseline, cache)
+        ours = shift_scores(model, splits, spec.batch_size)
+        dense = baseline_scores(cfg, shift, splits, baseline, cache)
+        metrics += [
+            Metric("clean_accuracy", acc, shift=name, severity=severity)
+            for (name, severity), acc in ours.items()
+        ]
+        metrics += [
+            Metric(name, value, shift=shift.label())
+            for name, value in shift_summary(shift, ours, dense, clean).items()
+        ]
+        for s in splits if spec.attack_shifted else []:
+            points = s.split.head(spec.limit).to(data.device)
+            suite = _attack_suite(cfg, model, points, surrogate=baseline)
+            metrics += [replace(m, shift=s.shift, severity=s.severity) for m in suite.metrics]
+        info[shift.label()] = [
+            {"shift": s.shift, "severity": s.severity, "family": s.family, "n": len(s.split),
+             "accuracy": ours[(s.shift, s.severity)],
+             "baseline_accuracy": dense[(s.shift, s.severity)]}
+            for s in splits
+        ]  # fmt: skip
+    return metrics, info
 
 
 def _route_info(worst: WorstCase) -> dict[str, Any]:
@@ -320,6 +375,7 @@ def _run_cell(cell: Cell, workdir: Path) -> CellResult:
         data = data.to(model_device(attacked))
         baseline.to(data.device)
         evaluation = _evaluate(cfg, attacked, data, surrogate=baseline)
+        shift_metrics, shifts = _shift_metrics(cfg, attacked, data, baseline, workdir / "cache")
         flag_metrics, flags = _diagnostics(cfg, attacked, data, evaluation)
         worst_metrics, worst_case = record_worst_case(evaluation.results, folder)
         metrics = (
@@ -328,6 +384,7 @@ def _run_cell(cell: Cell, workdir: Path) -> CellResult:
             + _twin_agreement(model, data, cfg)
             + evaluation.metrics
             + worst_metrics
+            + shift_metrics
             + flag_metrics
         )
         info = {
@@ -341,6 +398,7 @@ def _run_cell(cell: Cell, workdir: Path) -> CellResult:
             "masking": summarize([Flag(**f) for f in flags]) if flags else None,
             "gradient_free": evaluation.routes or None,
             "worst_case": worst_case,
+            "shifts": shifts or None,
             "telemetry": model_telemetry(model, baseline),
         }
         (folder / "history.json").write_text(json.dumps(info, indent=2, default=str))

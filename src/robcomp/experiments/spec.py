@@ -46,6 +46,7 @@ from robcomp.config import (
     to_dict,
 )
 from robcomp.data import DATASETS
+from robcomp.data.shifts import SHIFTS
 from robcomp.experiments.digest import by_content, content_of
 from robcomp.models import factory_for
 from robcomp.registry import RegistryError
@@ -85,6 +86,13 @@ class EvaluateSpec:
         latency_batch_sizes: time one forward pass on batches of these sizes (1 = Marshall's
             Algorithm 4, N = Algorithm 5); empty to skip.
         latency_repeats: timed passes per batch size (the median is stored).
+        shifts: distribution shifts ``{"name": ..., **fields}`` (``robcomp list shifts``):
+            each turns the test split into shifted splits (corruptions at severities, other
+            domains, on-manifold test sets), scored by clean accuracy and stored per shift and
+            severity. Training data is never shifted.
+        attack_shifted: also run the suite's attacks on each shifted split (``limit`` points).
+        shift_limit: shift at most this many test points (null: all of them); a domain shift
+            scores the whole target domain regardless.
     """
 
     attacks: tuple[dict[str, Any], ...] = ()
@@ -96,8 +104,13 @@ class EvaluateSpec:
     black_box_queries: int = 5000
     latency_batch_sizes: tuple[int, ...] = (1, 64)
     latency_repeats: int = field(default=20, metadata=OPERATIONAL)
+    shifts: tuple[dict[str, Any], ...] = ()
+    attack_shifted: bool = False
+    shift_limit: int | None = None
 
     def __post_init__(self) -> None:
+        if self.shift_limit is not None and self.shift_limit < 1:
+            raise ValueError(f"shift_limit must be >= 1 or null (all), got {self.shift_limit}")
         # limit: 0 would fail every cell after training; a negative one would slice off the
         # last points instead of keeping the first ones.
         if self.limit is not None and self.limit < 1:
@@ -200,6 +213,11 @@ class CellConfig:
             out["finetune"]["objective"] = _resolved(OBJECTIVES, self.finetune.objective)
         out["evaluate"]["attacks"] = [_resolved(ATTACKS, s) for s in self.evaluate.attack_specs()]
         out["evaluate"].pop("preset", None)  # its attacks are listed above
+        if self.evaluate.shifts:
+            out["evaluate"]["shifts"] = [_resolved(SHIFTS, s) for s in self.evaluate.shifts]
+        else:  # a suite without shifts keeps the identity it had before shifts existed
+            for key in ("shifts", "attack_shifted", "shift_limit"):
+                out["evaluate"].pop(key)
         return _json_safe(by_content(out))
 
     def cell_id(self) -> str:
@@ -259,6 +277,8 @@ def validate(cfg: CellConfig, where: str) -> None:
     for i, attack in enumerate(attacks):  # a missing library fails here, not after training
         if message := missing_library(attack):
             raise ConfigError(f"{where}: evaluate.attacks[{i}]: {message}")
+    for i, shift in enumerate(cfg.evaluate.shifts):
+        build_component(SHIFTS, shift, f"{where}: evaluate.shifts[{i}]")
     try:
         factory = factory_for(cfg.model.name)
     except (RegistryError, ValueError) as err:

@@ -29,22 +29,58 @@ CREATE TABLE IF NOT EXISTS runs (
     finished    REAL
 );
 CREATE TABLE IF NOT EXISTS metrics (
-    cell_id TEXT NOT NULL REFERENCES runs(cell_id),
-    name    TEXT NOT NULL,              -- e.g. clean_accuracy, robust_accuracy, params
-    attack  TEXT NOT NULL DEFAULT '',   -- attack label, '' for attack-free metrics
-    eps     REAL NOT NULL DEFAULT 0,
-    value   REAL,
-    PRIMARY KEY (cell_id, name, attack, eps)
+    cell_id  TEXT NOT NULL REFERENCES runs(cell_id),
+    name     TEXT NOT NULL,             -- e.g. clean_accuracy, robust_accuracy, params
+    attack   TEXT NOT NULL DEFAULT '',  -- attack label, '' for attack-free metrics
+    eps      REAL NOT NULL DEFAULT 0,
+    value    REAL,
+    shift    TEXT NOT NULL DEFAULT '',  -- the shifted split ('fog', 'usps'), '' for the test split
+    severity INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (cell_id, name, attack, eps, shift, severity)
 );
+"""
+
+# Stores written before metrics had a shift: the table is rebuilt with the new key, every row
+# kept (on the unshifted test split), in one transaction.
+MIGRATE_SHIFT = """
+ALTER TABLE metrics RENAME TO metrics_before_shift;
+CREATE TABLE metrics (
+    cell_id  TEXT NOT NULL REFERENCES runs(cell_id),
+    name     TEXT NOT NULL,
+    attack   TEXT NOT NULL DEFAULT '',
+    eps      REAL NOT NULL DEFAULT 0,
+    value    REAL,
+    shift    TEXT NOT NULL DEFAULT '',
+    severity INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (cell_id, name, attack, eps, shift, severity)
+);
+INSERT INTO metrics (cell_id, name, attack, eps, value)
+    SELECT cell_id, name, attack, eps, value FROM metrics_before_shift;
+DROP TABLE metrics_before_shift;
 """
 
 
 @dataclass(frozen=True)
 class Metric:
+    """One number of a cell, keyed by (name, attack, eps, shift, severity).
+
+    Attributes:
+        attack, eps: the attack label and budget, ``""`` and 0 for attack-free metrics.
+        shift, severity: the shifted split it was measured on (a corruption, a target domain,
+            an on-manifold test set) and its severity (0 when the shift has none); ``""`` and 0
+            for the cell's own test split.
+    """
+
     name: str
     value: float | None
     attack: str = ""
     eps: float = 0.0
+    shift: str = ""
+    severity: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, float, str, int]:
+        return (self.name, self.attack, self.eps, self.shift, self.severity)
 
     @property
     def is_timing(self) -> bool:
@@ -77,6 +113,9 @@ class ResultStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as conn:
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(metrics)")}
+            if columns and "shift" not in columns:
+                conn.executescript(f"BEGIN; {MIGRATE_SHIFT} COMMIT;")
             conn.executescript(SCHEMA)
 
     @contextmanager
@@ -107,18 +146,19 @@ class ResultStore:
     ) -> None:
         """Write one cell atomically (replacing any earlier failed attempt).
 
-        Two attack metrics with one key (name, attack label, eps) are refused: the second would
-        silently replace the first, e.g. a weaker attack's robust accuracy a stronger one's.
+        Two attack or shift metrics with one key are refused: the second would silently
+        replace the first, e.g. a weaker attack's robust accuracy a stronger one's.
         """
         metrics = list(metrics)
-        seen: set[tuple[str, str, float]] = set()
+        seen: set[tuple[str, str, float, str, int]] = set()
         for m in metrics:
-            if m.attack and (m.name, m.attack, m.eps) in seen:
+            if (m.attack or m.shift) and m.key in seen:
+                where = f" on {m.shift} (severity {m.severity})" if m.shift else ""
                 raise ValueError(
                     f"cell {cell_id}: two values of {m.name} for attack {m.attack!r} at "
-                    f"eps={m.eps:.6g}; give the attacks distinct labels"
+                    f"eps={m.eps:.6g}{where}; give the attacks (or shifts) distinct labels"
                 )
-            seen.add((m.name, m.attack, m.eps))
+            seen.add(m.key)
         status = "failed" if error else "done"
         with self._connect() as conn, conn:  # the inner `conn` is the transaction
             conn.execute("DELETE FROM metrics WHERE cell_id = ?", (cell_id,))
@@ -131,8 +171,12 @@ class ResultStore:
                 ),
             )  # fmt: skip
             conn.executemany(
-                "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?, ?)",
-                [(cell_id, m.name, m.attack, m.eps, _finite(m.value)) for m in metrics],
+                "INSERT OR REPLACE INTO metrics (cell_id, name, attack, eps, value, shift, "
+                "severity) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (cell_id, m.name, m.attack, m.eps, _finite(m.value), m.shift, m.severity)
+                    for m in metrics
+                ],
             )
 
     def runs(self, status: str | None = "done") -> list[RunRow]:
@@ -144,8 +188,11 @@ class ResultStore:
                 (status,) if status else (),
             ).fetchall()
             metrics: dict[str, list[Metric]] = {}
-            for cid, name, attack, eps, value in conn.execute("SELECT * FROM metrics"):
-                metrics.setdefault(cid, []).append(Metric(name, value, attack, eps))
+            query = "SELECT cell_id, name, attack, eps, value, shift, severity FROM metrics"
+            for cid, name, attack, eps, value, shift, severity in conn.execute(query):
+                metrics.setdefault(cid, []).append(
+                    Metric(name, value, attack, eps, shift, severity)
+                )
         return [
             RunRow(
                 cell_id=r[0],

@@ -1,0 +1,180 @@
+"""Shifts in the evaluation suite: stored per (shift, severity), cached once per grid, summarised
+against the dense baseline, never applied to training data; old stores migrate."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from robcomp.config import ConfigError
+from robcomp.data.base import DataSplits, Split
+from robcomp.data.shifts import SHIFTS, ShiftContext, ShiftedSplit
+from robcomp.experiments import STORE_NAME, Metric, ResultStore, load_experiment, run_experiment
+
+
+@dataclass(frozen=True, kw_only=True)
+class Darken:
+    """Scales the test images by 1 - severity/5 (severity 5 is black), counting its calls."""
+
+    severities: tuple[int, ...] = (1, 3)
+    calls: ClassVar[list[int]] = []  # lengths of the test splits it was asked to shift
+
+    def label(self) -> str:
+        return "darken"
+
+    def shifted(self, data: DataSplits, context: ShiftContext) -> Sequence[ShiftedSplit]:
+        Darken.calls.append(len(data.test))
+        x, y = data.test.tensors()
+        return [
+            ShiftedSplit(f"dark{s}", s, Split(x * (1 - s / 5), y), family="digital")
+            for s in self.severities
+        ]
+
+    def summary(
+        self, model: Mapping[tuple[str, int], float], baseline: Mapping[tuple[str, int], float],
+        clean: tuple[float, float],
+    ) -> dict[str, float]:  # fmt: skip
+        return {"mean_dark_accuracy": sum(model.values()) / len(model)}
+
+
+@pytest.fixture(autouse=True)
+def darken() -> Iterator[None]:
+    Darken.calls.clear()
+    with SHIFTS.temporarily("test-darken", Darken):
+        yield
+
+
+def _experiment(**evaluate: Any) -> dict[str, Any]:
+    return {
+        "name": "shifted",
+        "data": {"name": "digits", "train_limit": 300},
+        "model": {"name": "tiny_mlp"},
+        "train": {"epochs": 2, "lr": 0.05, "batch_size": 64},
+        "compress": {"name": "magnitude", "sparsity": 0.0},
+        "evaluate": {
+            "attacks": [{"name": "fgsm", "eps": 0.1}], "limit": 30, "diagnostics": False,
+            "latency_batch_sizes": [], "shifts": [{"name": "test-darken"}], **evaluate,
+        },
+        "grid": {"compress.sparsity": [0.0, 0.5]},
+    }  # fmt: skip
+
+
+def _by_key(metrics: list[Metric]) -> dict[tuple[str, str, int], float | None]:
+    return {(m.name, m.shift, m.severity): m.value for m in metrics if not m.attack}
+
+
+def test_each_shifted_split_is_scored_and_stored_with_its_severity(tmp_path: Path) -> None:
+    summary = run_experiment(load_experiment(_experiment(shift_limit=100)), tmp_path)
+    assert summary.ran == 2 and not summary.failed
+    runs = ResultStore(tmp_path / STORE_NAME).runs()
+    for run in runs:
+        values = _by_key(run.metrics)
+        dark1, dark3 = (
+            values[("clean_accuracy", "dark1", 1)],
+            values[("clean_accuracy", "dark3", 3)],
+        )
+        assert dark1 is not None and dark3 is not None
+        assert values[("mean_dark_accuracy", "darken", 0)] == pytest.approx((dark1 + dark3) / 2)
+        assert values[("clean_accuracy", "", 0)] is not None  # the unshifted score is kept
+        assert ("val_accuracy", "", 0) in values
+        rows = run.info["shifts"]["darken"]
+        assert [r["n"] for r in rows] == [100, 100]  # shift_limit test points were shifted
+    assert Darken.calls == [100]  # two cells, one baseline: the data was shifted once
+
+
+def test_shifts_score_the_test_split_only(tmp_path: Path) -> None:
+    run_experiment(load_experiment(_experiment()), tmp_path)
+    (run, *_) = ResultStore(tmp_path / STORE_NAME).runs()
+    # Training saw the unshifted data: the baseline's clean accuracy is the same as without
+    # the shift (same cell config otherwise, same seed).
+    plain = _experiment()
+    del plain["evaluate"]["shifts"]
+    run_experiment(load_experiment(plain), tmp_path / "plain")
+    (other, *_) = ResultStore(tmp_path / "plain" / STORE_NAME).runs()
+    assert run.info["baseline"]["test_accuracy"] == other.info["baseline"]["test_accuracy"]
+    assert Darken.calls == [449]  # the whole test split, once
+
+
+def test_attack_shifted_attacks_each_shifted_split(tmp_path: Path) -> None:
+    run_experiment(load_experiment(_experiment(attack_shifted=True)), tmp_path)
+    (run, *_) = ResultStore(tmp_path / STORE_NAME).runs()
+    robust = {(m.shift, m.severity): m.value for m in run.metrics if m.name == "robust_accuracy"}
+    assert set(robust) == {("", 0), ("dark1", 1), ("dark3", 3)}
+    clean = _by_key(run.metrics)
+    for (shift, severity), value in robust.items():
+        assert value is not None and value <= clean[("clean_accuracy", shift, severity)] + 1e-9
+
+
+def test_a_suite_without_shifts_keeps_its_cell_ids() -> None:
+    plain = _experiment()
+    del plain["evaluate"]["shifts"]
+    shifted = load_experiment(_experiment()).cells[0].config
+    unshifted = load_experiment(plain).cells[0].config
+    assert "shifts" not in unshifted.canonical()["evaluate"]
+    assert shifted.cell_id() != unshifted.cell_id()
+
+
+def test_unknown_shifts_and_bad_fields_fail_when_the_file_is_loaded() -> None:
+    with pytest.raises(ConfigError, match="unknown shift 'fogg'"):
+        load_experiment(_experiment(shifts=[{"name": "fogg"}]))
+    with pytest.raises(ConfigError, match="severites"):
+        load_experiment(_experiment(shifts=[{"name": "test-darken", "severites": [1]}]))
+    with pytest.raises(ConfigError, match="shift_limit"):
+        load_experiment(_experiment(shift_limit=0))
+
+
+def test_a_store_written_before_shifts_migrates_with_its_metrics(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE runs (cell_id TEXT PRIMARY KEY, experiment TEXT NOT NULL,
+                status TEXT NOT NULL, config TEXT NOT NULL, grid_values TEXT NOT NULL,
+                info TEXT NOT NULL, error TEXT, seconds REAL, finished REAL);
+            CREATE TABLE metrics (cell_id TEXT NOT NULL REFERENCES runs(cell_id),
+                name TEXT NOT NULL, attack TEXT NOT NULL DEFAULT '',
+                eps REAL NOT NULL DEFAULT 0, value REAL,
+                PRIMARY KEY (cell_id, name, attack, eps));
+            INSERT INTO runs VALUES ('c1', 'e', 'done', '{}', '{}', '{}', NULL, 1.0, 1.0);
+            INSERT INTO metrics VALUES ('c1', 'clean_accuracy', '', 0, 0.9);
+            INSERT INTO metrics VALUES ('c1', 'robust_accuracy', 'pgd', 0.1, 0.4);
+            """
+        )
+    store = ResultStore(path)
+    (run,) = store.runs()
+    assert sorted((m.name, m.value, m.shift) for m in run.metrics) == [
+        ("clean_accuracy", 0.9, ""), ("robust_accuracy", 0.4, ""),
+    ]  # fmt: skip
+    store.record(
+        cell_id="c2", experiment="e", config={}, grid_values={}, info={}, seconds=1,
+        metrics=[Metric("clean_accuracy", 0.5, shift="fog", severity=3),
+                 Metric("clean_accuracy", 0.6, shift="fog", severity=5)],
+    )  # fmt: skip
+    assert len(ResultStore(path).runs()) == 2
+
+
+def test_the_store_refuses_two_values_for_one_shifted_split(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "s.sqlite")
+    twice = [Metric("clean_accuracy", 0.5, shift="fog", severity=3)] * 2
+    with pytest.raises(ValueError, match="on fog"):
+        store.record(
+            cell_id="c", experiment="e", config={}, grid_values={}, metrics=twice, info={},
+            seconds=1,
+        )  # fmt: skip
+    assert store.runs(None) == []
+
+
+def test_shifted_arrays_are_the_same_tensors_for_every_cell(tmp_path: Path) -> None:
+    run_experiment(load_experiment(_experiment()), tmp_path)
+    files = sorted((tmp_path / "cache").glob("shift-*.safetensors"))
+    assert len(files) == 1
+
+    tensors = load_file(str(files[0]))
+    assert torch.equal(tensors["y0"], tensors["y1"])  # both severities shift the same points
