@@ -1,5 +1,6 @@
 """Attacks (registry). Each is a frozen dataclass: ``attack(model, x, y) -> x_adv``."""
 
+import robcomp.attacks.manifold
 import robcomp.attacks.minimal  # noqa: F401  (registers the minimal-norm attacks)
 from robcomp.attacks import pgd  # noqa: F401  (registers the attacks)
 from robcomp.attacks.apgd import APGDCE as APGDCE

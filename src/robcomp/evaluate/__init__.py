@@ -6,19 +6,24 @@ from robcomp.evaluate.adversarial import (
     ThreatModelViolation,
     attack_batch,
     attack_mode,
+    check_latent_threat_model,
     check_threat_model,
     evaluate_attack,
 )
 from robcomp.evaluate.clean import accuracy, predict
+from robcomp.evaluate.manifold import ManifoldSets, manifold_for
 
 __all__ = [
     "AttackOutcome",
     "AttackResult",
+    "ManifoldSets",
     "ThreatModelViolation",
     "accuracy",
     "attack_batch",
     "attack_mode",
+    "check_latent_threat_model",
     "check_threat_model",
     "evaluate_attack",
+    "manifold_for",
     "predict",
 ]

@@ -12,11 +12,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from robcomp.attacks.base import Attack
+from robcomp.attacks.manifold import LatentOutcome
 from robcomp.attacks.norms import get_norm
 from robcomp.data.base import Split
 from robcomp.progress import track
@@ -74,6 +76,48 @@ def check_threat_model(x: Tensor, x_adv: Tensor, eps: float, norm: str, where: s
     return norms
 
 
+def check_latent_threat_model(
+    attack: Any, x: Tensor, outcome: LatentOutcome, where: str = ""
+) -> Tensor:
+    """The check of an attack with ``threat = "latent"`` (on-manifold, Kwon & Lee 2021) instead
+    of an Lp ball: ``x_adv`` has ``x``'s shape and lies in [0, 1]; the latent codes are the
+    manifold's encoding of ``x``; every kept point is the decoding of a code within
+    ``attack.eps`` (L-inf) of it; every other point is ``x`` unchanged. Recomputes the encoding
+    and the decoding itself, so an attack cannot misreport them. Returns the per-sample latent
+    L-inf perturbation (0 where not kept)."""
+    label = f"{where}: " if where else ""
+    check_threat_model(x, outcome.x_adv, float("inf"), "linf", where)  # shape, finite, [0, 1]
+    manifold = attack.manifold()
+    with torch.no_grad():
+        z = manifold.encode(x)
+        if outcome.z.shape != z.shape or not torch.allclose(outcome.z, z, rtol=1e-4, atol=1e-5):
+            raise ThreatModelViolation(f"{label}the reported latents are not encode(x)")
+        norms = (outcome.z_adv - z).abs().flatten(1).amax(1) * outcome.kept
+        worst = float(norms.max()) if len(norms) else 0.0
+        if worst > attack.eps * (1 + REL_TOL) + ABS_TOL:
+            raise ThreatModelViolation(
+                f"{label}latent perturbation of L-inf norm {worst:.6g} exceeds eps={attack.eps:.6g}"
+            )
+        kept = outcome.kept.reshape(-1, *([1] * (x.ndim - 1)))
+        expected = torch.where(kept, manifold.decode(outcome.z_adv).clamp(0.0, 1.0), x)
+        if not torch.allclose(outcome.x_adv, expected, rtol=1e-4, atol=1e-5):
+            raise ThreatModelViolation(
+                f"{label}x_adv is not the decoding of the reported latents where kept and x "
+                "elsewhere"
+            )
+    return norms
+
+
+def _run_checked(attack: Attack, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x_adv, norms)`` of ``attack`` on a batch, checked against the attack's threat model:
+    an Lp ball by default, the latent ball for ``threat = "latent"`` attacks."""
+    if getattr(attack, "threat", "lp") == "latent":
+        outcome: LatentOutcome = attack.perturb(model, x, y)  # type: ignore[attr-defined]
+        return outcome.x_adv, check_latent_threat_model(attack, x, outcome, attack.label())
+    x_adv = attack(model, x, y)
+    return x_adv, check_threat_model(x, x_adv, attack.eps, attack.norm, where=attack.label())
+
+
 @dataclass(frozen=True)
 class AttackOutcome:
     """One attacked batch: adversarial inputs, which points were fooled, and how far they moved."""
@@ -92,8 +136,7 @@ def attack_batch(model: nn.Module, attack: Attack, x: Tensor, y: Tensor) -> Atta
             norms=torch.zeros(0, device=x.device),
         )
     with attack_mode(model):
-        x_adv = attack(model, x, y)
-        norms = check_threat_model(x, x_adv, attack.eps, attack.norm, where=attack.label())
+        x_adv, norms = _run_checked(attack, model, x, y)
         with torch.no_grad():
             success = model(x_adv).argmax(1) != y
     return AttackOutcome(x_adv=x_adv.detach(), success=success, norms=norms)

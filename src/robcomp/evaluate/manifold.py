@@ -1,0 +1,224 @@
+"""On-manifold evaluation (Kwon & Lee 2021, "Improving the Robustness of Model Compression by
+On-Manifold Adversarial Training", Future Internet 13(12):300; reference code sanglee/MC-ATON):
+choosing the generative model of a data set, and the paper's fixed adversarial test sets.
+
+The paper scores every compressed model on two test sets built **once, against the dense
+model**: ``adv-on``, the on-manifold examples that fooled it and kept their class
+(Definition 1), and ``adv-off``, the L-inf PGD examples that fooled it. They are a shift
+(``manifold-sets``): the runner builds them with the cell's baseline and scores each model's
+clean accuracy on them, like any shifted split.
+
+Example, an experiment file's evaluation suite on the simulation:
+
+```yaml
+evaluate:
+  shifts:
+    - {name: manifold-sets, eps: 0.3, step_size: 0.01, steps: 7,
+       off_eps: 0.07, off_step: 0.01, off_steps: 7}
+```
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from robcomp.attacks.base import check_eps, check_positive
+from robcomp.attacks.manifold import OnManifold, active_manifold
+from robcomp.attacks.pgd import PGD
+from robcomp.config import build
+from robcomp.data.base import DataSplits, Split
+from robcomp.data.shifts.base import SHIFTS, ShiftContext, ShiftedSplit
+from robcomp.evaluate.adversarial import attack_mode
+from robcomp.models.generative import (
+    GaussianManifold,
+    Manifold,
+    VAEManifold,
+    VAESpec,
+    cached_latent_classifier,
+    cached_vae,
+    train_latent_classifier,
+    train_vae,
+)
+from robcomp.progress import track
+
+logger = logging.getLogger(__name__)
+
+
+def manifold_for(
+    data_spec: Mapping[str, Any],
+    data: DataSplits,
+    seed: int,
+    cache_dir: Path | None,
+    spec: VAESpec | None = None,
+) -> Manifold:
+    """The generative model on-manifold components of a cell use.
+
+    On the ``gaussians`` simulation, the data set's own generator with the exact Bayes rule
+    (:class:`~robcomp.models.generative.GaussianManifold`), as in the paper's first case; on
+    other data (or with an explicit ``spec`` on the simulation), a VAE with a latent
+    classifier trained on ``data.train`` (the paper's second case), loaded from ``cache_dir``
+    if trained before with the same data, spec and seed (trained and not saved when
+    ``cache_dir`` is None).
+
+    Args:
+        data_spec: the cell's ``data`` section (``{"name": ..., **options}``).
+        data: the cell's data.
+        seed: seeds the VAE and the latent classifier.
+        cache_dir: folder of trained generative models, or None.
+        spec: the VAE to train (``VAESpec()`` by default).
+    """
+    if data_spec.get("name") == "gaussians" and spec is None:
+        return GaussianManifold(
+            n=int(data_spec.get("n", 70000)), encoder_seed=int(data_spec.get("encoder_seed", 0))
+        )
+    spec = spec if spec is not None else VAESpec()
+    if cache_dir is None:
+        vae = train_vae(data, spec, seed)
+        return VAEManifold(vae, train_latent_classifier(vae, data, spec, seed))
+    vae = cached_vae(data, spec, seed, cache_dir)
+    return VAEManifold(vae, cached_latent_classifier(vae, data, spec, seed, cache_dir))
+
+
+def _collect(model: nn.Module, split: Split, batch_size: int, description: str, run: Any) -> Split:
+    """The examples ``run(x, y) -> (x_adv, keep)`` keeps, over ``split``, with their labels."""
+    xs: list[Tensor] = []
+    ys: list[Tensor] = []
+    with track(description, len(split)) as advance, attack_mode(model):
+        for x, y in split.batches(batch_size):
+            x_adv, keep = run(x, y)
+            xs.append(x_adv[keep].detach())
+            ys.append(y[keep])
+            advance(len(y))
+    if not xs:
+        return Split(split.x[:0].float(), split.y[:0])
+    return Split(torch.cat(xs), torch.cat(ys))
+
+
+def on_manifold_set(
+    model: nn.Module, attack: OnManifold, split: Split, batch_size: int = 256
+) -> Split:
+    """The adv-on set: the on-manifold examples of ``split`` that fool ``model`` and keep their
+    class (Definition 1), with their true labels."""
+
+    def run(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        outcome = attack.perturb(model, x, y)
+        return outcome.x_adv, outcome.kept
+
+    return _collect(model, split, batch_size, f"adv-on {attack.label()}", run)
+
+
+def off_manifold_set(model: nn.Module, attack: PGD, split: Split, batch_size: int = 256) -> Split:
+    """The adv-off set: the (pixel-space) adversarial examples of ``split`` that fool ``model``,
+    with their true labels."""
+
+    def run(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        x_adv = attack(model, x, y)
+        with torch.no_grad():
+            return x_adv, model(x_adv).argmax(1) != y
+
+    return _collect(model, split, batch_size, f"adv-off {attack.label()}", run)
+
+
+@SHIFTS.register("manifold-sets")
+@dataclass(frozen=True, kw_only=True)
+class ManifoldSets:
+    """The fixed on- and off-manifold adversarial test sets of Kwon & Lee 2021 (Sec. 5, Table 2),
+    built once against the cell's dense baseline (``uses_baseline``) from the test split:
+    ``adv-on`` (latent PGD, filtered by Definition 1) and ``adv-off`` (L-inf PGD from a random
+    start, the examples that fooled the baseline). Every model is then scored on them; the
+    summary adds the paper's combination, the mean of clean and adv-on accuracy.
+
+    The generative model is the active one (:func:`~robcomp.attacks.manifold.using_manifold`)
+    if the runner provides one, else :func:`manifold_for` with the context's cache folder.
+
+    Attributes:
+        eps: latent L-inf radius of the on-manifold attack (eta; simulation 0.3, HAR 0.003).
+        step_size: its signed step (simulation 0.01, HAR 0.0003).
+        steps: its iterations.
+        reanchor: re-anchor at the clean code every step, as the authors' code.
+        off_eps: L-inf radius of the off-manifold PGD (HAR 0.07).
+        off_step: its step size (HAR 0.01).
+        off_steps: its iterations (HAR 7).
+        limit: use the first ``limit`` test points only (None: all).
+        vae: VAESpec fields of the generative model on data without a known generator.
+        seed: seeds PGD's random start.
+    """
+
+    eps: float = 0.3
+    step_size: float = 0.01
+    steps: int = 7
+    reanchor: bool = False
+    off_eps: float = 0.07
+    off_step: float = 0.01
+    off_steps: int = 7
+    limit: int | None = None
+    vae: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    uses_baseline: ClassVar[bool] = True
+    needs_manifold: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        self.on_attack()  # the attack's own checks name the bad field
+        check_eps(self.off_eps, "manifold-sets.off_eps")
+        check_positive(self, "off_step")
+        if self.off_steps < 1:
+            raise ValueError(f"manifold-sets: off_steps must be >= 1, got {self.off_steps}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"manifold-sets: limit must be >= 1 or null, got {self.limit}")
+        self.vae_spec()
+
+    def label(self) -> str:
+        return "manifold-sets"
+
+    def vae_spec(self) -> VAESpec | None:
+        return build(VAESpec, self.vae, "manifold-sets.vae") if self.vae else None
+
+    def on_attack(self) -> OnManifold:
+        return OnManifold(
+            eps=self.eps, step_size=self.step_size, steps=self.steps, reanchor=self.reanchor
+        )
+
+    def off_attack(self) -> PGD:
+        return PGD(eps=self.off_eps, step_size=self.off_step, steps=self.off_steps, seed=self.seed)
+
+    def shifted(self, data: DataSplits, context: ShiftContext) -> Sequence[ShiftedSplit]:
+        if context.baseline is None:
+            raise ValueError(
+                "manifold-sets builds its test sets against the dense baseline; got none"
+            )
+        manifold = active_manifold() or manifold_for(
+            context.data_spec, data, context.seed, context.cache, self.vae_spec()
+        )
+        test = data.test.head(self.limit)
+        on = on_manifold_set(context.baseline, self.on_attack().bind(manifold), test)
+        off = off_manifold_set(context.baseline, self.off_attack(), test)
+        logger.info(
+            "manifold-sets: %d adv-on and %d adv-off of %d test points",
+            len(on),
+            len(off),
+            len(test),
+        )
+        return [
+            ShiftedSplit("adv-on", 0, on, family="manifold"),
+            ShiftedSplit("adv-off", 0, off, family="manifold"),
+        ]
+
+    def summary(
+        self,
+        model_acc: Mapping[tuple[str, int], float],
+        baseline_acc: Mapping[tuple[str, int], float],
+        clean: tuple[float, float],
+    ) -> dict[str, float]:
+        """``combined_accuracy``: the mean of clean and adv-on accuracy (the paper's
+        "Combination (Original & Adv-On)")."""
+        del baseline_acc
+        on = model_acc.get(("adv-on", 0))
+        return {} if on is None else {"combined_accuracy": (clean[0] + on) / 2}
