@@ -1,6 +1,6 @@
 """Model zoo: every model takes inputs in [0, 1] and normalizes inside."""
 
-from robcomp.models import ensemble, zoo  # noqa: F401  (register the architectures)
+from robcomp.models import ensemble, signals, zoo  # noqa: F401  (register the architectures)
 from robcomp.models.base import (
     MODELS,
     Classifier,
