@@ -7,7 +7,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from robcomp.config import build_component
-from robcomp.data import builtin, sensors, vision  # noqa: F401  (registers the datasets)
+from robcomp.data import (  # noqa: F401  (registers the datasets)
+    builtin,
+    domains,
+    imagefolder,
+    sensors,
+    vision,
+)
 from robcomp.data.base import (
     DataError,
     Dataset,

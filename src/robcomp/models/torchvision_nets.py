@@ -1,20 +1,35 @@
 """torchvision's ImageNet architectures adapted to small inputs and any channel count.
 
-Weights are never downloaded: every network starts from random initialization.
+Weights are never downloaded. A network starts from random initialization, or (ResNets,
+``weights: torchvision``) from torchvision's ImageNet weights already in the user's torch hub
+cache, as Shen et al. (2024) fine-tune ImageNet-pretrained ResNets on Office-31.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 from torchvision import models as tvm
 
 from robcomp.models._shape import image_shape
 from robcomp.models.base import MODELS
 
 Stem = Literal["cifar", "torchvision"]
+
+# The statistics torchvision's ImageNet weights were trained with: set them as the model's
+# mean/std to feed a pretrained network the inputs it expects.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_WEIGHT_ENUMS: dict[str, type[tvm.WeightsEnum]] = {
+    "resnet18": tvm.ResNet18_Weights,
+    "resnet34": tvm.ResNet34_Weights,
+    "resnet50": tvm.ResNet50_Weights,
+}
 
 
 def _kaiming_conv(conv: nn.Conv2d) -> nn.Conv2d:
@@ -23,16 +38,83 @@ def _kaiming_conv(conv: nn.Conv2d) -> nn.Conv2d:
     return conv
 
 
+def pretrained_path(name: str, weights: str = "torchvision") -> Path:
+    """Where torchvision keeps the ImageNet weights ``weights`` of ``name`` in the torch hub
+    cache (``torch.hub.get_dir()/checkpoints/<torchvision's file name>``; ``TORCH_HOME`` moves
+    it). ``torchvision`` means ``IMAGENET1K_V1``, the original weights; any other value is the
+    name of one of the architecture's torchvision weights (``IMAGENET1K_V2``)."""
+    enum = _WEIGHT_ENUMS.get(name)
+    if enum is None:
+        raise ValueError(f"model {name!r}: weights are available for {', '.join(_WEIGHT_ENUMS)}")
+    choice = "IMAGENET1K_V1" if weights == "torchvision" else weights
+    if choice not in enum.__members__:
+        allowed = ", ".join(["torchvision", *enum.__members__])
+        raise ValueError(f"model {name!r}: weights must be one of {allowed}; got {weights!r}")
+    filename = enum[choice].url.rsplit("/", 1)[-1]
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def pretrained_state_dict(name: str, weights: str = "torchvision") -> dict[str, Tensor]:
+    """The ImageNet weights of ``name`` read from the torch hub cache, never downloaded.
+
+    Raises:
+        FileNotFoundError: the file is not in the cache; the message says where we looked and
+            the one command that downloads it.
+    """
+    path = pretrained_path(name, weights)
+    if not path.is_file():
+        choice = "IMAGENET1K_V1" if weights == "torchvision" else weights
+        raise FileNotFoundError(
+            f"model {name!r}: weights {weights!r} are read from the torch hub cache, and "
+            f"{path} does not exist. Download them once (needs network) with: python -c "
+            f"\"import torchvision; torchvision.models.{name}(weights='{choice}')\" "
+            "(set TORCH_HOME to use another cache)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: one line naming it
+        raise ValueError(f"model {name!r}: cannot read weights {path}: {err}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"model {name!r}: {path} holds {type(state).__name__}, not a state dict")
+    return state
+
+
+def _load_pretrained(net: tvm.ResNet, name: str, weights: str, channels: int) -> None:
+    """Load ImageNet weights into ``net`` in place, keeping its own (new) classifier head."""
+    state = pretrained_state_dict(name, weights)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if channels == 1 and "conv1.weight" in state:  # grey = RGB with equal channels: sum filters
+        state["conv1.weight"] = state["conv1.weight"].sum(dim=1, keepdim=True)
+    own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    wrong = sorted(set(own) ^ set(state)) or [
+        k for k, v in own.items() if tuple(v.shape) != tuple(state[k].shape)
+    ]
+    if wrong:
+        raise ValueError(
+            f"model {name!r}: weights {pretrained_path(name, weights)} do not fit the "
+            f"architecture (keys missing, unexpected or of another shape: {wrong[:5]})"
+        )
+    if next(net.parameters()).is_meta:  # a shape check (the runner's preflight): no values
+        return
+    net.load_state_dict(state, strict=False)
+
+
 def _resnet(
     builder: Callable[..., tvm.ResNet],
     name: str,
     num_classes: int,
     in_shape: tuple[int, ...],
     stem: str,
+    weights: str | None = None,
 ) -> tvm.ResNet:
     channels, _, _ = image_shape(in_shape, name)
     if stem not in ("cifar", "torchvision"):
         raise ValueError(f"model {name!r}: stem must be 'cifar' or 'torchvision', got {stem!r}")
+    if weights is not None and (stem != "torchvision" or channels not in (1, 3)):
+        raise ValueError(
+            f"model {name!r}: weights {weights!r} need stem: torchvision (the 7x7 stem they were "
+            f"trained with) and 1 or 3 input channels; got stem {stem!r}, {channels} channels"
+        )
     net = builder(weights=None, num_classes=num_classes)
     if stem == "cifar":
         # 3x3 stride-1 stem without max-pool: 32x32 inputs keep 32x32 maps in the first stage.
@@ -40,11 +122,19 @@ def _resnet(
         net.maxpool = nn.Identity()
     elif channels != 3:
         net.conv1 = _kaiming_conv(nn.Conv2d(channels, 64, 7, stride=2, padding=3, bias=False))
+    if weights is not None:
+        _load_pretrained(net, name, weights, channels)
     return net
 
 
 @MODELS.register("resnet18")
-def resnet18(*, num_classes: int, in_shape: tuple[int, ...], stem: Stem = "cifar") -> nn.Module:
+def resnet18(
+    *,
+    num_classes: int,
+    in_shape: tuple[int, ...],
+    stem: Stem = "cifar",
+    weights: str | None = None,
+) -> nn.Module:
     """ResNet-18 (He et al. 2016) from torchvision.
 
     Args:
@@ -52,21 +142,41 @@ def resnet18(*, num_classes: int, in_shape: tuple[int, ...], stem: Stem = "cifar
         in_shape: input shape (C, H, W).
         stem: ``"cifar"`` (3x3 stride-1 conv, no max-pool; for 32x32 inputs) or
             ``"torchvision"`` (the ImageNet 7x7 stride-2 conv and max-pool).
+        weights: ``None`` (random initialization), ``"torchvision"`` (torchvision's original
+            ImageNet weights, ``IMAGENET1K_V1``) or the name of another of its ImageNet weights,
+            read from the torch hub cache (never downloaded; see :func:`pretrained_path`).
+            Needs ``stem: torchvision``; the classifier head is new (``num_classes`` logits),
+            and a grey input sums the first layer's RGB filters. The weights expect ImageNet
+            normalization: set the model's mean/std to :data:`IMAGENET_MEAN`/`IMAGENET_STD`.
     """
-    return _resnet(tvm.resnet18, "resnet18", num_classes, in_shape, stem)
+    return _resnet(tvm.resnet18, "resnet18", num_classes, in_shape, stem, weights)
 
 
 @MODELS.register("resnet34")
-def resnet34(*, num_classes: int, in_shape: tuple[int, ...], stem: Stem = "cifar") -> nn.Module:
-    """ResNet-34 (He et al. 2016) from torchvision; ``stem`` as in :func:`resnet18`."""
-    return _resnet(tvm.resnet34, "resnet34", num_classes, in_shape, stem)
+def resnet34(
+    *,
+    num_classes: int,
+    in_shape: tuple[int, ...],
+    stem: Stem = "cifar",
+    weights: str | None = None,
+) -> nn.Module:
+    """ResNet-34 (He et al. 2016) from torchvision; ``stem`` and ``weights`` as in
+    :func:`resnet18`."""
+    return _resnet(tvm.resnet34, "resnet34", num_classes, in_shape, stem, weights)
 
 
 @MODELS.register("resnet50")
-def resnet50(*, num_classes: int, in_shape: tuple[int, ...], stem: Stem = "cifar") -> nn.Module:
-    """ResNet-50 (He et al. 2016, bottleneck blocks) from torchvision; ``stem`` as in
-    :func:`resnet18`."""
-    return _resnet(tvm.resnet50, "resnet50", num_classes, in_shape, stem)
+def resnet50(
+    *,
+    num_classes: int,
+    in_shape: tuple[int, ...],
+    stem: Stem = "cifar",
+    weights: str | None = None,
+) -> nn.Module:
+    """ResNet-50 (He et al. 2016, bottleneck blocks) from torchvision; ``stem`` and ``weights``
+    as in :func:`resnet18` (``"torchvision"`` is ``IMAGENET1K_V1``; ``IMAGENET1K_V2`` is the
+    newer recipe)."""
+    return _resnet(tvm.resnet50, "resnet50", num_classes, in_shape, stem, weights)
 
 
 @MODELS.register("mobilenet_v2")
