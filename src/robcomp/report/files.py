@@ -1,4 +1,5 @@
-"""The report folder: leaderboard CSV and JSON, the robustness plot and telemetry figures."""
+"""The report folder: leaderboard CSV and JSON, the per-split shift CSV, the robustness plot,
+telemetry and shift figures."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import csv
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from robcomp.experiments.store import ResultStore
 from robcomp.report import plots
-from robcomp.report.tables import leaderboard_rows
+from robcomp.report.tables import leaderboard_rows, shift_rows
 
 
 @dataclass(frozen=True)
@@ -18,36 +20,61 @@ class ReportFiles:
     csv: Path
     json: Path
     plot: Path | None
-    figures: tuple[Path, ...] = ()  # training curves, weight histograms, kept per layer
+    figures: tuple[Path, ...] = ()  # training curves, weight histograms, kept per layer, shifts
+    shifts: Path | None = None  # shifts.csv, when any cell was scored on shifted data
 
     def paths(self) -> list[Path]:
-        return [self.csv, self.json, *([self.plot] if self.plot else []), *self.figures]
+        return [
+            self.csv, self.json, *([self.shifts] if self.shifts else []),
+            *([self.plot] if self.plot else []), *self.figures,
+        ]  # fmt: skip
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def write_report(store_path: str | Path, folder: str | Path) -> ReportFiles:
-    """Write ``leaderboard.csv``, ``leaderboard.json``, the robustness plot and the telemetry
-    figures (training curves, weight histograms, kept fraction per layer) into ``folder``."""
+    """Write ``leaderboard.csv``, ``leaderboard.json``, ``shifts.csv`` (one row per cell and
+    shifted split, when there are any), the robustness plot, the telemetry figures (training
+    curves, weight histograms, kept fraction per layer) and the shift figures (accuracy vs
+    corruption severity, domain heatmap, mCE vs compression, on-manifold examples) into
+    ``folder``. A figure without data is not written.
+
+    The on-manifold examples are read from ``cells/<cell_id>/`` beside the store (see
+    :data:`robcomp.report.plots.MANIFOLD_EXAMPLES`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     store = ResultStore(store_path)
     rows = leaderboard_rows(store)
-    columns: dict[str, None] = {}
-    for row in rows:
-        columns.update(dict.fromkeys(row))
     csv_path, json_path = folder / "leaderboard.csv", folder / "leaderboard.json"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns))
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_csv(csv_path, rows)
     json_path.write_text(json.dumps(rows, indent=2, default=str))
     plot = plots.plot_robustness_vs_compression(rows, folder / "robustness_vs_compression.png")
     runs = store.runs()
+    shifted = shift_rows(runs)
+    shifts_csv = folder / "shifts.csv" if shifted else None
+    if shifts_csv:
+        _write_csv(shifts_csv, shifted)
+    labels = {r["cell_id"]: plots.cell_label(r) for r in rows}
     figures = (
         plots.plot_training(runs, folder / "training_curves.png"),
         plots.plot_weights(runs, folder / "weights.png"),
         plots.plot_kept_per_layer(runs, folder / "kept_per_layer.png"),
+        plots.plot_accuracy_vs_severity(rows, shifted, folder / "accuracy_vs_severity.png"),
+        plots.plot_domain_heatmap(rows, shifted, folder / "domain_heatmap.png"),
+        plots.plot_mce_vs_compression(rows, folder / "mce_vs_compression.png"),
+        plots.plot_manifold_examples(
+            Path(store_path).parent / "cells", labels, folder / "on_manifold_examples.png"
+        ),
     )
     return ReportFiles(
         folder=folder, csv=csv_path, json=json_path, plot=plot,
-        figures=tuple(f for f in figures if f is not None),
+        figures=tuple(f for f in figures if f is not None), shifts=shifts_csv,
     )  # fmt: skip

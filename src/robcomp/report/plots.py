@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from robcomp.experiments.store import RunRow
 from robcomp.report.tables import attack_columns, grid_value
+
+log = logging.getLogger(__name__)
 
 _RATE = re.compile(r"-[0-9.]+p?$")  # the rate at the end of a compressor label: -0.9, -2450p
 
@@ -238,6 +245,334 @@ def plot_kept_per_layer(runs: list[RunRow], path: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Kept fraction per layer")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------- distribution shifts
+
+# Corruption families in the order of Hendrycks & Dietterich (2019); others follow by name.
+FAMILIES = ("noise", "blur", "weather", "digital")
+
+
+def cell_label(row: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    """A line per compressed model: ``_group_key`` with the compressor's full label (its rate
+    included), leaving out grid axes that start with any of ``skip`` (averaged over)."""
+    grid = {
+        k: v
+        for k, v in row.items()
+        if k.startswith("grid:") and not _rate_axis(k) and not (skip and k[5:].startswith(skip))
+    }
+    finetune = row.get("finetune", "-")
+    return ", ".join(
+        [
+            str(row.get("model")),
+            str(row.get("compress")) + ("" if finetune == "-" else f" + {finetune}"),
+            *(f"{k[5:]}={grid_value(v)}" for k, v in grid.items()),
+        ]
+    )
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _families(shifts: list[dict[str, Any]]) -> list[str]:
+    found = {r["family"] or "other" for r in shifts if r["severity"] > 0}
+    return [f for f in FAMILIES if f in found] + sorted(found - set(FAMILIES))
+
+
+Curve = list[tuple[int, float]]  # (severity, accuracy as a fraction), severity 0 = clean
+
+
+def severity_curves(
+    rows: list[dict[str, Any]], shifts: list[dict[str, Any]]
+) -> dict[str, dict[str, Curve]]:
+    """Per corruption family, per compressed model (:func:`cell_label`): mean accuracy at each
+    severity over the family's corruptions (and over cells sharing a label), with severity 0
+    the mean clean accuracy of those cells on the unshifted test split (``rows``)."""
+    clean = {r["cell_id"]: r.get("clean_accuracy") for r in rows}
+    graded = [r for r in shifts if r["severity"] > 0 and r["accuracy"] is not None]
+    out: dict[str, dict[str, Curve]] = {}
+    for family in _families(graded):
+        members: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in graded:
+            if (r["family"] or "other") == family:
+                members[cell_label(r)].append(r)
+        curves: dict[str, Curve] = {}
+        for label, found in members.items():
+            by_severity: dict[int, list[float]] = defaultdict(list)
+            for r in found:
+                by_severity[r["severity"]].append(r["accuracy"])
+            cells = dict.fromkeys(r["cell_id"] for r in found)
+            by_severity[0] = [v for c in cells if (v := clean.get(c)) is not None]
+            curves[label] = sorted((s, _mean(v)) for s, v in by_severity.items() if v)
+        out[family] = curves
+    return out
+
+
+def plot_accuracy_vs_severity(
+    rows: list[dict[str, Any]], shifts: list[dict[str, Any]], path: Path
+) -> Path | None:
+    """Accuracy against corruption severity (0 = the clean test split), one panel per
+    corruption family (the mean over its corruptions), one line per compressed model: how
+    fast each compression loses accuracy as the corruption grows (Hendrycks & Dietterich
+    2019). ``None`` without graded shifted splits."""
+    panels = severity_curves(rows, shifts)
+    if not panels:
+        return None
+    plt = _pyplot()
+    labels = list(dict.fromkeys(label for curves in panels.values() for label in curves))
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.8 * cols, 3.2 * nrows), squeeze=False)
+    for ax, (family, curves) in zip(axes.flat, panels.items()):
+        for label, pts in curves.items():
+            severities, accs = zip(*pts)
+            ax.plot(severities, [100 * a for a in accs], marker="o", label=label,
+                    color=_color(labels.index(label)))  # fmt: skip
+        ax.set_title(family, fontsize=10)
+        ax.set_xlabel("severity (0 = clean)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle("Accuracy vs corruption severity (mean over each family's corruptions)")
+    _legend_below(fig, axes, 3.2 * nrows)
+    return _save(fig, path)
+
+
+# Grid axes a domain heatmap averages over or draws as its rows, not as separate panels.
+_AVERAGED = ("seed", "data")
+
+
+def domain_matrix(
+    rows: list[dict[str, Any]], domain: list[dict[str, Any]], label: str
+) -> tuple[list[str], list[str], dict[tuple[str, str], float]]:
+    """Sources, targets (the sources first, so the diagonal lines up) and mean accuracy per
+    (source, target) of the cells of one method (``label``, :func:`cell_label` without the
+    data and seed axes), from ``domain``, shift rows of family ``domain``; the diagonal is
+    source-validation accuracy (the test split's when the cell has no validation split)."""
+    own = {r["cell_id"]: r for r in rows}
+    members = [r for r in domain if cell_label(r, skip=_AVERAGED) == label]
+    values: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in members:
+        if r["accuracy"] is not None:
+            values[(r["source"], r["split"])].append(r["accuracy"])
+    for cell_id, source in dict((r["cell_id"], r["source"]) for r in members).items():
+        row = own.get(cell_id, {})
+        diagonal = row.get("val_accuracy")
+        diagonal = row.get("clean_accuracy") if diagonal is None else diagonal
+        if diagonal is not None:
+            values[(source, source)].append(diagonal)
+    sources = list(dict.fromkeys(r["source"] for r in members))
+    targets = sources + [t for t in dict.fromkeys(r["split"] for r in members) if t not in sources]
+    return sources, targets, {k: _mean(v) for k, v in values.items()}
+
+
+def plot_domain_heatmap(
+    rows: list[dict[str, Any]], shifts: list[dict[str, Any]], path: Path
+) -> Path | None:
+    """Source x target accuracy (%) per compression method, the protocol of Shen et al.
+    (2024): a row per source domain the grid trained on, a column per domain it was scored
+    on; the diagonal is source-validation accuracy. Seeds are averaged. ``None`` without
+    splits of family ``domain``."""
+    domain = [r for r in shifts if r["family"] == "domain"]
+    if not domain:
+        return None
+    plt = _pyplot()
+    labels = list(dict.fromkeys(cell_label(r, skip=_AVERAGED) for r in domain))
+    grids = [domain_matrix(rows, domain, label) for label in labels]
+    width = max(len(t) for _, t, _ in grids)
+    height = max(len(s) for s, _, _ in grids)
+    cols = min(3, len(labels))
+    nrows = -(-len(labels) // cols)
+    size = (0.9 * width + 1.4, 0.6 * height + 1.6)
+    fig, axes = plt.subplots(nrows, cols, figsize=(size[0] * cols, size[1] * nrows), squeeze=False)
+    for ax, label, (sources, targets, acc) in zip(axes.flat, labels, grids):
+        matrix = [[acc.get((s, t), float("nan")) for t in targets] for s in sources]
+        ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for i, s in enumerate(sources):
+            for j, t in enumerate(targets):
+                if (s, t) in acc:
+                    value = acc[(s, t)]
+                    color = "black" if value > 0.6 else "white"
+                    ax.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=8,
+                            color=color, fontweight="bold" if s == t else "normal")  # fmt: skip
+        ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(sources)), sources, fontsize=8)
+        ax.set_xlabel("target")
+        ax.set_ylabel("source" if ax in axes[:, 0] else "")
+        ax.set_title(label, fontsize=9)
+    for ax in list(axes.flat)[len(labels) :]:
+        ax.axis("off")
+    # every cell is annotated, so no colour bar
+    fig.suptitle("Accuracy (%) across domains (diagonal: source validation)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+MCE_MEASURES = {
+    "mce": "mCE (%)",
+    "relative_mce": "relative mCE (%)",
+}
+
+
+def plot_mce_vs_compression(rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """mCE and relative mCE (both against each cell's own dense baseline, so 100 % is the
+    baseline) against compression rate, one line per compression method as in the
+    robustness plot. ``None`` when no row has an mCE."""
+    measures = [m for m in MCE_MEASURES if any(r.get(m) is not None for r in rows)]
+    if "mce" not in measures:
+        return None
+    plt = _pyplot()
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        groups[_group_key(row)].append(row)
+    fig, axes = plt.subplots(1, len(measures), figsize=(4.6 * len(measures), 3.4), squeeze=False)
+    for ax, measure in zip(axes.flat, measures):
+        for i, (label, members) in enumerate(groups.items()):
+            pts = sorted(
+                (100 * (r.get("compression_rate") or 0.0), 100 * r[measure])
+                for r in members
+                if r.get(measure) is not None
+            )
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label, color=_color(i))
+        ax.axhline(100, color="0.5", linestyle="--", linewidth=1)  # the dense baseline
+        ax.set_title(MCE_MEASURES[measure], fontsize=10)
+        ax.set_xlabel("compression rate (% of parameters removed)")
+        ax.set_ylabel(MCE_MEASURES[measure])
+        ax.grid(alpha=0.3)
+    fig.suptitle("Corruption error vs compression rate (100 % = dense baseline)")
+    _legend_below(fig, axes, 3.4)
+    return _save(fig, path)
+
+
+MANIFOLD_EXAMPLES = "manifold_examples.npz"
+"""The file of on-manifold adversarial examples a cell may leave in its folder
+(``<run>/cells/<cell_id>/manifold_examples.npz``), drawn by :func:`plot_manifold_examples`.
+
+The contract (written with ``numpy.savez``; read with ``allow_pickle=False``, so no object
+arrays):
+
+- ``x``: the original test inputs, float32 in [0, 1] (or uint8 in [0, 255]), shape (N, C, H, W)
+  for images (C = 1 grey or 3 RGB) or (N, C, L) for 1-D signals (C channels of length L).
+- ``x_adv``: their on-manifold adversarial examples (Kwon & Lee 2021), the same shape and dtype.
+- ``y``: (N,) integer true labels.
+- ``y_adv``: (N,) integer labels the attacked model (the dense baseline the ``adv-on`` set was
+  built against) predicts on ``x_adv``.
+- ``classes`` (optional): (K,) class names (a unicode array), for titles.
+
+A few examples (8 is plenty) are enough. Cells with the same arrays (one baseline's set) are
+drawn once.
+"""
+
+
+@dataclass(frozen=True)
+class ManifoldExamples:
+    """The arrays of a :data:`MANIFOLD_EXAMPLES` file, checked against its contract."""
+
+    x: np.ndarray
+    x_adv: np.ndarray
+    y: np.ndarray
+    y_adv: np.ndarray
+    classes: tuple[str, ...] = ()
+
+    def name(self, label: int) -> str:
+        return self.classes[label] if 0 <= label < len(self.classes) else str(label)
+
+
+def load_manifold_examples(path: Path) -> ManifoldExamples:
+    """The examples in ``path``; ``ValueError`` naming the broken part of the contract."""
+    with np.load(path, allow_pickle=False) as f:
+        missing = [k for k in ("x", "x_adv", "y", "y_adv") if k not in f.files]
+        if missing:
+            raise ValueError(f"{path}: missing arrays {missing}; it has {sorted(f.files)}")
+        x, x_adv, y, y_adv = (np.asarray(f[k]) for k in ("x", "x_adv", "y", "y_adv"))
+        classes = tuple(str(c) for c in f["classes"]) if "classes" in f.files else ()
+    if x.ndim not in (3, 4) or x.shape != x_adv.shape:
+        raise ValueError(
+            f"{path}: x {x.shape} and x_adv {x_adv.shape} must have one shape, (N, C, H, W) "
+            "or (N, C, L)"
+        )
+    if y.shape != (len(x),) or y_adv.shape != (len(x),):
+        raise ValueError(f"{path}: y {y.shape} and y_adv {y_adv.shape} must both be ({len(x)},)")
+    scale = 255.0 if x.dtype == np.uint8 else 1.0
+    return ManifoldExamples(
+        x=x.astype(np.float32) / scale, x_adv=x_adv.astype(np.float32) / scale,
+        y=y.astype(np.int64), y_adv=y_adv.astype(np.int64), classes=classes,
+    )  # fmt: skip
+
+
+def manifold_example_sets(
+    cells: Path, labels: dict[str, str], max_sets: int
+) -> list[tuple[str, ManifoldExamples]]:
+    """Up to ``max_sets`` distinct example sets of the cells in ``labels`` (cell id -> line
+    label), in that order; a file that breaks the contract is logged and skipped."""
+    found: dict[bytes, tuple[str, ManifoldExamples]] = {}
+    for cell_id, label in labels.items():
+        path = cells / cell_id / MANIFOLD_EXAMPLES
+        if len(found) >= max_sets or not path.is_file():
+            continue
+        try:
+            examples = load_manifold_examples(path)
+        except (ValueError, OSError) as err:
+            log.warning("skipping on-manifold examples: %s", err)
+            continue
+        digest = hashlib.sha1(examples.x_adv.tobytes() + examples.x.tobytes()).digest()
+        found.setdefault(digest, (label, examples))
+    return list(found.values())
+
+
+def _show(ax: Any, x: np.ndarray, other: np.ndarray | None = None) -> None:
+    """An image (C, H, W) in grey or RGB, or a signal (C, L) as one trace per channel (up to
+    3), with ``other`` (the original) dashed behind it for comparison."""
+    if x.ndim == 3:
+        ax.imshow(x[0] if x.shape[0] != 3 else x.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return
+    for c in range(min(3, x.shape[0])):
+        if other is not None:
+            ax.plot(other[c], color=_color(c), linestyle="--", linewidth=0.8, alpha=0.6)
+        ax.plot(x[c], color=_color(c), linewidth=1.0)
+    ax.set_xticks([])
+    ax.tick_params(labelsize=6)
+
+
+def plot_manifold_examples(
+    cells: Path, labels: dict[str, str], path: Path, max_sets: int = 3, per_set: int = 8
+) -> Path | None:
+    """Originals beside their on-manifold adversarial examples (Kwon & Lee 2021): for each
+    distinct example set (:data:`MANIFOLD_EXAMPLES` in a cell folder under ``cells``) a row of
+    originals with their labels and a row of adversarials with the predicted label; signals
+    are traces (the adversarial solid, the original dashed). ``None`` when no cell has one."""
+    sets = manifold_example_sets(cells, labels, max_sets)
+    if not sets:
+        return None
+    plt = _pyplot()
+    cols = min(per_set, max(len(e.x) for _, e in sets))
+    tall = 1.6 if any(e.x.ndim == 3 for _, e in sets) else 1.4  # traces need a little more
+    fig, axes = plt.subplots(
+        2 * len(sets), cols, figsize=(1.5 * cols + 0.6, tall * 2 * len(sets) + 0.6),
+        squeeze=False,
+    )  # fmt: skip
+    for k, (label, ex) in enumerate(sets):
+        for j in range(cols):
+            top, bottom = axes[2 * k, j], axes[2 * k + 1, j]
+            if j >= len(ex.x):
+                top.axis("off")
+                bottom.axis("off")
+                continue
+            _show(top, ex.x[j])
+            _show(bottom, ex.x_adv[j], ex.x[j] if ex.x.ndim == 3 else None)
+            top.set_title(f"y={ex.name(int(ex.y[j]))}", fontsize=8)
+            bottom.set_title(f"pred {ex.name(int(ex.y_adv[j]))}", fontsize=8, color="C3")
+        axes[2 * k, 0].set_ylabel(f"{label}\noriginal", fontsize=7)
+        axes[2 * k + 1, 0].set_ylabel("on-manifold", fontsize=7)
+    fig.suptitle("On-manifold adversarial examples (top: original, bottom: adversarial)")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -9,7 +9,7 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
-from robcomp.experiments.store import ResultStore, RunRow
+from robcomp.experiments.store import Metric, ResultStore, RunRow
 from robcomp.experiments.worst import WORST
 
 EFFICIENCY = ("compression_rate", "params", "nonzero_params", "size_bytes", "sparse_bytes", "macs")
@@ -28,9 +28,10 @@ def _finetune_label(finetune: dict[str, Any] | None) -> str:
     return f"{objective.get('name', 'ce')} x{finetune.get('epochs', '?')}"
 
 
-def _row(run: RunRow) -> dict[str, Any]:
+def _identity(run: RunRow) -> dict[str, Any]:
+    """The columns that say which cell a row is (leaderboard and ``shifts.csv`` alike)."""
     cfg = run.config
-    row: dict[str, Any] = {
+    return {
         "cell_id": run.cell_id,
         "experiment": run.experiment,
         "data": cfg["data"]["name"],
@@ -45,14 +46,21 @@ def _row(run: RunRow) -> dict[str, Any]:
         "seed": cfg["seed"],
         **{f"grid:{k}": v for k, v in run.grid_values.items()},
     }
+
+
+def _row(run: RunRow) -> dict[str, Any]:
+    row = _identity(run)
+    # Metrics of shifted splits (the same names, keyed by shift and severity) have columns of
+    # their own (:func:`_shift_columns`): they must never overwrite the test split's.
+    unshifted = [m for m in run.metrics if not m.shift]
     worst: dict[str, float | None] = {}
     flags = sorted(
-        m.name.removeprefix("flag:") for m in run.metrics if m.name.startswith("flag:") and m.value
+        m.name.removeprefix("flag:") for m in unshifted if m.name.startswith("flag:") and m.value
     )
-    if any(m.name.startswith("flag:") for m in run.metrics):
+    if any(m.name.startswith("flag:") for m in unshifted):
         row["masking_flags"] = ",".join(flags) or "none"
         row["masking"] = run.info.get("masking")
-    for m in run.metrics:
+    for m in unshifted:
         if m.name == "robust_accuracy":
             row[attack_column(m.attack, m.eps)] = m.value
         elif m.name == WORST:
@@ -66,6 +74,7 @@ def _row(run: RunRow) -> dict[str, Any]:
         row["gradient_free"] = run.info["gradient_free"]
     # after the attack columns: per threat model, the points no attack of it broke
     row.update(worst)
+    row.update(_shift_columns(run.metrics, taken=set(row)))
     primary = (run.info.get("worst_case") or {}).get("primary")
     row["primary_threat_model"] = (
         attack_column(f"worst-{primary['norm']}", primary["eps"]) if primary else None
@@ -73,6 +82,116 @@ def _row(run: RunRow) -> dict[str, Any]:
     row[WORST] = worst.get(row["primary_threat_model"] or "")
     row["seconds"] = run.seconds
     return row
+
+
+def shift_column(split: str) -> str:
+    """The leaderboard column of clean accuracy on an ungraded shifted split (``acc:usps``)."""
+    return f"acc:{split}"
+
+
+def _shift_columns(metrics: list[Metric], taken: set[str]) -> dict[str, float | None]:
+    """Leaderboard columns of the shifted splits: each shift's summary (``mce``,
+    ``mean_corruption_accuracy``) under its own name, and clean accuracy on every split without
+    a grade (a target domain, ``adv-on``) as ``acc:<split>``. Graded splits (a corruption at
+    severity 1-5) are too many for a row; they and every attacked shifted split are in
+    ``shifts.csv`` (:func:`shift_rows`).
+
+    A summary name two shifts of the cell share, or one a test-split column already has, is
+    qualified by the shift's label (``mce:<label>``), so no value replaces another."""
+    summaries: dict[str, list[Metric]] = {}
+    out: dict[str, float | None] = {}
+    for m in metrics:
+        if not m.shift or m.attack:
+            continue
+        if m.name == "clean_accuracy":
+            if m.severity == 0:
+                out[shift_column(m.shift)] = m.value
+        else:
+            summaries.setdefault(m.name, []).append(m)
+    for name, found in summaries.items():
+        plain = len(found) == 1 and name not in taken
+        for m in found:
+            out[name if plain else f"{name}:{m.shift}"] = m.value
+    return dict(sorted(out.items(), key=lambda kv: kv[0].startswith("acc:")))
+
+
+def _source_name(data: Any) -> str:
+    """The source domain of a cell's ``data`` spec: the wrapped source of ``{name: domain,
+    source: ...}`` and of an ``imagefolder`` (the same rule as the ``domains`` shift)."""
+    spec = {"name": data} if isinstance(data, str) else dict(data)
+    if spec.get("name") == "domain" and spec.get("source") is not None:
+        spec = {"name": spec["source"]} if isinstance(spec["source"], str) else spec["source"]
+    if spec.get("name") == "imagefolder" and spec.get("source"):
+        return str(spec["source"])
+    return str(spec.get("name"))
+
+
+# Metrics of an attack on a shifted split that shifts.csv keeps, by the column they go to.
+_SHIFT_ATTACK_METRICS = ("robust_accuracy", WORST)
+
+
+def _attacked(run: RunRow) -> dict[tuple[str, int], dict[str, float | None]]:
+    """Per shifted split ``(split, severity)``: its robust-accuracy columns (``pgd@0.03``) and
+    the average minimal perturbation of unbounded attacks (``min_norm:<attack>``)."""
+    out: dict[tuple[str, int], dict[str, float | None]] = {}
+    for m in run.metrics:
+        if not (m.shift and m.attack):
+            continue
+        cells = out.setdefault((m.shift, m.severity), {})
+        if m.name in _SHIFT_ATTACK_METRICS:
+            cells[attack_column(m.attack, m.eps)] = m.value
+        elif m.name == "mean_norm" and math.isinf(m.eps):
+            cells[f"min_norm:{m.attack}"] = m.value
+    return out
+
+
+def _split_records(run: RunRow) -> list[tuple[str, dict[str, Any]]]:
+    """``(shift label, record)`` of every shifted split of the cell: the runner's
+    ``info["shifts"]`` records, then any shifted clean accuracy stored without one (label and
+    family unknown)."""
+    records = [
+        (label, dict(record))
+        for label, rows in (run.info.get("shifts") or {}).items()
+        for record in rows or []
+    ]
+    known = {(r["shift"], int(r["severity"])) for _, r in records}
+    for m in run.metrics:
+        stored = m.shift and not m.attack and m.name == "clean_accuracy"
+        if stored and (m.shift, m.severity) not in known:
+            records.append(("", {"shift": m.shift, "severity": m.severity, "accuracy": m.value}))
+    return records
+
+
+def shift_rows(runs: list[RunRow]) -> list[dict[str, Any]]:
+    """Long format, one row per (finished cell, shifted split): the cell's identity and
+    compression rate, then ``shift`` (the shift's label, e.g. ``corruptions[...]-cifar``),
+    ``split`` (``fog``, ``usps``, ``adv-on``), ``severity`` (0 = ungraded), ``family``, ``n``
+    points, the cell's ``accuracy`` and its dense baseline's ``baseline_accuracy`` on it, and,
+    with ``evaluate.attack_shifted``, robust accuracy per attack (``pgd@0.03``)."""
+    out = []
+    for run in runs:
+        identity = _identity(run)
+        identity["source"] = _source_name(run.config["data"])
+        identity["compression_rate"] = next(
+            (m.value for m in run.metrics if m.name == "compression_rate" and not m.shift), None
+        )
+        attacked = _attacked(run)
+        for label, record in _split_records(run):
+            split, severity = str(record["shift"]), int(record["severity"])
+            out.append(
+                {
+                    **identity,
+                    "shift": label,
+                    "split": split,
+                    "severity": severity,
+                    "family": record.get("family", ""),
+                    "n": record.get("n"),
+                    "accuracy": record.get("accuracy"),
+                    "baseline_accuracy": record.get("baseline_accuracy"),
+                    **attacked.get((split, severity), {}),
+                }
+            )
+    return out
 
 
 def leaderboard_rows(store: ResultStore) -> list[dict[str, Any]]:
@@ -184,10 +303,45 @@ def _robustness_columns(rows: list[dict[str, Any]]) -> list[Column]:
         ("clean", [_pct(r.get("clean_accuracy")) for r in rows], True),
         *(_attack_column(c, rows) for c in attack_columns(rows)),
     ]
+    columns += _shift_table_columns(rows)
     if any("masking_flags" in r for r in rows):
         columns.append(("masking?", [_flags(r.get("masking_flags")) for r in rows], False))
     if any(r.get("gradient_free") for r in rows):
         columns.append(("via", [_via(r.get("gradient_free")) for r in rows], False))
+    return columns
+
+
+# Shift summaries the robustness table shows, by header (the CSV and JSON keep every one).
+SHIFT_SUMMARIES = {
+    "mean_corruption_accuracy": "corr\nacc",
+    "mce": "mCE",
+    "relative_mce": "rel\nmCE",
+    "combined_accuracy": "clean+\nadv-on",
+}
+
+
+def _keys(rows: list[dict[str, Any]], keep: Any) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.update({k: None for k in row if keep(k)})
+    return list(seen)
+
+
+def _shift_table_columns(rows: list[dict[str, Any]]) -> list[Column]:
+    """Shift summaries (mean corruption accuracy, mCE and relative mCE, in %), the source
+    validation accuracy and the accuracy on each ungraded shifted split (``on usps``), when
+    any row has them."""
+    columns: list[Column] = []
+    for name, header in SHIFT_SUMMARIES.items():
+        for key in _keys(rows, lambda k, n=name: k == n or k.startswith(f"{n}:")):
+            label = key.partition(":")[2]
+            columns.append(
+                (header + (f"\n{label}" if label else ""), [_pct(r.get(key)) for r in rows], True)
+            )
+    splits = _keys(rows, lambda k: k.startswith("acc:"))
+    if splits and any(r.get("val_accuracy") is not None for r in rows):
+        columns.append(("val", [_pct(r.get("val_accuracy")) for r in rows], True))
+    columns += [(f"on\n{k[4:]}", [_pct(r.get(k)) for r in rows], True) for k in splits]
     return columns
 
 
@@ -251,6 +405,13 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "robcomp leaderbo
         caption += (
             "; worst: points no attack of that norm and eps broke; rows ordered by it at "
             "the first threat model"
+        )
+    if any(k.partition(":")[0] in SHIFT_SUMMARIES or k.startswith("acc:") for r in rows for k in r):
+        caption += (
+            "; corr acc: mean over corruptions and severities; mCE, rel mCE: corruption error "
+            "against the cell's dense baseline (Hendrycks & Dietterich 2019), 100 = as "
+            "the baseline; val: source validation; on X: clean accuracy on shifted split X "
+            "(every split: shifts.csv)"
         )
     if any(r.get("gradient_free") for r in rows):
         caption += (
