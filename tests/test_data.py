@@ -26,6 +26,21 @@ def _npz(tmp_path: Path) -> str:
     return str(path)
 
 
+def _image_tree(tmp_path: Path) -> Path:
+    """root/<domain>/<class>/<png>: two domains, two classes, five 12x12 images each."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for domain in ("a", "b"):
+        for label in ("cat", "dog"):
+            folder = tmp_path / "tree" / domain / label
+            folder.mkdir(parents=True)
+            for i in range(5):
+                pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return tmp_path / "tree"
+
+
 def _spec(name: str, tmp_path: Path) -> dict[str, Any]:
     """A loadable spec for each registered dataset, or a skip when its files are absent."""
     if name == "digits":
@@ -34,6 +49,10 @@ def _spec(name: str, tmp_path: Path) -> dict[str, Any]:
         return {"name": name, "n": 2000}
     if name == "npz":
         return {"name": name, "path": _npz(tmp_path)}
+    if name == "domain":  # the domain protocol around any source
+        return {"name": name, "source": "digits"}
+    if name == "imagefolder":
+        return {"name": name, "root": str(_image_tree(tmp_path)), "source": "a", "size": 8}
     if name == "fashion-mnist" and Path("/usr/share/datasets/fashion-mnist").is_dir():
         return {"name": name}
     if not REAL:

@@ -21,16 +21,18 @@ from robcomp.models import (
 
 TINY = {"tiny_mlp", "tiny_cnn", "lenet5"}
 SLOW = {"wrn_34_10", "resnet50"}  # run with batch 1
-SHAPES: dict[str, list[tuple[int, int, int]]] = {
+SHAPES: dict[str, list[tuple[int, ...]]] = {
     "tiny_mlp": [(1, 8, 8), (1, 4, 4)],
     "tiny_cnn": [(1, 8, 8), (1, 4, 4)],
     "lenet5": [(1, 8, 8), (1, 4, 4)],
     "small_cnn": [(1, 28, 28)],
+    "har_cnn": [(9, 128), (6, 100)],  # 1-D signals (C, L)
+    "resnet18_1d": [(9, 128)],
 }
 CIFAR = (3, 32, 32)
 
 
-def _cases() -> list[tuple[str, tuple[int, int, int]]]:
+def _cases() -> list[tuple[str, tuple[int, ...]]]:
     return [(name, shape) for name in MODELS.names() for shape in SHAPES.get(name, [CIFAR])]
 
 

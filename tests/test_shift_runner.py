@@ -178,3 +178,61 @@ def test_shifted_arrays_are_the_same_tensors_for_every_cell(tmp_path: Path) -> N
 
     tensors = load_file(str(files[0]))
     assert torch.equal(tensors["y0"], tensors["y1"])  # both severities shift the same points
+
+
+# --- the registered shifts, end to end through the runner --------------------------------------
+
+
+def _registered(data: dict[str, Any], model: str, **evaluate: Any) -> dict[str, Any]:
+    return {
+        "name": "registered-shifts",
+        "data": data,
+        "model": {"name": model},
+        "train": {"epochs": 3, "lr": 0.05, "batch_size": 64},
+        "compress": {"name": "none"},
+        "evaluate": {"limit": 60, "diagnostics": False, "latency_batch_sizes": [], **evaluate},
+    }
+
+
+def test_corruptions_through_the_runner_normalise_mce_by_the_dense_baseline(
+    tmp_path: Path,
+) -> None:
+    shift = {"name": "corruptions", "corruptions": ["gaussian_noise", "contrast"],
+             "severities": [1, 5]}  # fmt: skip
+    raw = _registered({"name": "digits", "train_limit": 400}, "tiny_mlp", shifts=[shift])
+    raw["grid"] = {"compress": [{"name": "none"}, {"name": "magnitude", "sparsity": 0.95}]}
+    summary = run_experiment(load_experiment(raw), tmp_path)
+    assert summary.ran == 2 and not summary.failed
+    by_method = {r.config["compress"]["name"]: _by_key(r.metrics) for r in
+                 ResultStore(tmp_path / STORE_NAME).runs()}  # fmt: skip
+    dense, pruned = by_method["none"], by_method["magnitude"]
+    # The dense cell is its own baseline: its corruption errors normalise to exactly 1.
+    label = "corruptions[gaussian_noise+contrast]-cifar"  # the shift's label keys its summary
+    assert dense[("mce", label, 0)] == pytest.approx(1.0)
+    assert dense[("relative_mce", label, 0)] == pytest.approx(1.0)
+    for values in (dense, pruned):
+        mild = values[("clean_accuracy", "gaussian_noise", 1)]
+        harsh = values[("clean_accuracy", "gaussian_noise", 5)]
+        assert mild is not None and harsh is not None and harsh < mild
+    pruned_mce = pruned[("mce", label, 0)]
+    assert pruned_mce is not None and pruned_mce != pytest.approx(1.0)
+
+
+def test_on_manifold_attack_and_fixed_sets_through_the_runner(tmp_path: Path) -> None:
+    raw = _registered(
+        {"name": "gaussians", "n": 2000}, "tiny_mlp",
+        attacks=[{"name": "on-manifold", "eps": 0.3, "step_size": 0.03, "steps": 10}],
+        shifts=[{"name": "manifold-sets", "step_size": 0.03, "steps": 10}],
+    )  # fmt: skip
+    summary = run_experiment(load_experiment(raw), tmp_path)
+    assert summary.ran == 1 and not summary.failed, summary.failed
+    (run,) = ResultStore(tmp_path / STORE_NAME).runs()
+    robust = [m for m in run.metrics if m.name == "robust_accuracy"]
+    assert len(robust) == 1 and robust[0].attack.startswith("on-manifold")
+    clean = _by_key(run.metrics)[("clean_accuracy", "", 0)]
+    assert robust[0].value is not None and clean is not None and robust[0].value <= clean
+    values = _by_key(run.metrics)
+    # Both fixed sets were built against this very (dense) model: it misclassifies all of them.
+    assert values[("clean_accuracy", "adv-off", 0)] == 0.0
+    assert values[("clean_accuracy", "adv-on", 0)] in (0.0, None)  # None: no example kept
+    assert any(name == "combined_accuracy" for name, _, _ in values)

@@ -20,6 +20,7 @@ from robcomp.cli import app
 from robcomp.compress import COMPRESSORS
 from robcomp.config import ConfigError
 from robcomp.data import DATASETS
+from robcomp.data.shifts import SHIFTS
 from robcomp.experiments import load_experiment
 from robcomp.experiments.store import RunRow
 from robcomp.models import MODELS
@@ -46,6 +47,7 @@ BAD: dict[str, dict[str, tuple[dict[str, Any], str, Any]]] = {
         "pgd": ({}, "step_size", -0.01),
         "salt-and-pepper": ({}, "steps", 0),
         "square": ({}, "eps", ".inf"),
+        "on-manifold": ({}, "step_size", -0.01),
     },
     "compressor": {
         "admm": ({"sparsity": 0.5}, "rho_growth", ".inf"),
@@ -73,6 +75,10 @@ BAD: dict[str, dict[str, tuple[dict[str, Any], str, Any]]] = {
         "pgd-at": ({}, "steps", 0),
         "rslad": ({"teacher": "t"}, "scale", ".inf"),
         "trades": ({}, "beta", -1.0),
+        "mc-at-on": ({}, "eta", -1.0),
+        "mc-at-off": ({}, "steps", 0),
+        "mc-at-dual": ({}, "on_steps", 0),
+        "mc-trades": ({}, "beta", -1.0),
     },
     "dataset": {
         "cifar10": ({}, "train_limit", 0),
@@ -83,6 +89,17 @@ BAD: dict[str, dict[str, tuple[dict[str, Any], str, Any]]] = {
         "mnist": ({}, "val_fraction", -0.1),
         "npz": ({"path": "x.npz"}, "num_classes", 1),
         "svhn": ({}, "train_limit", 0),
+        "usps": ({}, "train_limit", 0),
+        "mnist-m": ({}, "test_fraction", 0.0),
+        "domain": ({"source": "digits"}, "split_seed", -1),
+        "imagefolder": ({"root": "x", "source": "a"}, "size", 0),
+        "basicmotions": ({}, "val_fraction", 1.0),
+        "uci-har": ({}, "train_limit", 0),
+    },
+    "shift": {
+        "corruptions": ({}, "severities", [6]),
+        "domains": ({}, "targets", "usps"),
+        "manifold-sets": ({}, "eps", -0.3),
     },
 }
 REGISTRIES = {
@@ -91,6 +108,7 @@ REGISTRIES = {
     "objective": OBJECTIVES,
     "dataset": DATASETS,
     "model": MODELS,
+    "shift": SHIFTS,
 }
 CASES = [(kind, name) for kind, names in BAD.items() for name in names] + [
     ("model", name) for name in MODELS.names()
@@ -125,6 +143,8 @@ def _with_bad(kind: str, name: str) -> tuple[dict[str, Any], str]:
         return _base(compress=spec), field
     if kind == "objective":
         return _base(train=_base()["train"] | {"objective": spec}), field
+    if kind == "shift":
+        return _base(evaluate=_base()["evaluate"] | {"shifts": [spec]}), field
     return _base(data=spec), field
 
 

@@ -359,7 +359,9 @@ def report(
     console.print("report: " + ", ".join(str(f) for f in files.paths()))
 
 
-KINDS = ("datasets", "models", "attacks", "compressors", "objectives", "presets", "configs")
+KINDS = (
+    "datasets", "models", "attacks", "compressors", "objectives", "shifts", "presets", "configs",
+)  # fmt: skip
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -391,10 +393,11 @@ def list_(
     from robcomp.attacks.presets import preset_names
     from robcomp.compress import COMPRESSORS
     from robcomp.data import DATASETS
+    from robcomp.data.shifts import SHIFTS
     from robcomp.models import MODELS
     from robcomp.train import OBJECTIVES
 
-    registries = (DATASETS, MODELS, ATTACKS, COMPRESSORS, OBJECTIVES)
+    registries = (DATASETS, MODELS, ATTACKS, COMPRESSORS, OBJECTIVES, SHIFTS)
     names = {k: r.names() for k, r in zip(KINDS, registries)} | {
         "presets": preset_names(),
         "configs": list(shipped_configs()),

@@ -21,6 +21,7 @@ from torch import nn
 
 from robcomp import data as datasets
 from robcomp.attacks import Attack
+from robcomp.attacks.manifold import ManifoldSource, using_manifold
 from robcomp.compress import COMPRESSORS, Record, finalize, latency, measure
 from robcomp.compress.efficiency import count_macs
 from robcomp.config import build_component, to_dict
@@ -36,6 +37,7 @@ from robcomp.evaluate.bpda import (
     twin_agreements,
 )
 from robcomp.evaluate.diagnostics import Flag, diagnose, probe_threat_model, summarize
+from robcomp.evaluate.manifold import manifold_for
 from robcomp.experiments.cache import compressed_model, own_callables
 from robcomp.experiments.shifts import baseline_scores, build_shifts, shifted_splits
 from robcomp.experiments.shifts import scores as shift_scores
@@ -244,6 +246,8 @@ def _shift_metrics(
             for name, value in shift_summary(shift, ours, dense, clean).items()
         ]
         for s in splits if spec.attack_shifted else []:
+            if not len(s.split):
+                continue
             points = s.split.head(spec.limit).to(data.device)
             suite = _attack_suite(cfg, model, points, surrogate=baseline)
             metrics += [replace(m, shift=s.shift, severity=s.severity) for m in suite.metrics]
@@ -334,6 +338,12 @@ def run_cell(cell: Cell, workdir: Path) -> CellResult:
         return _run_cell(cell, workdir)
 
 
+def _cell_manifold(cfg: CellConfig, data: DataSplits, cache: Path) -> ManifoldSource:
+    """The cell's generative model for on-manifold attacks, objectives and test sets, built
+    (or read from ``cache``) only when one of them first asks for it."""
+    return lambda: manifold_for(cfg.data, data, cfg.seed, cache / "manifold")
+
+
 def _macs_per_image(cfg: CellConfig, data: DataSplits) -> int:
     """Multiply-accumulates per image of the cell's model, built untrained on the CPU (cheap)."""
     model, _ = build_model(cfg, data)
@@ -362,20 +372,21 @@ def _run_cell(cell: Cell, workdir: Path) -> CellResult:
         data = datasets.get(cfg.data, seed=cfg.seed).to(resolve_device(cfg.device))
         macs = None if cfg.threads is not None else _macs_per_image(cfg, data)
         torch.set_num_threads(choose_threads(cfg.threads, macs))
-        baseline, baseline_info = trained_baseline(cfg, data, workdir / "cache")
-        compressor = build_component(COMPRESSORS, cfg.compress, "compress")
-        model, record, finetune = compressed_model(
-            cfg, compressor, baseline, data, workdir / "cache",
-            produce=lambda: compress_and_finetune(cfg, compressor, baseline, data),
-        )  # fmt: skip
-        model = _place(model, data.device)
-        # Attacks call the model on many batch shapes; an int8 model would compile each one.
-        attacked = model.eager() if isinstance(model, GradientFree) else model
-        # A model that runs on the CPU only (int8) is evaluated there, with its surrogate.
-        data = data.to(model_device(attacked))
-        baseline.to(data.device)
-        evaluation = _evaluate(cfg, attacked, data, surrogate=baseline)
-        shift_metrics, shifts = _shift_metrics(cfg, attacked, data, baseline, workdir / "cache")
+        with using_manifold(_cell_manifold(cfg, data, workdir / "cache")):
+            baseline, baseline_info = trained_baseline(cfg, data, workdir / "cache")
+            compressor = build_component(COMPRESSORS, cfg.compress, "compress")
+            model, record, finetune = compressed_model(
+                cfg, compressor, baseline, data, workdir / "cache",
+                produce=lambda: compress_and_finetune(cfg, compressor, baseline, data),
+            )  # fmt: skip
+            model = _place(model, data.device)
+            # Attacks call the model on many batch shapes; an int8 model would compile each.
+            attacked = model.eager() if isinstance(model, GradientFree) else model
+            # A model that runs on the CPU only (int8) is evaluated there, with its surrogate.
+            data = data.to(model_device(attacked))
+            baseline.to(data.device)
+            evaluation = _evaluate(cfg, attacked, data, surrogate=baseline)
+            shift_metrics, shifts = _shift_metrics(cfg, attacked, data, baseline, workdir / "cache")
         flag_metrics, flags = _diagnostics(cfg, attacked, data, evaluation)
         worst_metrics, worst_case = record_worst_case(evaluation.results, folder)
         metrics = (

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -104,9 +105,14 @@ def _load(path: Path) -> list[ShiftedSplit]:
 
 
 def scores(model: nn.Module, splits: Sequence[ShiftedSplit], batch_size: int) -> Scores:
-    """Clean accuracy of ``model`` on each shifted split."""
+    """Clean accuracy of ``model`` on each shifted split; NaN (stored as missing) for an empty
+    one (an on-manifold set where no example kept its class)."""
     device = model_device(model)
-    return {(s.shift, s.severity): accuracy(model, s.split.to(device), batch_size) for s in splits}
+    return {
+        (s.shift, s.severity): accuracy(model, s.split.to(device), batch_size)
+        if len(s.split) else math.nan
+        for s in splits
+    }  # fmt: skip
 
 
 def baseline_scores(
