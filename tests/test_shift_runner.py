@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -236,3 +237,7 @@ def test_on_manifold_attack_and_fixed_sets_through_the_runner(tmp_path: Path) ->
     assert values[("clean_accuracy", "adv-off", 0)] == 0.0
     assert values[("clean_accuracy", "adv-on", 0)] in (0.0, None)  # None: no example kept
     assert any(name == "combined_accuracy" for name, _, _ in values)
+    examples = np.load(tmp_path / "cells" / run.cell_id / "manifold_examples.npz")
+    assert examples["x"].shape == examples["x_adv"].shape and examples["x"].shape[1:] == (1, 4, 4)
+    assert (examples["y_adv"] != examples["y"]).all()  # each one fooled the model
+    assert not np.array_equal(examples["x"], examples["x_adv"])

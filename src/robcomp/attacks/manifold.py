@@ -73,6 +73,12 @@ def active_manifold() -> Manifold | None:
     return None if active is None else active.get()
 
 
+def is_latent(attack: Any) -> bool:
+    """Whether ``attack``'s threat model is a latent ball (``threat = "latent"``), checked by
+    the evaluator in latent space instead of as an Lp ball around the input."""
+    return getattr(attack, "threat", "lp") == "latent"
+
+
 def needs_manifold(component: Any) -> bool:
     """Whether ``component`` (an attack, objective or shift) needs a generative model."""
     return bool(getattr(component, "needs_manifold", False))

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from robcomp.attacks.base import Attack
-from robcomp.attacks.manifold import LatentOutcome
+from robcomp.attacks.manifold import LatentOutcome, is_latent
 from robcomp.attacks.norms import get_norm
 from robcomp.data.base import Split
 from robcomp.progress import track
@@ -111,7 +111,7 @@ def check_latent_threat_model(
 def _run_checked(attack: Attack, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """``(x_adv, norms)`` of ``attack`` on a batch, checked against the attack's threat model:
     an Lp ball by default, the latent ball for ``threat = "latent"`` attacks."""
-    if getattr(attack, "threat", "lp") == "latent":
+    if is_latent(attack):
         outcome: LatentOutcome = attack.perturb(model, x, y)  # type: ignore[attr-defined]
         return outcome.x_adv, check_latent_threat_model(attack, x, outcome, attack.label())
     x_adv = attack(model, x, y)

@@ -222,3 +222,26 @@ class ManifoldSets:
         del baseline_acc
         on = model_acc.get(("adv-on", 0))
         return {} if on is None else {"combined_accuracy": (clean[0] + on) / 2}
+
+
+def manifold_examples(
+    model: nn.Module, attack: Any, points: Split, n: int = 8
+) -> dict[str, Any] | None:
+    """Up to ``n`` originals beside their on-manifold adversarials against ``model``, for the
+    report's figure (the arrays of its ``manifold_examples.npz`` contract): the first points
+    the attack fooled while keeping their class, or ``None`` when it kept none."""
+    x, y = points.tensors()
+    with attack_mode(model):
+        outcome = attack.perturb(model, x, y)
+        kept = outcome.kept.nonzero().flatten()[:n]
+        if not len(kept):
+            return None
+        x_adv = outcome.x_adv[kept].detach()
+        with torch.no_grad():
+            y_adv = model(x_adv).argmax(1)
+    return {
+        "x": x[kept].cpu().numpy(),
+        "x_adv": x_adv.cpu().numpy(),
+        "y": y[kept].cpu().numpy(),
+        "y_adv": y_adv.cpu().numpy(),
+    }

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
 
 from robcomp import data as datasets
 from robcomp.attacks import Attack
-from robcomp.attacks.manifold import ManifoldSource, using_manifold
+from robcomp.attacks.manifold import ManifoldSource, is_latent, using_manifold
 from robcomp.compress import COMPRESSORS, Record, finalize, latency, measure
 from robcomp.compress.efficiency import count_macs
 from robcomp.config import build_component, to_dict
@@ -37,7 +38,7 @@ from robcomp.evaluate.bpda import (
     twin_agreements,
 )
 from robcomp.evaluate.diagnostics import Flag, diagnose, probe_threat_model, summarize
-from robcomp.evaluate.manifold import manifold_for
+from robcomp.evaluate.manifold import manifold_examples, manifold_for
 from robcomp.experiments.cache import compressed_model, own_callables
 from robcomp.experiments.shifts import baseline_scores, build_shifts, shifted_splits
 from robcomp.experiments.shifts import scores as shift_scores
@@ -260,6 +261,19 @@ def _shift_metrics(
     return metrics, info
 
 
+def _save_manifold_examples(
+    cfg: CellConfig, model: nn.Module, data: DataSplits, folder: Path
+) -> None:
+    """A few on-manifold adversarials of the suite's first latent-space attack beside their
+    originals, for the report's figure (``manifold_examples.npz``)."""
+    attack = next((a for a in cfg.evaluate.build_attacks() if is_latent(a)), None)
+    if attack is None:
+        return
+    examples = manifold_examples(model, attack, data.test.head(cfg.evaluate.limit or 200))
+    if examples is not None:
+        np.savez(folder / "manifold_examples.npz", classes=np.array(data.classes), **examples)
+
+
 def _route_info(worst: WorstCase) -> dict[str, Any]:
     return {
         "per_route": worst.per_attack,
@@ -386,6 +400,7 @@ def _run_cell(cell: Cell, workdir: Path) -> CellResult:
             data = data.to(model_device(attacked))
             baseline.to(data.device)
             evaluation = _evaluate(cfg, attacked, data, surrogate=baseline)
+            _save_manifold_examples(cfg, attacked, data, folder)
             shift_metrics, shifts = _shift_metrics(cfg, attacked, data, baseline, workdir / "cache")
         flag_metrics, flags = _diagnostics(cfg, attacked, data, evaluation)
         worst_metrics, worst_case = record_worst_case(evaluation.results, folder)
