@@ -15,11 +15,13 @@ import torch
 from robcomp import data as datasets
 from robcomp.config import ConfigError, build_component
 from robcomp.data import DataError, DatasetNotFound, Split
-from robcomp.data.base import split_off
+from robcomp.data.base import DataSplits, split_off
 from robcomp.data.domains import match_shape
 from robcomp.data.shifts import SHIFTS, ShiftContext
+from robcomp.experiments.runner import build_model
+from robcomp.experiments.spec import CellConfig, ModelSpec
 from robcomp.models import create
-from robcomp.models.torchvision_nets import pretrained_path
+from robcomp.models.torchvision_nets import IMAGENET_MEAN, IMAGENET_STD, pretrained_path
 
 
 def _shift(**fields: Any) -> Any:
@@ -329,6 +331,29 @@ def test_torchvision_weights_load_from_the_cache_with_a_new_head(
     torch.save({"conv1.weight": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="do not fit"):
         create("resnet18", 5, (3, 32, 32), stem="torchvision", weights="torchvision")
+
+
+def test_pretrained_weights_bring_imagenet_statistics_unless_the_file_sets_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from torchvision.models import resnet18
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = pretrained_path("resnet18")
+    path.parent.mkdir(parents=True)
+    torch.save(resnet18(weights=None).state_dict(), path)
+    x = torch.rand(20, 3, 32, 32)
+    split = Split(x, torch.arange(20) % 2)
+    data = DataSplits("rgb", split, split, split, 2, ("a", "b"))
+    options = {"stem": "torchvision", "weights": "torchvision"}
+    _, spec = build_model(CellConfig(model=ModelSpec(name="resnet18", options=options)), data)
+    assert (tuple(spec["mean"]), tuple(spec["std"])) == (IMAGENET_MEAN, IMAGENET_STD)
+    scratch = {"stem": "torchvision"}  # random initialisation: the data's own statistics
+    _, spec = build_model(CellConfig(model=ModelSpec(name="resnet18", options=scratch)), data)
+    assert tuple(spec["mean"]) == pytest.approx(data.mean)
+    mine = ModelSpec(name="resnet18", options=options, mean=(0.5,) * 3, std=(0.25,) * 3)
+    _, spec = build_model(CellConfig(model=mine), data)
+    assert (spec["mean"], spec["std"]) == ([0.5] * 3, [0.25] * 3)
 
 
 # --- real data ---------------------------------------------------------------------------------

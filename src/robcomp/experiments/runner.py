@@ -59,6 +59,7 @@ from robcomp.models import (
     normalizes_inputs,
     resolve_device,
     save_checkpoint,
+    statistics_for,
 )
 from robcomp.train import fit
 
@@ -84,14 +85,18 @@ def build_model(cfg: CellConfig, data: DataSplits) -> tuple[Classifier, dict[str
     channels = data.in_shape[0]
     # Models that normalize their own inputs (an ensemble's members do) get the identity in
     # front, since a second Normalize would normalize twice, unless the file says otherwise.
-    self_normalizing = normalizes_inputs(factory_for(cfg.model.name))
-    identity = ((0.0,) * channels, (1.0,) * channels) if self_normalizing else None
+    # Pretrained weights bring the statistics they were trained with.
+    factory = factory_for(cfg.model.name)
+    identity = ((0.0,) * channels, (1.0,) * channels) if normalizes_inputs(factory) else None
+    mean, std = (
+        identity or statistics_for(factory, cfg.model.options, channels) or (data.mean, data.std)
+    )
     spec: dict[str, Any] = {
         "name": cfg.model.name,
         "num_classes": data.num_classes,
         "in_shape": list(data.in_shape),
-        "mean": list(cfg.model.mean or (identity[0] if identity else data.mean)),
-        "std": list(cfg.model.std or (identity[1] if identity else data.std)),
+        "mean": list(cfg.model.mean or mean),
+        "std": list(cfg.model.std or std),
         "options": dict(cfg.model.options),
     }
     torch.manual_seed(cfg.seed)  # weight initialisation is part of the cell's determinism

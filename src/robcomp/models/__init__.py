@@ -13,11 +13,13 @@ from robcomp.models.base import (
 from robcomp.models.capabilities import (
     GradientFree,
     builds_from_files,
+    input_statistics,
     model_device,
     normalizes_inputs,
     reads_files,
     resolve_device,
     self_normalizing,
+    statistics_for,
 )
 from robcomp.models.checkpoint import (
     checkpoint_trust,
@@ -38,6 +40,7 @@ __all__ = [
     "code_trust",
     "create",
     "factory_for",
+    "input_statistics",
     "load_checkpoint",
     "load_weights",
     "model_device",
@@ -47,4 +50,5 @@ __all__ = [
     "resolve_device",
     "save_checkpoint",
     "self_normalizing",
+    "statistics_for",
 ]

@@ -8,12 +8,15 @@
   identity.
 - :func:`reads_files`: a model factory that loads checkpoints while it builds (an ensemble of
   checkpoint folders), so checking it means building it for real, not on the meta device.
+- :func:`input_statistics`: a model factory whose models expect given normalization statistics
+  for some options (ImageNet's for torchvision's pretrained weights), used unless the
+  experiment file sets ``model.mean``/``model.std``.
 - :func:`model_device`: where a model's tensors live, so probes are created there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -68,6 +71,31 @@ def builds_from_files(factory: Callable[..., Any]) -> bool:
     model cannot be built on the meta device (there are no values there), and building it for
     real is the check that its files load, are trusted and fit."""
     return bool(getattr(factory, "builds_from_files", False))
+
+
+Statistics = tuple[tuple[float, ...], tuple[float, ...]]
+
+
+def input_statistics(
+    rule: Callable[[Mapping[str, Any], int], Statistics | None],
+) -> Callable[[F], F]:
+    """Mark a model factory with ``rule(options, channels) -> (mean, std) | None``: the
+    statistics its models expect under those options (see :func:`statistics_for`)."""
+
+    def mark(factory: F) -> F:
+        factory.input_statistics = rule  # type: ignore[attr-defined]
+        return factory
+
+    return mark
+
+
+def statistics_for(
+    factory: Callable[..., Any], options: Mapping[str, Any], channels: int
+) -> Statistics | None:
+    """The normalization statistics a model of ``factory`` expects under ``options`` (pretrained
+    weights were trained with their own), or ``None`` to use the training data's."""
+    rule = getattr(factory, "input_statistics", None)
+    return None if rule is None else rule(options, channels)
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -7,9 +7,9 @@ cache, as Shen et al. (2024) fine-tune ImageNet-pretrained ResNets on Office-31.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,7 @@ from torchvision import models as tvm
 
 from robcomp.models._shape import image_shape
 from robcomp.models.base import MODELS
+from robcomp.models.capabilities import input_statistics
 
 Stem = Literal["cifar", "torchvision"]
 
@@ -24,6 +25,20 @@ Stem = Literal["cifar", "torchvision"]
 # mean/std to feed a pretrained network the inputs it expects.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _imagenet_when_pretrained(
+    options: Mapping[str, Any], channels: int
+) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """ImageNet's statistics for a model built from torchvision's ImageNet weights (Shen et al.
+    2024 fine-tune with the pretrained transforms); a grey input, whose first layer sums the RGB
+    filters, gets their channel means."""
+    if not options.get("weights"):
+        return None
+    if channels == 1:
+        return (sum(IMAGENET_MEAN) / 3,), (sum(IMAGENET_STD) / 3,)
+    return IMAGENET_MEAN, IMAGENET_STD
+
 
 _WEIGHT_ENUMS: dict[str, type[tvm.WeightsEnum]] = {
     "resnet18": tvm.ResNet18_Weights,
@@ -128,6 +143,7 @@ def _resnet(
 
 
 @MODELS.register("resnet18")
+@input_statistics(_imagenet_when_pretrained)
 def resnet18(
     *,
     num_classes: int,
@@ -147,12 +163,13 @@ def resnet18(
             read from the torch hub cache (never downloaded; see :func:`pretrained_path`).
             Needs ``stem: torchvision``; the classifier head is new (``num_classes`` logits),
             and a grey input sums the first layer's RGB filters. The weights expect ImageNet
-            normalization: set the model's mean/std to :data:`IMAGENET_MEAN`/`IMAGENET_STD`.
+            normalization, which the model gets unless ``model.mean``/``model.std`` are set.
     """
     return _resnet(tvm.resnet18, "resnet18", num_classes, in_shape, stem, weights)
 
 
 @MODELS.register("resnet34")
+@input_statistics(_imagenet_when_pretrained)
 def resnet34(
     *,
     num_classes: int,
@@ -166,6 +183,7 @@ def resnet34(
 
 
 @MODELS.register("resnet50")
+@input_statistics(_imagenet_when_pretrained)
 def resnet50(
     *,
     num_classes: int,
