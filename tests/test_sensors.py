@@ -280,3 +280,27 @@ def test_proximal_l0_handles_the_har_cnn_chain_but_not_resnet18_1d(waves: DataSp
     # torchvision-style residual blocks with 1x1 downsample convolutions are not supported.
     with pytest.raises(ValueError, match="ResNet1d is not a chain of layers"):
         plan_channels(create("resnet18_1d", 3, waves.in_shape, width=8))
+
+
+def test_a_cell_on_sensor_data_keeps_its_input_scale_in_the_checkpoint_spec(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    from robcomp.experiments import load_experiment, run_experiment
+
+    _uci_tree(tmp_path / "data", {"train": 60, "test": 24})
+    raw = {
+        "name": "har",
+        "data": {"name": "uci-har", "root": str(tmp_path / "data")},
+        "model": {"name": "har_cnn", "options": {"hidden": 8}},
+        "train": {"epochs": 1, "lr": 0.01, "batch_size": 16},
+        "evaluate": {"attacks": [{"name": "fgsm", "eps": 0.05}], "limit": 8,
+                     "diagnostics": False, "latency_batch_sizes": []},
+    }  # fmt: skip
+    summary = run_experiment(load_experiment(raw), tmp_path / "out")
+    assert summary.ran == 1 and not summary.failed
+    (spec_file,) = (tmp_path / "out" / "cache").glob("baseline-*/spec.json")
+    scale = json.loads(spec_file.read_text())["input_scale"]
+    assert scale["kind"] == "minmax" and len(scale["low"]) == len(UCI_HAR_SIGNALS) == 9
+    assert scale["low"][0] < scale["high"][0]

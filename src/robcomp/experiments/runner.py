@@ -99,6 +99,10 @@ def build_model(cfg: CellConfig, data: DataSplits) -> tuple[Classifier, dict[str
         "std": list(cfg.model.std or std),
         "options": dict(cfg.model.options),
     }
+    if (scale := getattr(data, "scale", None)) is not None:
+        # Inputs scaled by the training file's statistics (sensor signals): whoever loads the
+        # checkpoint must scale new inputs the same way.
+        spec["input_scale"] = scale.as_dict()
     torch.manual_seed(cfg.seed)  # weight initialisation is part of the cell's determinism
     model = create(
         spec["name"], spec["num_classes"], spec["in_shape"],
