@@ -150,6 +150,49 @@ class EvaluateSpec:
         return attacks
 
 
+_MEMORY_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resources:
+    """How a cell is scheduled on a cluster (the Ray executor); never part of its identity.
+
+    Attributes:
+        num_cpus: CPUs reserved per cell; also the cell's torch threads unless ``threads`` is set.
+        num_gpus: GPUs reserved per cell (fractions share one GPU).
+        memory: memory reserved per cell: bytes, or a string such as ``512M`` or ``4G``.
+        max_retries: times a cell is run again when its worker process dies (killed, out of
+            memory, node lost); an error raised by the cell itself is recorded, not retried.
+    """
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    memory: int | str | None = None
+    max_retries: int = 3
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0 or self.num_gpus < 0:
+            raise ValueError(
+                f"num_cpus must be > 0 and num_gpus >= 0, got {self.num_cpus}, {self.num_gpus}"
+            )
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        self.memory_bytes()  # a bad memory value fails when the file loads
+
+    def memory_bytes(self) -> int | None:
+        """``memory`` in bytes (None: no reservation)."""
+        if self.memory is None or isinstance(self.memory, int):
+            return self.memory
+        text = self.memory.strip().lower().removesuffix("ib").removesuffix("b")
+        unit = text[-1:] if text[-1:] in _MEMORY_UNITS else ""
+        try:
+            return int(float(text[: len(text) - len(unit)]) * _MEMORY_UNITS[unit])
+        except ValueError:
+            raise ValueError(
+                f"memory must be bytes or a size such as 512M or 4G, got {self.memory!r}"
+            ) from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class CellConfig:
     """One fully resolved point of the grid: everything needed to run it, nothing else.
@@ -172,6 +215,8 @@ class CellConfig:
             is evaluated there.
         threads: intra-op CPU threads; null (auto) is 1 for a model under 5 M MACs per image,
             which more threads only slow down, else every core other processes leave free.
+        resources: what a cell reserves on a Ray cluster and how often it is retried when its
+            worker dies (:class:`Resources`); the local executor ignores it.
     """
 
     name: str = "experiment"
@@ -185,6 +230,7 @@ class CellConfig:
     trust_code: bool = field(default=False, metadata=OPERATIONAL)
     device: str = field(default="auto", metadata=OPERATIONAL)
     threads: int | None = field(default=None, metadata=OPERATIONAL)
+    resources: Resources = field(default_factory=Resources, metadata=OPERATIONAL)
 
     def __post_init__(self) -> None:
         if self.device != "auto":
