@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from robcomp.models.ecosystem import ecosystem_factory, is_ecosystem
 from robcomp.registry import Registry
 
 # A model factory builds the bare network: factory(num_classes=..., in_shape=..., **options).
@@ -100,9 +103,52 @@ def _check_trusted(target: str) -> None:
     )
 
 
+# Folders ``module:callable`` models are imported from, besides sys.path: the experiment
+# file's folder, the CLI's working directory, the folder a checkpoint's code came from.
+_CODE_PATHS: ContextVar[tuple[str, ...]] = ContextVar("robcomp_code_paths", default=())
+
+
+@contextmanager
+def code_paths(*folders: str | Path | None) -> Iterator[None]:
+    """Within the block, ``module:callable`` models are also imported from ``folders`` (None
+    entries are skipped), as pytest puts its rootdir on the import path. A folder is put on
+    ``sys.path`` when a model is first imported from it, and stays there, since the imported
+    code may import its neighbours later."""
+    extra = tuple(str(Path(f).expanduser().resolve()) for f in folders if f is not None)
+    token = _CODE_PATHS.set(_CODE_PATHS.get() + extra)
+    try:
+        yield
+    finally:
+        _CODE_PATHS.reset(token)
+
+
+def _add_code_paths() -> None:
+    for folder in reversed(_CODE_PATHS.get()):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+            importlib.invalidate_caches()
+
+
+def code_origin(name: str) -> str | None:
+    """The folder the ``module:callable`` model ``name`` was imported from (the sys.path entry
+    holding its top-level package), for a checkpoint to record; None for registered, timm: and
+    torchvision: models, and for modules without a file."""
+    if ":" not in name or is_ecosystem(name):
+        return None
+    module_name = name.partition(":")[0]
+    module = sys.modules.get(module_name)
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None
+    path = Path(file).resolve()
+    depth = module_name.count(".") + (path.name == "__init__.py")
+    return str(path.parents[depth])
+
+
 def _import_callable(target: str) -> ModelFactory:
     _check_trusted(target)  # importing a module runs its code
     module_name, _, attr = target.partition(":")
+    _add_code_paths()
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -118,7 +164,10 @@ def _import_callable(target: str) -> ModelFactory:
 
 
 def factory_for(name: str) -> ModelFactory:
-    """The registered factory, or ``module:callable`` for a bring-your-own model."""
+    """The registered factory, ``timm:<name>``/``torchvision:<name>`` (see
+    :mod:`robcomp.models.ecosystem`), or ``module:callable`` for a bring-your-own model."""
+    if is_ecosystem(name):  # a library's own builder: no user code, no trust needed
+        return ecosystem_factory(name)
     return _import_callable(name) if ":" in name else MODELS.get(name)
 
 
@@ -150,7 +199,8 @@ def create(
     """Build a registered model (or ``module:callable``) behind a Normalize layer.
 
     Args:
-        name: a registered model name (see ``robcomp list models``) or ``package.module:callable``.
+        name: a registered model name (see ``robcomp list models``), ``timm:<name>``,
+            ``torchvision:<name>`` or ``package.module:callable``.
         num_classes: number of output logits.
         in_shape: shape of one input, e.g. ``(3, 32, 32)``; the channel count is ``in_shape[0]``.
         mean, std: per-channel normalization; default to 0 and 1 (no normalization).

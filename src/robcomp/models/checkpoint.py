@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from robcomp.models.base import Classifier, UntrustedCodeError, code_trust, create
+from robcomp.models.base import Classifier, UntrustedCodeError, code_paths, code_trust, create
 
 WEIGHTS = "model.safetensors"
 SPEC = "spec.json"
@@ -51,7 +51,8 @@ def save_checkpoint(model: nn.Module, folder: str | Path, spec: Mapping[str, Any
     """Write ``model.safetensors`` and ``spec.json`` into ``folder`` atomically.
 
     ``spec`` holds what :func:`load_checkpoint` needs to rebuild the architecture: ``name``,
-    ``num_classes``, ``in_shape``, ``mean``, ``std`` and any model ``options``.
+    ``num_classes``, ``in_shape``, ``mean``, ``std``, any model ``options`` and, for a
+    ``module:callable`` model, the ``code_path`` folder its code is imported from.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -90,8 +91,9 @@ def load_checkpoint(
     trust = _CHECKPOINT_TRUST.get() if trust_code is None else trust_code
     try:
         # Nested checkpoints (an ensemble's members) are built inside this block, so they can
-        # never be trusted more than this one.
-        with code_trust(trust):
+        # never be trusted more than this one. A trusted callable is imported from the folder
+        # its code came from (``code_path``, written by the runner) as well as sys.path.
+        with code_trust(trust), code_paths(spec.get("code_path")):
             model = create(
                 spec["name"],
                 spec["num_classes"],
