@@ -398,12 +398,17 @@ def _check_zipped(key: str, values: Sequence[Any]) -> None:
 
 @dataclass(frozen=True)
 class Experiment:
-    """A loaded experiment file: its name, source, raw contents and its expanded cells."""
+    """A loaded experiment file: its name, source, raw contents and its expanded cells.
+
+    ``store`` is the file's results store URL (``store:``), operational like ``device``: where
+    results go, never which, so it is kept out of every cell and its id.
+    """
 
     name: str
     source: str
     raw: dict[str, Any]
     cells: list[Cell]
+    store: str | None = None
 
 
 def load_experiment(
@@ -421,6 +426,10 @@ def load_experiment(
         key, value = parse_override(text)
         raw = set_dotted(raw, key, value, where="--set ")
     grid = raw.pop("grid", None) or {}
+    store = raw.pop("store", None)
+    if store is not None and not isinstance(store, str):
+        raise ConfigError(f"{where}: store must be a URL string (sqlite:///PATH, postgresql+"
+                          f"psycopg://USER@HOST/DB), got {store!r}")  # fmt: skip
     if not isinstance(grid, Mapping):
         raise ConfigError(f"{where}: grid must map dotted keys to lists of values")
     cells = []
@@ -433,8 +442,10 @@ def load_experiment(
             seen.add(cfg.cell_id())
             cells.append(Cell(cfg, values))
     raw["grid"] = dict(grid)
+    if store is not None:
+        raw["store"] = store
     name = cells[0].config.name if cells else "experiment"
-    return Experiment(name=name, source=where, raw=to_dict(raw), cells=cells)
+    return Experiment(name=name, source=where, raw=to_dict(raw), cells=cells, store=store)
 
 
 def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
