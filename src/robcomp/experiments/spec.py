@@ -49,6 +49,8 @@ from robcomp.data import DATASETS
 from robcomp.data.shifts import SHIFTS
 from robcomp.experiments.digest import by_content, content_of
 from robcomp.models import factory_for
+from robcomp.models.base import code_paths
+from robcomp.models.ecosystem import is_ecosystem
 from robcomp.registry import RegistryError
 from robcomp.train import OBJECTIVES, TrainConfig
 
@@ -58,8 +60,14 @@ class ModelSpec:
     """Which network: a registered name or ``module:callable``, its options, optional weights.
 
     Attributes:
-        weights: a safetensors or PyTorch weights file to start from (read safely).
-        mean, std: override the normalization statistics (default: from the training data).
+        name: a registered model, ``timm:<name>``, ``torchvision:<name>`` or
+            ``module:callable``.
+        weights: a safetensors or PyTorch weights file to start from (read safely); needs
+            ``mean`` and ``std`` unless the model brings its own statistics.
+        mean, std: the normalization statistics (default: the training data's; with
+            ``weights``, those the weights were trained with).
+        code_path: the folder a ``module:callable`` model is imported from, besides sys.path
+            (default: the experiment file's folder; relative to it).
     """
 
     name: str = "tiny_cnn"
@@ -67,6 +75,7 @@ class ModelSpec:
     weights: str | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    code_path: str | None = field(default=None, metadata=OPERATIONAL)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -326,7 +335,8 @@ def validate(cfg: CellConfig, where: str) -> None:
     for i, shift in enumerate(cfg.evaluate.shifts):
         build_component(SHIFTS, shift, f"{where}: evaluate.shifts[{i}]")
     try:
-        factory = factory_for(cfg.model.name)
+        with code_paths(cfg.model.code_path):
+            factory = factory_for(cfg.model.name)
     except (RegistryError, ValueError) as err:
         raise ConfigError(f"{where}: model.name: {err}") from None
     _check_model_options(factory, cfg.model, where)
@@ -435,6 +445,8 @@ def load_experiment(
     cells = []
     seen: set[str] = set()
     for cell_raw in expand(raw, grid):
+        if not isinstance(source, Mapping):
+            cell_raw = _with_code_path(cell_raw, Path(source).parent)
         values = {k: _lookup(cell_raw, k) for k in grid}
         label = ", ".join(f"{k}={v}" for k, v in values.items())
         cfg = resolve(cell_raw, f"{where}" + (f" (cell {label})" if label else ""))
@@ -446,6 +458,18 @@ def load_experiment(
         raw["store"] = store
     name = cells[0].config.name if cells else "experiment"
     return Experiment(name=name, source=where, raw=to_dict(raw), cells=cells, store=store)
+
+
+def _with_code_path(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A ``module:callable`` model imports from the experiment file's folder (or its
+    ``code_path``, relative to that folder), as pytest imports from its rootdir."""
+    model = raw.get("model")
+    if not isinstance(model, Mapping) or not isinstance(name := model.get("name"), str):
+        return raw
+    if ":" not in name or is_ecosystem(name):
+        return raw
+    code_path = folder / str(model.get("code_path") or ".")
+    return {**raw, "model": {**model, "code_path": str(code_path.expanduser().resolve())}}
 
 
 def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
