@@ -81,9 +81,10 @@ def shifted_splits(
 def _save(path: Path, splits: Sequence[ShiftedSplit]) -> None:
     tensors, meta = {}, []
     for i, s in enumerate(splits):
-        # Copies: safetensors refuses tensors sharing memory (severities share their labels).
-        tensors[f"x{i}"] = s.split.x.detach().cpu().clone()
-        tensors[f"y{i}"] = s.split.y.detach().cpu().clone()
+        # Contiguous copies: safetensors refuses tensors sharing memory (severities share their
+        # labels) and strided views (a corruption may return a permuted one, e.g. jpeg).
+        tensors[f"x{i}"] = s.split.x.detach().cpu().contiguous().clone()
+        tensors[f"y{i}"] = s.split.y.detach().cpu().contiguous().clone()
         meta.append({"shift": s.shift, "severity": s.severity, "family": s.family})
     path.parent.mkdir(parents=True, exist_ok=True)
     # Written to a temporary file and renamed: a killed run never leaves half a file behind.
