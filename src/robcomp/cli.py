@@ -76,6 +76,7 @@ def _run_and_report(
     executor: str = "local",
     ray_address: str | None = None,
     append: bool = False,
+    artifacts: str | None = None,
 ) -> None:
     from robcomp import progress
     from robcomp.experiments import STORE_NAME, load_experiment, run_experiment
@@ -88,7 +89,9 @@ def _run_and_report(
     start = time.perf_counter()
     try:
         with progress.display(console):
-            options = {"address": ray_address} if executor == "ray" else {}
+            options: dict[str, Any] = {"artifacts": artifacts}
+            if executor == "ray":
+                options["address"] = ray_address
             executor_ = make_executor(executor, **options)
             summary = run_experiment(experiment, out, executor_, append=append)
     except KeyboardInterrupt:
@@ -202,7 +205,19 @@ def run(
         str, typer.Option(help="Where cells run: local (this process) or ray.")
     ] = "local",
     ray_address: Annotated[
-        str | None, typer.Option(help="Ray cluster address ('auto' joins a running one).")
+        str | None,
+        typer.Option(
+            help="Ray cluster address: auto joins the one this machine is part of, "
+            "ray://HOST:10001 connects through Ray Client (default: a local Ray)."
+        ),
+    ] = None,
+    artifacts: Annotated[
+        str | None,
+        typer.Option(
+            help="Folder for trained baselines, compressed models and shifted data, "
+            "seen by every node of a cluster (NFS, a PVC, an s3fs/gcsfuse mount) "
+            "(default: OUT/cache)."
+        ),
     ] = None,
     append: AppendOption = False,
     device: DeviceOption = None,
@@ -225,7 +240,7 @@ def run(
         out = Path("runs") / load_experiment(file, set_ or []).name
     trust = ["trust_code=true"] if trust_code else []
     overrides = [*(set_ or []), *_operational(device, threads), *trust]
-    _run_and_report(file, overrides, out, executor, ray_address, append)
+    _run_and_report(file, overrides, out, executor, ray_address, append, artifacts=artifacts)
 
 
 @app.command()
