@@ -134,12 +134,13 @@ class DataSplits:
         )
 
 
-def check_splits(splits: DataSplits, where: str) -> None:
+def check_splits(splits: DataSplits, where: str, *, test_only: bool = False) -> None:
     """Reject data that would train or be attacked silently wrong, before any cell runs.
 
     Inputs must be uint8 (0-255) or finite floats in [0, 1] (NaN passes a ``<``/``>`` range
     check, so finiteness is tested on its own), labels integers in ``[0, num_classes)``, and
-    the train and test splits non-empty (validation may be empty with ``val_fraction: 0``).
+    the train and test splits non-empty (validation may be empty with ``val_fraction: 0``;
+    train too with ``test_only``: a file declared a test set, ``split: test``).
 
     Raises:
         DataError: naming ``where``, the split and what is wrong.
@@ -147,7 +148,7 @@ def check_splits(splits: DataSplits, where: str) -> None:
     for part in ("train", "val", "test"):
         split: Split = getattr(splits, part)
         if len(split) == 0:
-            if part == "val":
+            if part == "val" or (part == "train" and test_only):
                 continue
             raise DataError(f"{where}: the {part} split is empty")
         check_inputs(split.x, f"{where}: {part} inputs")

@@ -11,7 +11,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from robcomp.data.base import DataError, Dataset, DatasetNotFound, Split, check_inputs, split_off
+from robcomp.data.base import (
+    DataError,
+    Dataset,
+    DatasetNotFound,
+    DataSplits,
+    Split,
+    check_inputs,
+    split_off,
+)
 from robcomp.data.registry import DATASETS
 
 
@@ -136,6 +144,11 @@ class Npz(Dataset):
     Layout ``auto`` reads 4-D arrays as NHWC when the last axis looks like channels (1, 3, 4),
     else NCHW; 3-D as NHW (one channel); 2-D as N x L signals. If the file also holds
     ``x_test``/``y_test``, those form the test split; otherwise ``test_fraction`` is split off.
+
+    Attributes:
+        split: ``auto`` (as above) or ``test``: the file is a test set, scored whole and in
+            order; train and validation are empty, so it evaluates a model that brings its
+            weights (``train.epochs: 0``) and cannot train one.
     """
 
     path: str
@@ -144,11 +157,14 @@ class Npz(Dataset):
     layout: Literal["auto", "nhwc", "nchw", "nhw", "ncl", "nl"] = "auto"
     test_fraction: float = 0.2
     num_classes: int | None = None
+    split: Literal["auto", "test"] = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.num_classes is not None and self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 or null, got {self.num_classes}")
+        if self.split not in ("auto", "test"):
+            raise ValueError(f"split must be 'auto' or 'test', got {self.split!r}")
 
     def _arrays(
         self, data: np.lib.npyio.NpzFile, x_key: str, y_key: str
@@ -190,9 +206,25 @@ class Npz(Dataset):
             )
         with data:
             x, y = self._arrays(data, self.x_key, self.y_key)
-            if "x_test" in data.files and "y_test" in data.files:
+            if self.split == "test":  # all of it, in order: nothing is split off at random
+                pool, test = Split(x[:0], y[:0]), Split(x, y)
+            elif "x_test" in data.files and "y_test" in data.files:
                 pool, test = Split(x, y), Split(*self._arrays(data, "x_test", "y_test"))
             else:
                 pool, test = _split_test(x, y, self.test_fraction, seed)
-        num_classes = self.num_classes or int(max(pool.y.max(), test.y.max())) + 1
+        num_classes = self.num_classes or int(torch.cat([pool.y, test.y]).max()) + 1
         return pool, test, num_classes, tuple(str(i) for i in range(num_classes))
+
+    def load(self, seed: int = 0) -> DataSplits:
+        """The splits; a test set (``split: test``) has no training data, hence no statistics
+        to normalize with: the identity stands in (a model with weights must set its own)."""
+        if self.split != "test":
+            return super().load(seed)
+        _, test, num_classes, classes = self.load_splits(seed)
+        empty = test.take(slice(0, 0))
+        channels = int(test.x.shape[1])
+        return DataSplits(
+            name="npz", train=empty, val=empty, test=test.head(self.test_limit),
+            num_classes=num_classes, classes=classes,
+            mean=(0.0,) * channels, std=(1.0,) * channels,
+        )  # fmt: skip

@@ -84,6 +84,11 @@ class CellResult:
 def build_model(cfg: CellConfig, data: DataSplits) -> tuple[Classifier, dict[str, Any]]:
     """The untrained (or pretrained-weights) model of a cell and its checkpoint spec."""
     channels = data.in_shape[0]
+    if not len(data.train) and cfg.train.epochs > 0:  # fit would silently train on nothing
+        raise ValueError(
+            f"data {data.name!r} is a test set only (split: test): it cannot train a model; set "
+            "train.epochs: 0 and model.weights to evaluate a trained one"
+        )
     # Models that normalize their own inputs (an ensemble's members do) get the identity in
     # front, since a second Normalize would normalize twice, unless the file says otherwise.
     # Pretrained weights bring the statistics they were trained with.
