@@ -76,6 +76,7 @@ def _run_and_report(
     executor: str = "local",
     ray_address: str | None = None,
     append: bool = False,
+    store: str | None = None,
     artifacts: str | None = None,
 ) -> None:
     from robcomp import progress
@@ -93,7 +94,7 @@ def _run_and_report(
             if executor == "ray":
                 options["address"] = ray_address
             executor_ = make_executor(executor, **options)
-            summary = run_experiment(experiment, out, executor_, append=append)
+            summary = run_experiment(experiment, out, executor_, append=append, store=store)
     except KeyboardInterrupt:
         # Finished cells are committed one by one, so nothing done is lost.
         console.print("interrupted; rerun the same command to resume", highlight=False)
@@ -106,14 +107,18 @@ def _run_and_report(
         # The first line says what went wrong; the traceback is in the log (-v) and the store.
         first = (failed.error or "").splitlines()[0] if failed.error else ""
         console.print(f"[red]cell {failed.cell_id} failed:[/] {escape(first)}", highlight=False)
-    files = write_report(out / STORE_NAME, out / "report")
-    _print_leaderboard(out / STORE_NAME)
+    if summary.elsewhere:
+        console.print(f"{len(summary.elsewhere)} cells were claimed by another run: "
+                      f"`robcomp status {out}` shows them")  # fmt: skip
+    store_ = store or experiment.store or out / STORE_NAME
+    files = write_report(store_, out / "report")
+    _print_leaderboard(store_)
     console.print("report: " + ", ".join(str(f) for f in files.paths()))
     if summary.failed:
         raise typer.Exit(1)
 
 
-def _print_leaderboard(store_path: Path) -> None:
+def _print_leaderboard(store_path: Path | str) -> None:
     """The leaderboard, then a sentence for every cell whose numbers may be masked."""
     from robcomp.experiments import ResultStore
     from robcomp.report import leaderboard_rows, leaderboard_table
@@ -131,6 +136,14 @@ def _print_leaderboard(store_path: Path) -> None:
             console.print(f"[red]cell {row['cell_id'][:8]}:[/] {masking}", highlight=False)
 
 
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        help="Results store URL: sqlite:///PATH or postgresql+psycopg://USER@HOST/DB "
+        "[default: the file's store:, else OUT/results.sqlite].",
+    ),
+]
 AppendOption = Annotated[
     bool,
     typer.Option(help="Add to an OUT that holds another experiment (their leaderboards merge)."),
@@ -220,6 +233,7 @@ def run(
         ),
     ] = None,
     append: AppendOption = False,
+    store: StoreOption = None,
     device: DeviceOption = None,
     threads: ThreadsOption = None,
     trust_code: Annotated[
@@ -240,7 +254,9 @@ def run(
         out = Path("runs") / load_experiment(file, set_ or []).name
     trust = ["trust_code=true"] if trust_code else []
     overrides = [*(set_ or []), *_operational(device, threads), *trust]
-    _run_and_report(file, overrides, out, executor, ray_address, append, artifacts=artifacts)
+    _run_and_report(
+        file, overrides, out, executor, ray_address, append, store, artifacts=artifacts
+    )
 
 
 @app.command()
@@ -361,17 +377,67 @@ def evaluate(
 @user_errors
 def report(
     folder: Annotated[Path, typer.Argument(help="Output folder of `robcomp run`.")],
+    store: StoreOption = None,
 ) -> None:
     """Print the leaderboard and write CSV, JSON and the robustness plot into FOLDER/report."""
     from robcomp.experiments import STORE_NAME
     from robcomp.report import write_report
 
-    store_path = folder / STORE_NAME
-    if not store_path.is_file():
+    store_path: Path | str = store or folder / STORE_NAME
+    if store is None and not folder.joinpath(STORE_NAME).is_file():
         raise FileNotFoundError(f"{store_path}: no results here; run `robcomp run FILE` first")
     files = write_report(store_path, folder / "report")
     _print_leaderboard(store_path)
     console.print("report: " + ", ".join(str(f) for f in files.paths()))
+
+
+@app.command()
+@user_errors
+def status(
+    target: Annotated[
+        str, typer.Argument(help="A run's output folder, a .sqlite file or a store URL.")
+    ],
+    experiment: Annotated[
+        str | None, typer.Option(help="Only this experiment's cells (its name).")
+    ] = None,
+) -> None:
+    """Done, running (owner, since), failed (error) and pending cells, and the time left."""
+    from robcomp.experiments.status import grid_status
+
+    state = grid_status(target, experiment)
+    table = Table(title=f"{escape(state.store)}: {len(state.cells)} cells")
+    for col in ("state", "cell", "grid values", "owner / error", "since / seconds"):
+        table.add_column(col)
+    colors = {"done": "green", "running": "cyan", "failed": "red", "pending": "dim"}
+    for cell in sorted(state.cells, key=lambda c: _STATE_ORDER.index(c.state)):
+        values = ", ".join(f"{k}={v}" for k, v in cell.grid_values.items())
+        when = (
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cell.since))
+            if cell.since is not None
+            else (f"{cell.seconds:.1f} s" if cell.seconds is not None else "")
+        )
+        table.add_row(
+            f"[{colors[cell.state]}]{cell.state}[/]", cell.cell_id[:12], escape(values),
+            escape(cell.owner or cell.error or ""), when,
+        )  # fmt: skip
+    console.print(table)
+    counts = ", ".join(f"{n} {s}" for s, n in state.counts().items())
+    eta = (
+        f"; about {_duration(state.eta_seconds)} left ({state.mean_seconds:.1f} s a cell, "
+        f"{max(1, state.workers)} run(s) working)"
+        if state.eta_seconds is not None and state.mean_seconds is not None
+        else ""
+    )
+    console.print(counts + eta, highlight=False)
+
+
+_STATE_ORDER = ("running", "failed", "pending", "done")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {secs:02d}s"
 
 
 KINDS = (

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,12 +16,12 @@ from robcomp.data import DataError, DatasetNotFound, DataSplits
 from robcomp.experiments.executors import Executor, LocalExecutor
 from robcomp.experiments.runner import CellResult, run_cell
 from robcomp.experiments.spec import Cell, Experiment, ModelSpec
-from robcomp.experiments.store import ResultStore
+from robcomp.experiments.leases import LEASE_SECONDS, Leases
+from robcomp.experiments.store import STORE_NAME, ResultStore
 from robcomp.models import MODELS, builds_from_files, checkpoint_trust, create, factory_for
 from robcomp.progress import track
 
 log = logging.getLogger(__name__)
-STORE_NAME = "results.sqlite"
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class RunSummary:
     skipped: int
     ran: int
     failed: list[CellResult]
+    elsewhere: list[str] = field(default_factory=list)  # cells another run held (or finished)
 
 
 def run_experiment(
@@ -39,41 +40,55 @@ def run_experiment(
     executor: Executor | None = None,
     *,
     append: bool = False,
+    store: str | Path | None = None,
+    lease_seconds: float = LEASE_SECONDS,
 ) -> RunSummary:
     """Run every cell of ``experiment`` not already done in ``out_dir``.
 
-    Each finished cell is committed to ``out_dir/results.sqlite`` before the next is awaited, so
+    Each finished cell is committed to the store before the next is awaited, so
     an interrupted run loses at most the cells in flight. Every dataset the remaining cells use
     is loaded and checked once before any cell runs.
 
     Args:
         append: allow ``out_dir`` to hold results of another experiment (another ``name``);
             without it that is refused, since their leaderboards would merge.
+        store: the results store, a URL or a SQLite path (default: the experiment file's
+            ``store``, else ``out_dir/results.sqlite``). Each cell is claimed there before it
+            runs, so several runs on one store split the grid; cells another live run holds
+            are left to it (``RunSummary.elsewhere``).
+        lease_seconds: how long a claim lasts unless renewed (renewed every third of it while
+            this run lives); a crashed run's cells are taken again after this long.
 
     Raises:
         ConfigError: ``out_dir`` holds another experiment and ``append`` is False.
         DataError, DatasetNotFound: a dataset is missing or unusable (nothing has run).
     """
     out = Path(out_dir)
+    target = store or experiment.store or out / STORE_NAME
     done: set[str] = set()
-    if (out / STORE_NAME).is_file():
-        earlier = ResultStore(out / STORE_NAME)
+    if "://" in str(target) or Path(target).is_file():
+        earlier = ResultStore(target)
         _check_same_experiment(earlier, experiment.name, out, append)
         done = earlier.done_ids()
     todo = [c for c in experiment.cells if c.cell_id not in done]
     preflight(todo, experiment.source)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(yaml.safe_dump(experiment.raw, sort_keys=False))
-    store = ResultStore(out / STORE_NAME)
+    results = ResultStore(target)
+    results.register_cells(experiment.name, [(c.cell_id, c.grid_values) for c in experiment.cells])
     skipped = len(experiment.cells) - len(todo)
     if skipped:
         log.info(
             "%d of %d cells already done; running %d", skipped, len(experiment.cells), len(todo)
         )
     failed: list[CellResult] = []
-    with track(f"{experiment.name}: cells", len(todo), transient=False) as advance:
-        for result in (executor or LocalExecutor()).map(run_cell, todo, out):
-            store.record(
+    elsewhere: list[str] = []
+    with (
+        Leases(results, lease_seconds) as leases,
+        track(f"{experiment.name}: cells", len(todo), transient=False) as advance,
+    ):
+        for result in _claimed(executor or LocalExecutor(), todo, out, leases, elsewhere):
+            results.record(
                 cell_id=result.cell_id,
                 experiment=result.experiment,
                 config=result.config,
@@ -86,7 +101,29 @@ def run_experiment(
             if result.error:
                 failed.append(result)
             advance(1, status=f"{result.cell_id} {'FAILED' if result.error else 'done'}")
-    return RunSummary(out, len(experiment.cells), skipped, len(todo), failed)
+    ran = len(todo) - len(elsewhere)
+    return RunSummary(out, len(experiment.cells), skipped, ran, failed, elsewhere)
+
+
+def _claimed(
+    executor: Executor, todo: Sequence[Cell], out: Path, leases: Leases, elsewhere: list[str]
+) -> Iterator[CellResult]:
+    """Results of the cells of ``todo`` this run could claim; the others go to ``elsewhere``.
+
+    In this process a cell is claimed just before it runs, so concurrent runs interleave cell
+    by cell; an executor running cells in parallel gets all the cells claimed at once (its
+    leases are renewed together while it works through them).
+    """
+    if isinstance(executor, LocalExecutor):
+        for cell in todo:
+            if leases.claim(cell.cell_id):
+                yield from executor.map(run_cell, [cell], out)
+            else:
+                elsewhere.append(cell.cell_id)
+        return
+    mine = [cell for cell in todo if leases.claim(cell.cell_id)]
+    elsewhere += [cell.cell_id for cell in todo if cell not in mine]
+    yield from executor.map(run_cell, mine, out)
 
 
 def _check_same_experiment(store: ResultStore, name: str, out: Path, append: bool) -> None:

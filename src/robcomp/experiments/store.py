@@ -1,14 +1,22 @@
-"""The results store: one SQLite file of runs and metrics, written one cell at a time.
+"""The results store: runs, metrics and leases behind a URL, written one cell at a time.
+
+A store is a SQLAlchemy URL: ``sqlite:///path/results.sqlite`` (the default, one file beside
+the run) or ``postgresql+psycopg://user@host/db`` (a server a team shares). Both hold one
+schema, versioned in ``schema_version`` and migrated in place when a store is opened.
 
 A cell's metrics and its ``done`` status are written in one transaction, so a run killed at any
 moment leaves each cell either complete or absent, and a rerun skips exactly the complete ones.
+
+Several processes may work on one store: before a cell runs, its runner *claims* it, a lease
+with an owner and an expiry taken in one statement (an upsert that succeeds only when the cell
+is free, its lease expired, or already the caller's). Two runs of one grid therefore split its
+cells, and a cell whose owner died is taken again once its lease expires.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -16,48 +24,66 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    cell_id     TEXT PRIMARY KEY,
-    experiment  TEXT NOT NULL,
-    status      TEXT NOT NULL,          -- 'done' or 'failed'
-    config      TEXT NOT NULL,          -- canonical JSON of the resolved cell config
-    grid_values TEXT NOT NULL,          -- JSON: the grid keys and values of this cell
-    info        TEXT NOT NULL,          -- JSON: history, compression record, notes
-    error       TEXT,
-    seconds     REAL,
-    finished    REAL
-);
-CREATE TABLE IF NOT EXISTS metrics (
-    cell_id  TEXT NOT NULL REFERENCES runs(cell_id),
-    name     TEXT NOT NULL,             -- e.g. clean_accuracy, robust_accuracy, params
-    attack   TEXT NOT NULL DEFAULT '',  -- attack label, '' for attack-free metrics
-    eps      REAL NOT NULL DEFAULT 0,
-    value    REAL,
-    shift    TEXT NOT NULL DEFAULT '',  -- the shifted split ('fog', 'usps'), '' for the test split
-    severity INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (cell_id, name, attack, eps, shift, severity)
-);
-"""
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, Connection, Engine
 
-# Stores written before metrics had a shift: the table is rebuilt with the new key, every row
-# kept (on the unshifted test split), in one transaction.
-MIGRATE_SHIFT = """
-ALTER TABLE metrics RENAME TO metrics_before_shift;
-CREATE TABLE metrics (
-    cell_id  TEXT NOT NULL REFERENCES runs(cell_id),
-    name     TEXT NOT NULL,
-    attack   TEXT NOT NULL DEFAULT '',
-    eps      REAL NOT NULL DEFAULT 0,
-    value    REAL,
-    shift    TEXT NOT NULL DEFAULT '',
-    severity INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (cell_id, name, attack, eps, shift, severity)
-);
-INSERT INTO metrics (cell_id, name, attack, eps, value)
-    SELECT cell_id, name, attack, eps, value FROM metrics_before_shift;
-DROP TABLE metrics_before_shift;
-"""
+STORE_NAME = "results.sqlite"
+SCHEMA_VERSION = 3
+BACKENDS = ("sqlite", "postgresql")
+
+meta = sa.MetaData()
+runs_table = sa.Table(
+    "runs", meta,
+    sa.Column("cell_id", sa.Text, primary_key=True),
+    sa.Column("experiment", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),  # 'done' or 'failed'
+    sa.Column("config", sa.Text, nullable=False),  # canonical JSON of the resolved config
+    sa.Column("grid_values", sa.Text, nullable=False),  # JSON: the grid keys and values
+    sa.Column("info", sa.Text, nullable=False),  # JSON: history, compression record, notes
+    sa.Column("error", sa.Text),
+    sa.Column("seconds", sa.Double),
+    sa.Column("finished", sa.Double),
+)  # fmt: skip
+metrics_table = sa.Table(
+    "metrics", meta,
+    sa.Column("cell_id", sa.Text, sa.ForeignKey("runs.cell_id"), primary_key=True),
+    sa.Column("name", sa.Text, primary_key=True),  # clean_accuracy, robust_accuracy, params
+    sa.Column("attack", sa.Text, primary_key=True, server_default=""),  # '' when attack-free
+    sa.Column("eps", sa.Double, primary_key=True, server_default="0"),
+    sa.Column("value", sa.Double),
+    sa.Column("shift", sa.Text, primary_key=True, server_default=""),  # '' for the test split
+    sa.Column("severity", sa.Integer, primary_key=True, server_default="0"),
+)  # fmt: skip
+leases_table = sa.Table(
+    "leases", meta,
+    sa.Column("cell_id", sa.Text, primary_key=True),
+    sa.Column("owner", sa.Text, nullable=False),  # host:pid:uuid of the claiming run
+    sa.Column("state", sa.Text, nullable=False),  # 'running' or 'done'
+    sa.Column("since", sa.Double, nullable=False),
+    sa.Column("expires", sa.Double, nullable=False),
+)  # fmt: skip
+grid_table = sa.Table(
+    "grid_cells", meta,
+    sa.Column("cell_id", sa.Text, primary_key=True),
+    sa.Column("experiment", sa.Text, nullable=False),
+    sa.Column("grid_values", sa.Text, nullable=False),
+    sa.Column("added", sa.Double, nullable=False),
+)  # fmt: skip
+version_table = sa.Table("schema_version", meta, sa.Column("version", sa.Integer, nullable=False))
+
+# Version 1 stores (before metrics had a shift): the table is rebuilt with the new key, every
+# row kept on the unshifted test split, in the migration's transaction.
+MIGRATE_SHIFT = (
+    "ALTER TABLE metrics RENAME TO metrics_before_shift",
+    "CREATE TABLE metrics (cell_id TEXT NOT NULL REFERENCES runs(cell_id), name TEXT NOT NULL, "
+    "attack TEXT NOT NULL DEFAULT '', eps REAL NOT NULL DEFAULT 0, value REAL, "
+    "shift TEXT NOT NULL DEFAULT '', severity INTEGER NOT NULL DEFAULT 0, "
+    "PRIMARY KEY (cell_id, name, attack, eps, shift, severity))",
+    "INSERT INTO metrics (cell_id, name, attack, eps, value) "
+    "SELECT cell_id, name, attack, eps, value FROM metrics_before_shift",
+    "DROP TABLE metrics_before_shift",
+)
 
 
 @dataclass(frozen=True)
@@ -102,35 +128,100 @@ class RunRow:
     metrics: list[Metric]
 
 
+@dataclass(frozen=True)
+class LeaseRow:
+    """A cell's claim: who runs it (``state == "running"``) until ``expires``, or ``done``."""
+
+    cell_id: str
+    owner: str
+    state: str
+    since: float
+    expires: float
+
+
+@dataclass(frozen=True)
+class GridCell:
+    """A cell some run of ``experiment`` set out to run (recorded when the run starts)."""
+
+    cell_id: str
+    experiment: str
+    grid_values: dict[str, Any]
+
+
 def _finite(value: float | None) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-class ResultStore:
-    """Runs and metrics of experiments in one SQLite file."""
+def store_url(target: str | Path) -> str:
+    """The SQLAlchemy URL of a store given as a URL or as the path of a SQLite file.
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as conn:
-            columns = {r[1] for r in conn.execute("PRAGMA table_info(metrics)")}
-            if columns and "shift" not in columns:
-                conn.executescript(f"BEGIN; {MIGRATE_SHIFT} COMMIT;")
-            conn.executescript(SCHEMA)
+    Raises:
+        ValueError: a URL of another database than SQLite or PostgreSQL.
+    """
+    text = str(target)
+    if "://" not in text:
+        return f"sqlite:///{Path(text).expanduser().resolve()}"
+    backend = sa.make_url(text).get_backend_name()
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"store {safe_url(text)!r}: unsupported database {backend!r}; use one of "
+            "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+        )
+    return text
+
+
+def safe_url(url: str | URL) -> str:
+    """The URL without its password, for messages and tables."""
+    return sa.make_url(url).render_as_string(hide_password=True)
+
+
+class ResultStore:
+    """Runs, metrics and leases of experiments in a SQLite file or a PostgreSQL database.
+
+    Args:
+        target: a SQLAlchemy URL (``sqlite:///...``, ``postgresql+psycopg://...``) or the path
+            of a SQLite file (created with its folder when absent).
+    """
+
+    def __init__(self, target: str | Path) -> None:
+        self.url = store_url(target)
+        self.backend = sa.make_url(self.url).get_backend_name()
+        database = sa.make_url(self.url).database
+        self.path = Path(database) if self.backend == "sqlite" and database else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = _engine(self.url, self.backend)
+        with self._transaction() as conn:
+            _migrate(conn, self.backend)
+
+    def __repr__(self) -> str:
+        return f"ResultStore({safe_url(self.url)!r})"
 
     @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=60)
+    def _transaction(self) -> Iterator[Connection]:
+        """One transaction (SQLite: BEGIN IMMEDIATE, so it never fails to upgrade a read lock
+        into a write lock); the driver's own error is raised, as before SQLAlchemy."""
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            yield conn
-        finally:
-            conn.close()
+            with self.engine.begin() as conn:
+                yield conn
+        except sa.exc.DBAPIError as err:
+            if isinstance(err.orig, Exception):
+                raise err.orig from err
+            raise
+        except sa.exc.StatementError as err:  # a value SQLAlchemy could not convert to bind
+            dbapi = self.engine.dialect.dbapi
+            if dbapi is None:
+                raise
+            raise dbapi.InterfaceError(f"{err.orig}: {err.statement}") from err
+
+    def close(self) -> None:
+        """Close the store's pooled connections."""
+        self.engine.dispose()
 
     def done_ids(self) -> set[str]:
-        with self._connect() as conn:
-            return {r[0] for r in conn.execute("SELECT cell_id FROM runs WHERE status='done'")}
+        with self._transaction() as conn:
+            query = sa.select(runs_table.c.cell_id).where(runs_table.c.status == "done")
+            return set(conn.scalars(query))
 
     def record(
         self,
@@ -144,66 +235,218 @@ class ResultStore:
         seconds: float,
         error: str | None = None,
     ) -> None:
-        """Write one cell atomically (replacing any earlier failed attempt).
+        """Write one cell atomically (replacing any earlier failed attempt) and settle its
+        lease in the same transaction: a done cell is never claimed again, a failed one is
+        free for the next run.
 
         Two attack or shift metrics with one key are refused: the second would silently
         replace the first, e.g. a weaker attack's robust accuracy a stronger one's.
         """
         metrics = list(metrics)
-        seen: set[tuple[str, str, float, str, int]] = set()
-        for m in metrics:
-            if (m.attack or m.shift) and m.key in seen:
-                where = f" on {m.shift} (severity {m.severity})" if m.shift else ""
-                raise ValueError(
-                    f"cell {cell_id}: two values of {m.name} for attack {m.attack!r} at "
-                    f"eps={m.eps:.6g}{where}; give the attacks (or shifts) distinct labels"
-                )
-            seen.add(m.key)
+        _check_unique(cell_id, metrics)
         status = "failed" if error else "done"
-        with self._connect() as conn, conn:  # the inner `conn` is the transaction
-            conn.execute("DELETE FROM metrics WHERE cell_id = ?", (cell_id,))
-            conn.execute(
-                "INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    cell_id, experiment, status,
-                    json.dumps(config, sort_keys=True), json.dumps(grid_values, sort_keys=True),
-                    json.dumps(info, sort_keys=True, default=str), error, seconds, time.time(),
-                ),
-            )  # fmt: skip
-            conn.executemany(
-                "INSERT OR REPLACE INTO metrics (cell_id, name, attack, eps, value, shift, "
-                "severity) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (cell_id, m.name, m.attack, m.eps, _finite(m.value), m.shift, m.severity)
-                    for m in metrics
-                ],
-            )
+        now = time.time()
+        row = {
+            "cell_id": cell_id, "experiment": experiment, "status": status,
+            "config": json.dumps(config, sort_keys=True),
+            "grid_values": json.dumps(grid_values, sort_keys=True),
+            "info": json.dumps(info, sort_keys=True, default=str),
+            "error": error, "seconds": seconds, "finished": now,
+        }  # fmt: skip
+        with self._transaction() as conn:
+            conn.execute(metrics_table.delete().where(metrics_table.c.cell_id == cell_id))
+            conn.execute(runs_table.delete().where(runs_table.c.cell_id == cell_id))
+            conn.execute(runs_table.insert(), row)
+            if metrics:
+                conn.execute(
+                    metrics_table.insert(),
+                    [
+                        {"cell_id": cell_id, "name": m.name, "attack": m.attack, "eps": m.eps,
+                         "value": _finite(m.value), "shift": m.shift, "severity": m.severity}
+                        for m in metrics
+                    ],
+                )  # fmt: skip
+            if error:
+                conn.execute(leases_table.delete().where(leases_table.c.cell_id == cell_id))
+            else:
+                self._upsert_lease(conn, cell_id, "", "done", now, math.inf)
 
     def runs(self, status: str | None = "done") -> list[RunRow]:
         """All runs (of one status, or all with ``None``) with their metrics, oldest first."""
-        with self._connect() as conn:
-            rows = conn.execute(
-                "SELECT cell_id, experiment, status, config, grid_values, info, error, seconds "
-                "FROM runs" + (" WHERE status = ?" if status else "") + " ORDER BY finished",
-                (status,) if status else (),
-            ).fetchall()
-            metrics: dict[str, list[Metric]] = {}
-            query = "SELECT cell_id, name, attack, eps, value, shift, severity FROM metrics"
-            for cid, name, attack, eps, value, shift, severity in conn.execute(query):
+        r, m = runs_table.c, metrics_table.c
+        query = sa.select(r.cell_id, r.experiment, r.status, r.config, r.grid_values, r.info,
+                          r.error, r.seconds).order_by(r.finished)  # fmt: skip
+        if status:
+            query = query.where(r.status == status)
+        metrics: dict[str, list[Metric]] = {}
+        with self._transaction() as conn:
+            rows = conn.execute(query).all()
+            columns = (m.cell_id, m.name, m.attack, m.eps, m.value, m.shift, m.severity)
+            for cid, name, attack, eps, value, shift, severity in conn.execute(
+                sa.select(*columns)
+            ):
                 metrics.setdefault(cid, []).append(
                     Metric(name, value, attack, eps, shift, severity)
                 )
         return [
             RunRow(
-                cell_id=r[0],
-                experiment=r[1],
-                status=r[2],
-                config=json.loads(r[3]),
-                grid_values=json.loads(r[4]),
-                info=json.loads(r[5]),
-                error=r[6],
-                seconds=r[7],
-                metrics=metrics.get(r[0], []),
-            )
-            for r in rows
+                cell_id=row[0], experiment=row[1], status=row[2], config=json.loads(row[3]),
+                grid_values=json.loads(row[4]), info=json.loads(row[5]), error=row[6],
+                seconds=row[7], metrics=metrics.get(row[0], []),
+            )  # fmt: skip
+            for row in rows
         ]
+
+    # Leases ---------------------------------------------------------------------------------
+
+    def claim(self, cell_id: str, owner: str, seconds: float) -> bool:
+        """Take ``cell_id`` for ``owner`` for ``seconds``, in one statement.
+
+        Succeeds when nobody holds it, when its lease expired (its owner died or hung), or when
+        ``owner`` already holds it (which renews it); never once the cell is done.
+        """
+        now = time.time()
+        with self._transaction() as conn:
+            return self._upsert_lease(conn, cell_id, owner, "running", now, now + seconds)
+
+    def _upsert_lease(
+        self, conn: Connection, cell_id: str, owner: str, state: str, now: float, expires: float
+    ) -> bool:
+        insert = postgresql.insert if self.backend == "postgresql" else sqlite.insert
+        lease = leases_table.c
+        values = {"owner": owner, "state": state, "since": now, "expires": expires}
+        free = (lease.state != "done") & ((lease.expires < now) | (lease.owner == owner))
+        statement = (
+            insert(leases_table)
+            .values(cell_id=cell_id, **values)
+            .on_conflict_do_update(
+                index_elements=[lease.cell_id],
+                set_=values,
+                where=None if state == "done" else free,
+            )
+            .returning(lease.cell_id)
+        )
+        return conn.execute(statement).first() is not None
+
+    def renew(self, owner: str, seconds: float) -> int:
+        """Push back the expiry of every cell ``owner`` is running; how many were renewed."""
+        lease = leases_table.c
+        with self._transaction() as conn:
+            result = conn.execute(
+                leases_table.update()
+                .where((lease.owner == owner) & (lease.state == "running"))
+                .values(expires=time.time() + seconds)
+            )
+            return int(result.rowcount)
+
+    def release(self, owner: str, cell_ids: Iterable[str] | None = None) -> None:
+        """Give up ``owner``'s running leases (all, or those of ``cell_ids``), e.g. when a run
+        is interrupted, so the next run need not wait for them to expire."""
+        lease = leases_table.c
+        mine = (lease.owner == owner) & (lease.state == "running")
+        if cell_ids is not None:
+            mine = mine & lease.cell_id.in_(list(cell_ids))
+        with self._transaction() as conn:
+            conn.execute(leases_table.delete().where(mine))
+
+    def leases(self) -> list[LeaseRow]:
+        """Every lease, running or done."""
+        with self._transaction() as conn:
+            rows = conn.execute(sa.select(*leases_table.c)).all()
+        return [LeaseRow(*row) for row in rows]
+
+    # The grid -------------------------------------------------------------------------------
+
+    def register_cells(self, experiment: str, cells: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Remember the cells a run of ``experiment`` sets out to run (``(cell_id,
+        grid_values)``), so ``robcomp status`` can tell pending cells without the file."""
+        insert = postgresql.insert if self.backend == "postgresql" else sqlite.insert
+        now = time.time()
+        rows = [
+            {"cell_id": cid, "experiment": experiment,
+             "grid_values": json.dumps(values, sort_keys=True, default=str), "added": now}
+            for cid, values in cells
+        ]  # fmt: skip
+        if not rows:
+            return
+        with self._transaction() as conn:
+            conn.execute(insert(grid_table).values(rows).on_conflict_do_nothing())
+
+    def grid(self) -> list[GridCell]:
+        """The cells runs set out to run, in the order they were registered."""
+        g = grid_table.c
+        with self._transaction() as conn:
+            query = sa.select(g.cell_id, g.experiment, g.grid_values).order_by(g.added)
+            rows = conn.execute(query).all()
+        return [GridCell(row[0], row[1], json.loads(row[2])) for row in rows]
+
+
+def _check_unique(cell_id: str, metrics: list[Metric]) -> None:
+    seen: set[tuple[str, str, float, str, int]] = set()
+    for m in metrics:
+        if (m.attack or m.shift) and m.key in seen:
+            where = f" on {m.shift} (severity {m.severity})" if m.shift else ""
+            raise ValueError(
+                f"cell {cell_id}: two values of {m.name} for attack {m.attack!r} at "
+                f"eps={m.eps:.6g}{where}; give the attacks (or shifts) distinct labels"
+            )
+        seen.add(m.key)
+
+
+def _engine(url: str, backend: str) -> Engine:
+    if backend != "sqlite":
+        return sa.create_engine(url, pool_pre_ping=True)
+    engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Autocommit at the driver level, so the BEGIN below is the only one emitted.
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _version(conn: Connection) -> int:
+    """The stored schema version; stores older than the version table are told by shape."""
+    names = set(sa.inspect(conn).get_table_names())
+    if "schema_version" in names:
+        return int(conn.scalar(sa.select(version_table.c.version)) or 0)
+    if "metrics" not in names:
+        return 0
+    columns = {c["name"] for c in sa.inspect(conn).get_columns("metrics")}
+    return 2 if "shift" in columns else 1
+
+
+def _migrate(conn: Connection, backend: str) -> None:
+    """Bring the schema to :data:`SCHEMA_VERSION`, one version at a time, in ``conn``'s
+    transaction (PostgreSQL: under an advisory lock, so two processes opening a new database
+    do not both create it)."""
+    if backend == "postgresql":
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7200612)"))
+    version = _version(conn)
+    if version == SCHEMA_VERSION:
+        return
+    if version > SCHEMA_VERSION:
+        raise ValueError(
+            f"the store has schema version {version}; this robcomp knows up to "
+            f"{SCHEMA_VERSION}: upgrade robcomp"
+        )
+    if version == 1:
+        for statement in MIGRATE_SHIFT:
+            conn.exec_driver_sql(statement)
+    meta.create_all(conn)  # tables of later versions (leases, grid_cells, schema_version)
+    if 0 < version < 3:  # cells done before leases existed are never claimed again
+        done = sa.select(runs_table.c.cell_id, sa.literal(""), sa.literal("done"),
+                         sa.func.coalesce(runs_table.c.finished, 0.0), sa.literal(math.inf))  # fmt: skip
+        done = done.where(runs_table.c.status == "done")
+        conn.execute(leases_table.insert().from_select(list(leases_table.c.keys()), done))
+    conn.execute(version_table.delete())
+    conn.execute(version_table.insert().values(version=SCHEMA_VERSION))
