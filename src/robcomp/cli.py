@@ -58,6 +58,7 @@ def user_errors(fn: F) -> F:
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log each epoch and cell.")
     ] = False,
@@ -67,6 +68,10 @@ def main(
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
+    from robcomp.models.base import code_paths
+
+    # module:callable models import from the working directory, as `python -m` would.
+    ctx.with_resource(code_paths(Path.cwd()))
 
 
 def _run_and_report(
@@ -314,15 +319,62 @@ def _parse_attack(text: str) -> dict[str, Any]:
     return spec
 
 
+def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    """``0.49,0.48,0.45`` or ``[0.49, 0.48, 0.45]`` -> a tuple of floats."""
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.strip("[] ").split(","))
+    except ValueError:
+        raise ConfigError(f"{option}: expected numbers separated by commas, got {text!r}") from None
+
+
+def _data_spec(text: str) -> Any:
+    """``--data``: a name, ``npz:path=test.npz,split=test``, or a YAML mapping."""
+    if text.lstrip().startswith("{"):
+        return yaml.safe_load(text)
+    return _parse_attack(text) if ":" in text else text
+
+
 @app.command()
 @user_errors
 def evaluate(
-    checkpoint: Annotated[Path, typer.Argument(help="Folder written by `robcomp train`.")],
+    checkpoint: Annotated[
+        Path | None,
+        typer.Argument(help="Folder written by `robcomp train` (or --model with --weights)."),
+    ] = None,
     attack: Annotated[
         list[str] | None,
         typer.Option(help="NAME:key=value,... e.g. pgd:eps=8/255,steps=20 (repeatable)."),
     ] = None,
-    data: Annotated[str | None, typer.Option(help="Dataset [default: the checkpoint's].")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Dataset: a name, NAME:key=value,... (npz:path=test.npz,split=test) or a YAML "
+            "mapping [default: the checkpoint's]."
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Model for a foreign --weights file: registered, timm:, torchvision: "
+            "or module:callable."
+        ),
+    ] = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option(help="Weights file (safetensors or a PyTorch state dict) for --model."),
+    ] = None,
+    mean: Annotated[
+        str | None,
+        typer.Option(help="Per-channel mean the weights were trained with, e.g. 0.49,0.48,0.45."),
+    ] = None,
+    std: Annotated[
+        str | None, typer.Option(help="Per-channel std the weights were trained with.")
+    ] = None,
+    option: Annotated[
+        list[str] | None, typer.Option(help="Model option KEY=VALUE for --model (repeatable).")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="Attack at most this many test points.")] = None,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
     trust_code: Annotated[
@@ -335,23 +387,42 @@ def evaluate(
     ] = False,
     device: DeviceOption = None,
 ) -> None:
-    """Clean and robust accuracy of a saved model on the test split, threat model checked."""
+    """Clean and robust accuracy of a saved model (a checkpoint, or --model with a foreign
+    --weights file) on the test split, threat model checked."""
     from robcomp import progress
+    from robcomp.api import autoattack_breakdown, model_from_weights
     from robcomp.attacks import ATTACKS
     from robcomp.attacks.base import missing_library
+    from robcomp.attacks.cascade import Cascade
     from robcomp.config import build_component, load_yaml
     from robcomp.data import get
     from robcomp.evaluate import accuracy, evaluate_attack
     from robcomp.models import load_checkpoint, resolve_device
 
     where = resolve_device(device or "auto")
-    model, _ = load_checkpoint(checkpoint, trust_code=trust_code)
-    model.to(where)
-    config_path = checkpoint / "config.yaml"
-    data_spec: Any = data or (load_yaml(config_path)["data"] if config_path.is_file() else None)
-    if data_spec is None:
-        raise ConfigError(f"{checkpoint}: no config.yaml to tell the dataset; pass --data NAME")
-    splits = get(data_spec, seed=seed).to(where)
+    if weights is not None and checkpoint is None:
+        if model is None or data is None:
+            raise ConfigError("--weights needs --model (its architecture) and --data")
+        splits = get(_data_spec(data), seed=seed)
+        options = dict(parse_override(o) for o in option or [])
+        net = model_from_weights(
+            model, weights, splits, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+            options=options, seed=seed,
+        )  # fmt: skip
+        source = str(weights)
+    elif checkpoint is not None and weights is None:
+        net, _ = load_checkpoint(checkpoint, trust_code=trust_code)
+        config_path = checkpoint / "config.yaml"
+        saved = load_yaml(config_path)["data"] if config_path.is_file() else None
+        data_spec: Any = _data_spec(data) if data else saved
+        if data_spec is None:
+            raise ConfigError(f"{checkpoint}: no config.yaml to tell the dataset; pass --data NAME")
+        splits = get(data_spec, seed=seed)
+        source = str(checkpoint)
+    else:
+        raise ConfigError("pass a checkpoint folder, or --model and --weights (not both)")
+    net.to(where)
+    splits = splits.to(where)
     attacks = [
         build_component(ATTACKS, _parse_attack(a), f"--attack {a}")
         for a in (attack or ["pgd:eps=0.1"])
@@ -359,17 +430,43 @@ def evaluate(
     for atk in attacks:  # before the first attack runs, not halfway through the table
         if message := missing_library(atk):
             raise ConfigError(f"--attack: {message}")
-    table = Table(title=f"{checkpoint} on {splits.name}")
-    for col in ("attack", "eps", "clean %", "robust %", "median norm", "seconds"):
+    points = splits.test.head(limit)
+    console.print(
+        f"scored on the test split of {escape(splits.name)}: {len(splits.test)} points clean, "
+        f"{len(points)} attacked ({escape(splits.summary())})",
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    table = Table(title=f"{source} on {splits.name}")
+    for col in ("attack", "eps", "points", "clean %", "robust %", "median norm", "seconds"):
         table.add_column(col, justify="right")
-    table.add_row("none", "0", f"{100 * accuracy(model, splits.test):.2f}", "", "", "")
+    clean = accuracy(net, splits.test)
+    table.add_row("none", "0", str(len(splits.test)), f"{100 * clean:.2f}", "", "", "")
+    breakdowns = []
     with progress.display(console):
         for atk in attacks:
-            r = evaluate_attack(model, atk, splits.test.head(limit))
+            if isinstance(atk, Cascade):  # AutoAttack: what each stage did, as fra31 prints
+                r, stages = autoattack_breakdown(net, atk, points)
+                breakdowns.append((r, stages))
+            else:
+                r = evaluate_attack(net, atk, points)
             table.add_row(
-                r.attack, f"{r.eps:.4g}", f"{100 * r.clean_accuracy:.2f}",
+                r.attack, f"{r.eps:.4g}", str(r.n), f"{100 * r.clean_accuracy:.2f}",
                 f"{100 * r.robust_accuracy:.2f}", f"{r.median_norm:.4g}", f"{r.seconds:.1f}",
             )  # fmt: skip
+    console.print(table)
+    for r, stages in breakdowns:
+        _print_breakdown(r, stages)
+
+
+def _print_breakdown(result: Any, stages: list[Any]) -> None:
+    """AutoAttack's per-stage account: initial accuracy, then each stage's broken points,
+    robust accuracy after it and seconds (as the official code's verbose log)."""
+    table = Table(title=f"{result.attack} eps={result.eps:.4g} on {result.n} points")
+    for col in ("stage", "points broken", "robust % after", "seconds"):
+        table.add_column(col, justify="right")
+    table.add_row("initial (clean)", "", f"{100 * result.clean_accuracy:.2f}", "")
+    for s in stages:
+        table.add_row(s.attack, str(s.broke), f"{100 * s.robust_accuracy:.2f}", f"{s.seconds:.1f}")
     console.print(table)
 
 
