@@ -169,7 +169,7 @@ def compress_model(
     """
     model = with_normalization(model, mean, std)
     if isinstance(method, str | Mapping):
-        spec = _spec(method) if isinstance(method, str) else dict(method)
+        spec = parse_spec(method) if isinstance(method, str) else dict(method)
         compressor = _compressor({**spec, **fields}, "method")
     elif fields:
         raise ValueError(f"fields {sorted(fields)} apply to a compressor name or spec, not to "
@@ -228,15 +228,26 @@ def _tensor_splits(x: Tensor, y: Tensor, model: nn.Module) -> DataSplits:
     return splits
 
 
-def _spec(text: str) -> dict[str, Any]:
+def parse_spec(text: str) -> dict[str, Any]:
     """``pgd:eps=8/255,steps=20`` -> ``{"name": "pgd", "eps": "8/255", "steps": 20}``, the
-    CLI's syntax."""
+    CLI's syntax; a value may be a YAML list (``attacks=[apgd-ce,apgd-t]``)."""
     name, _, rest = text.partition(":")
     spec: dict[str, Any] = {"name": name.strip()}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
+    for item in filter(None, (p.strip() for p in _top_level(rest))):
         key, value = parse_override(item)
         spec[key] = value
     return spec
+
+
+def _top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and braces."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
 
 
 def _registered_spec(obj: Any, registry: Registry[Any], where: str) -> dict[str, Any]:
@@ -252,7 +263,7 @@ def _registered_spec(obj: Any, registry: Registry[Any], where: str) -> dict[str,
 
 def _compressor(spec: Any, where: str) -> Any:
     if isinstance(spec, str):
-        spec = _spec(spec)
+        spec = parse_spec(spec)
     if isinstance(spec, Mapping):
         return build_component(COMPRESSORS, dict(spec), where)
     if callable(spec) and hasattr(spec, "label"):
@@ -271,11 +282,11 @@ def _config(
 ) -> CellConfig:
     """A cell's configuration holding the suite, so the runner's functions read it as theirs."""
     attack_specs = [
-        _spec(a) if isinstance(a, str) else dict(a) if isinstance(a, Mapping)
+        parse_spec(a) if isinstance(a, str) else dict(a) if isinstance(a, Mapping)
         else _registered_spec(a, ATTACKS, f"attacks[{i}]")
         for i, a in enumerate(attacks)
     ]  # fmt: skip
-    shift_specs = [_spec(s) if isinstance(s, str) else dict(s) for s in shifts]
+    shift_specs = [parse_spec(s) if isinstance(s, str) else dict(s) for s in shifts]
     # The data spec names the data for shifts that load other domains; in-memory data keeps its
     # own name (the shifted arrays are cached in a folder of this call only).
     data_spec = {"name": splits.name} if not isinstance(data, str | Mapping) else data

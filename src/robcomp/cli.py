@@ -310,13 +310,11 @@ def train(
 
 
 def _parse_attack(text: str) -> dict[str, Any]:
-    """``pgd:eps=8/255,steps=20`` -> ``{"name": "pgd", "eps": "8/255", "steps": 20}``."""
-    name, _, rest = text.partition(":")
-    spec: dict[str, Any] = {"name": name.strip()}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, value = parse_override(item)
-        spec[key] = value
-    return spec
+    """``pgd:eps=8/255,steps=20`` -> ``{"name": "pgd", "eps": "8/255", "steps": 20}``; a value
+    may be a list (``autoattack:eps=0.03,version=custom,attacks=[apgd-ce,apgd-t]``)."""
+    from robcomp.api import parse_spec
+
+    return parse_spec(text)
 
 
 def _floats(text: str | None, option: str) -> tuple[float, ...] | None:

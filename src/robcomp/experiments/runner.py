@@ -129,7 +129,7 @@ def _missing_statistics(weights: str, channels: int) -> NoReturn:
     zeros, ones = [0] * channels, [1] * channels
     raise ValueError(
         f"model.weights {weights}: set model.mean and model.std to the per-channel statistics "
-        f"these weights were trained with ({channels} values each), or mean: {zeros}, std: "
+        f"these weights were trained with (one value per channel), or mean: {zeros}, std: "
         f"{ones} if they were trained on unnormalized [0, 1] inputs (CLI: --mean/--std)"
     )
 
