@@ -259,9 +259,7 @@ def run(
         out = Path("runs") / load_experiment(file, set_ or []).name
     trust = ["trust_code=true"] if trust_code else []
     overrides = [*(set_ or []), *_operational(device, threads), *trust]
-    _run_and_report(
-        file, overrides, out, executor, ray_address, append, store, artifacts=artifacts
-    )
+    _run_and_report(file, overrides, out, executor, ray_address, append, store, artifacts=artifacts)
 
 
 @app.command()

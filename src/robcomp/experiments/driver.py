@@ -14,9 +14,9 @@ from robcomp import data as datasets
 from robcomp.config import ConfigError, canonical_json
 from robcomp.data import DataError, DatasetNotFound, DataSplits
 from robcomp.experiments.executors import Executor, LocalExecutor
+from robcomp.experiments.leases import LEASE_SECONDS, Leases
 from robcomp.experiments.runner import CellResult, run_cell
 from robcomp.experiments.spec import Cell, Experiment, ModelSpec
-from robcomp.experiments.leases import LEASE_SECONDS, Leases
 from robcomp.experiments.store import STORE_NAME, ResultStore
 from robcomp.models import MODELS, builds_from_files, checkpoint_trust, create, factory_for
 from robcomp.progress import track

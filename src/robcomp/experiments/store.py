@@ -282,18 +282,22 @@ class ResultStore:
         with self._transaction() as conn:
             rows = conn.execute(query).all()
             columns = (m.cell_id, m.name, m.attack, m.eps, m.value, m.shift, m.severity)
-            for cid, name, attack, eps, value, shift, severity in conn.execute(
-                sa.select(*columns)
-            ):
+            for cid, name, attack, eps, value, shift, severity in conn.execute(sa.select(*columns)):
                 metrics.setdefault(cid, []).append(
                     Metric(name, value, attack, eps, shift, severity)
                 )
         return [
             RunRow(
-                cell_id=row[0], experiment=row[1], status=row[2], config=json.loads(row[3]),
-                grid_values=json.loads(row[4]), info=json.loads(row[5]), error=row[6],
-                seconds=row[7], metrics=metrics.get(row[0], []),
-            )  # fmt: skip
+                cell_id=row[0],
+                experiment=row[1],
+                status=row[2],
+                config=json.loads(row[3]),
+                grid_values=json.loads(row[4]),
+                info=json.loads(row[5]),
+                error=row[6],
+                seconds=row[7],
+                metrics=metrics.get(row[0], []),
+            )
             for row in rows
         ]
 
@@ -444,8 +448,10 @@ def _migrate(conn: Connection, backend: str) -> None:
             conn.exec_driver_sql(statement)
     meta.create_all(conn)  # tables of later versions (leases, grid_cells, schema_version)
     if 0 < version < 3:  # cells done before leases existed are never claimed again
-        done = sa.select(runs_table.c.cell_id, sa.literal(""), sa.literal("done"),
-                         sa.func.coalesce(runs_table.c.finished, 0.0), sa.literal(math.inf))  # fmt: skip
+        finished = sa.func.coalesce(runs_table.c.finished, 0.0)
+        done = sa.select(
+            runs_table.c.cell_id, sa.literal(""), sa.literal("done"), finished, sa.literal(math.inf)
+        )
         done = done.where(runs_table.c.status == "done")
         conn.execute(leases_table.insert().from_select(list(leases_table.c.keys()), done))
     conn.execute(version_table.delete())

@@ -1,0 +1,256 @@
+"""The results store behind a URL (SQLite and a real PostgreSQL 15) and the leases that let
+several runs share one grid: every test runs on both backends; PostgreSQL ones skip, with the
+reason, where the server cannot be started here."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import pwd
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from robcomp.config import ConfigError
+from robcomp.experiments import Metric, ResultStore, load_experiment, run_experiment
+from robcomp.experiments.leases import Leases
+from robcomp.experiments.store import SCHEMA_VERSION, leases_table, store_url
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _as_postgres(*args: str) -> list[str]:
+    """Run as the postgres user (initdb refuses root)."""
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else list(args)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A throwaway PostgreSQL 15 cluster on a unix socket in a temp dir; yields the socket dir."""
+    if not (PG_BIN / "initdb").is_file():
+        pytest.skip(f"PostgreSQL 15 is not installed ({PG_BIN / 'initdb'} is absent)")
+    if os.geteuid() != 0 and pwd.getpwuid(os.geteuid()).pw_name != "postgres":
+        pytest.skip("PostgreSQL tests need root (to run initdb as postgres) or the postgres user")
+    pytest.importorskip("psycopg", reason="psycopg is not installed (pip install '.[postgres]')")
+    root = Path(tempfile.mkdtemp(prefix="robcomp-pg-"))
+    data, sock = root / "data", root / "sock"
+    sock.mkdir()
+    if os.geteuid() == 0:
+        for path in (root, sock):
+            shutil.chown(path, "postgres", "postgres")
+    quiet = {"check": True, "capture_output": True}
+    subprocess.run(_as_postgres(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust"), **quiet)
+    ctl = str(PG_BIN / "pg_ctl")
+    options = f"-k {sock} -h '' -c fsync=off"  # a test cluster: speed over durability
+    start = [ctl, "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start"]
+    subprocess.run(_as_postgres(*start), **quiet)
+    try:
+        yield str(sock)
+    finally:
+        subprocess.run(_as_postgres(ctl, "-D", str(data), "-m", "immediate", "stop"), **quiet)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _new_database(sock: str) -> str:
+    import psycopg
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(host=sock, user="postgres", dbname="postgres", autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    return f"postgresql+psycopg://postgres@/{name}?host={sock}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store of each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'results.sqlite'}"
+    return _new_database(request.getfixturevalue("postgres_server"))
+
+
+def _record(store: ResultStore, cell_id: str, error: str | None = None, **kw: Any) -> None:
+    store.record(
+        cell_id=cell_id, experiment="e", config={"a": 1}, grid_values={"g": cell_id},
+        metrics=kw.get("metrics", [Metric("clean_accuracy", 0.5)]), info={}, seconds=2.0,
+        error=error,
+    )  # fmt: skip
+
+
+def test_round_trip_keeps_values_and_stores_nan_as_missing(url: str) -> None:
+    store = ResultStore(url)
+    metrics = [
+        Metric("clean_accuracy", 0.91),
+        Metric("robust_accuracy", 0.42, attack="pgd", eps=0.1),
+        Metric("median_norm", math.inf, attack="ddn", eps=math.inf),
+        Metric("score", math.nan),
+        Metric("clean_accuracy", 0.7, shift="fog", severity=3),
+    ]
+    _record(store, "c1", metrics=metrics)
+    (run,) = ResultStore(url).runs()  # a second handle sees the committed cell
+    got = {m.key: m.value for m in run.metrics}
+    assert got[("clean_accuracy", "", 0.0, "", 0)] == 0.91
+    assert got[("robust_accuracy", "pgd", 0.1, "", 0)] == 0.42
+    assert got[("median_norm", "ddn", math.inf, "", 0)] == math.inf
+    assert got[("score", "", 0.0, "", 0)] is None
+    assert got[("clean_accuracy", "", 0.0, "fog", 3)] == 0.7
+    assert (run.config, run.grid_values, run.status) == ({"a": 1}, {"g": "c1"}, "done")
+    assert store.done_ids() == {"c1"}
+
+
+def test_a_bad_value_writes_nothing_of_the_cell(url: str) -> None:
+    import psycopg
+
+    store = ResultStore(url)
+    bad = [Metric("ok", 1.0), Metric("boom", object())]  # type: ignore[arg-type]
+    with pytest.raises((sqlite3.Error, psycopg.Error)):
+        _record(store, "c1", metrics=bad)
+    assert store.runs(None) == [] and store.leases() == []
+
+
+def test_a_lease_is_exclusive_until_it_expires_or_the_cell_ends(url: str) -> None:
+    store = ResultStore(url)
+    assert store.claim("c1", "alice", 60)
+    assert not store.claim("c1", "bob", 60)  # alice holds it
+    assert store.claim("c1", "alice", 60)  # renewing one's own lease
+    _record(store, "c1", error="RuntimeError: broke")
+    assert store.claim("c1", "bob", 60)  # a failed cell is free again
+    _record(store, "c1")
+    assert not store.claim("c1", "bob", 60) and not store.claim("c1", "carol", 60)  # done
+    assert [(x.cell_id, x.state) for x in store.leases()] == [("c1", "done")]
+
+
+def test_a_dead_owners_lease_expires_and_the_cell_is_taken(url: str) -> None:
+    store = ResultStore(url)
+    with store.engine.begin() as conn:  # a run that died 10 minutes into its cell
+        conn.execute(
+            leases_table.insert().values(
+                cell_id="c1", owner="gone:123:dead", state="running",
+                since=time.time() - 600, expires=time.time() - 1,
+            )
+        )  # fmt: skip
+    assert store.claim("c1", "alive", 60)
+    (lease,) = store.leases()
+    assert lease.owner == "alive" and lease.expires > time.time() + 50
+
+
+def test_the_heartbeat_renews_and_exit_releases(url: str) -> None:
+    store = ResultStore(url)
+    with Leases(store, seconds=0.6, owner="me") as leases:
+        assert leases.claim("c1")
+        time.sleep(1.0)  # longer than the lease: only the heartbeat keeps it
+        assert not store.claim("c1", "other", 60)
+    assert store.leases() == []  # released when the run ended
+    assert store.claim("c1", "other", 60)
+
+
+def tiny_grid(n: int = 4) -> dict[str, Any]:
+    return {
+        "name": "leases",
+        "data": {"name": "digits", "train_limit": 200},
+        "model": {"name": "tiny_mlp"},
+        "train": {"epochs": 1, "lr": 0.05, "batch_size": 64},
+        "compress": {"name": "magnitude", "sparsity": 0.0},
+        "evaluate": {"attacks": [], "diagnostics": False, "latency_batch_sizes": []},
+        "grid": {"compress.sparsity": [round(0.15 * i, 2) for i in range(n)]},
+    }
+
+
+def test_a_live_lease_is_left_to_its_owner_and_an_expired_one_is_run(url: str, tmp_path: Path):
+    experiment = load_experiment(tiny_grid(3))
+    held, stale = experiment.cells[0].cell_id, experiment.cells[1].cell_id
+    store = ResultStore(url)
+    assert store.claim(held, "busy:1:live", 600)
+    with store.engine.begin() as conn:
+        conn.execute(leases_table.update().where(leases_table.c.cell_id == held).values(since=1.0))
+        conn.execute(
+            leases_table.insert().values(
+                cell_id=stale, owner="gone:2:dead", state="running", since=1.0, expires=2.0
+            )
+        )
+    summary = run_experiment(experiment, tmp_path / "out", store=url)
+    assert (summary.ran, summary.elsewhere) == (2, [held])
+    assert ResultStore(url).done_ids() == {c.cell_id for c in experiment.cells[1:]}
+
+
+def _run_in_child(url: str, out: str, barrier: Any, results: Any) -> None:
+    experiment = load_experiment(tiny_grid(6))
+    barrier.wait(timeout=120)  # start together, so both runs work on the grid at once
+    summary = run_experiment(experiment, out, store=url, append=True)
+    results.put((summary.ran, summary.skipped, len(summary.elsewhere)))
+
+
+def test_two_runs_on_one_store_split_the_grid(url: str, tmp_path: Path) -> None:
+    context = mp.get_context("spawn")  # a fresh interpreter each, as two `robcomp run`s
+    barrier, results = context.Barrier(2), context.Queue()
+    children = [
+        context.Process(target=_run_in_child, args=(url, str(tmp_path / d), barrier, results))
+        for d in ("a", "b")
+    ]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=240)
+        assert child.exitcode == 0
+    ran = [results.get(timeout=5) for _ in children]
+    store = ResultStore(url)
+    assert len(store.done_ids()) == 6
+    assert sum(r[0] for r in ran) == 6  # every cell ran exactly once
+    assert all(r[0] >= 1 for r in ran), ran  # and each run took some
+
+
+def test_an_old_sqlite_store_migrates_to_the_current_schema(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:  # version 1: before shifts, leases and versions
+        conn.executescript(
+            """
+            CREATE TABLE runs (cell_id TEXT PRIMARY KEY, experiment TEXT NOT NULL,
+                status TEXT NOT NULL, config TEXT NOT NULL, grid_values TEXT NOT NULL,
+                info TEXT NOT NULL, error TEXT, seconds REAL, finished REAL);
+            CREATE TABLE metrics (cell_id TEXT NOT NULL REFERENCES runs(cell_id),
+                name TEXT NOT NULL, attack TEXT NOT NULL DEFAULT '',
+                eps REAL NOT NULL DEFAULT 0, value REAL,
+                PRIMARY KEY (cell_id, name, attack, eps));
+            INSERT INTO runs VALUES ('c1', 'e', 'done', '{}', '{}', '{}', NULL, 1.0, 1.0);
+            INSERT INTO runs VALUES ('c2', 'e', 'failed', '{}', '{}', '{}', 'x', 1.0, 2.0);
+            INSERT INTO metrics VALUES ('c1', 'clean_accuracy', '', 0, 0.9);
+            """
+        )
+    store = ResultStore(path)
+    with store.engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT version FROM schema_version")) == SCHEMA_VERSION
+    assert [(m.name, m.value, m.shift) for m in store.runs()[0].metrics] == [
+        ("clean_accuracy", 0.9, "")
+    ]
+    assert not store.claim("c1", "me", 60)  # done before leases existed: never run again
+    assert store.claim("c2", "me", 60)  # the failed one is free
+    ResultStore(path)  # opening a current store again changes nothing
+    assert len(store.runs(None)) == 2
+
+
+def test_store_in_the_experiment_file_keeps_cell_ids_and_is_used(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'team.sqlite'}"
+    plain = load_experiment(tiny_grid(1))
+    with_store = load_experiment({**tiny_grid(1), "store": url})
+    assert [c.cell_id for c in with_store.cells] == [c.cell_id for c in plain.cells]
+    assert with_store.store == url
+    run_experiment(with_store, tmp_path / "out")
+    assert ResultStore(url).done_ids() == {plain.cells[0].cell_id}
+    assert not (tmp_path / "out" / "results.sqlite").exists()
+    with pytest.raises(ConfigError, match="store must be a URL"):
+        load_experiment({**tiny_grid(1), "store": 3})
+
+
+def test_unsupported_urls_name_the_allowed_ones(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"'mysql'.*sqlite:///PATH or postgresql\+psycopg"):
+        ResultStore("mysql://me:secret@host/db")
+    assert store_url(tmp_path / "x.sqlite") == f"sqlite:///{tmp_path / 'x.sqlite'}"
