@@ -8,11 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from robcomp import data as datasets
 from robcomp.data.base import DataSplits
 from robcomp.models import Classifier, create
 from robcomp.train import TrainConfig, fit
+
+# Property tests are deterministic (the same examples every run) and have no time limit: CI's
+# two cores are shared, and a deadline would fail a correct test on a busy machine.
+settings.register_profile("robcomp", deadline=None, derandomize=True)
+settings.load_profile("robcomp")
 
 # Tests run in parallel workers (pytest -n 2) on tiny models: one intra-op thread per worker
 # avoids oversubscribing the cores, which slows such models down several times.

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -102,6 +103,9 @@ class DataSplits:
     classes: tuple[str, ...]
     mean: tuple[float, ...] = dataclasses.field(default=())
     std: tuple[float, ...] = dataclasses.field(default=())
+    # How the dataset mapped raw recordings to [0, 1] (sensor signals: per-channel min-max of
+    # the training file), kept in checkpoints so new inputs can be mapped the same way.
+    input_scale: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.mean:  # per-channel statistics of the training split, for Normalize

@@ -302,6 +302,7 @@ class _SensorDataset(Dataset):
             num_classes=len(classes),
             classes=classes,
             scale=scale,
+            input_scale=scale.as_dict(),
         )
 
 

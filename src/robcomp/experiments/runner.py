@@ -109,10 +109,10 @@ def build_model(cfg: CellConfig, data: DataSplits) -> tuple[Classifier, dict[str
     }
     if origin := code_origin(cfg.model.name):  # so loading the checkpoint finds the code
         spec["code_path"] = origin
-    if (scale := getattr(data, "scale", None)) is not None:
+    if data.input_scale is not None:
         # Inputs scaled by the training file's statistics (sensor signals): whoever loads the
         # checkpoint must scale new inputs the same way.
-        spec["input_scale"] = scale.as_dict()
+        spec["input_scale"] = data.input_scale
     torch.manual_seed(cfg.seed)  # weight initialisation is part of the cell's determinism
     model = create(
         spec["name"], spec["num_classes"], spec["in_shape"],
