@@ -11,6 +11,7 @@ from typing import Any
 
 from robcomp.experiments.store import ResultStore
 from robcomp.report import plots
+from robcomp.report.html import write_html
 from robcomp.report.tables import leaderboard_rows, shift_rows
 
 
@@ -22,11 +23,13 @@ class ReportFiles:
     plot: Path | None
     figures: tuple[Path, ...] = ()  # training curves, weight histograms, kept per layer, shifts
     shifts: Path | None = None  # shifts.csv, when any cell was scored on shifted data
+    html: Path | None = None  # report.html, everything above in one self-contained page
 
     def paths(self) -> list[Path]:
         return [
             self.csv, self.json, *([self.shifts] if self.shifts else []),
             *([self.plot] if self.plot else []), *self.figures,
+            *([self.html] if self.html else []),
         ]  # fmt: skip
 
 
@@ -40,7 +43,7 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def write_report(store_path: str | Path, folder: str | Path) -> ReportFiles:
+def write_report(store_path: str | Path, folder: str | Path, html: bool = False) -> ReportFiles:
     """Write ``leaderboard.csv``, ``leaderboard.json``, ``shifts.csv`` (one row per cell and
     shifted split, when there are any), the robustness plot, the telemetry figures (training
     curves, weight histograms, kept fraction per layer) and the shift figures (accuracy vs
@@ -48,7 +51,8 @@ def write_report(store_path: str | Path, folder: str | Path) -> ReportFiles:
     ``folder``. A figure without data is not written.
 
     The on-manifold examples are read from ``cells/<cell_id>/`` beside the store (see
-    :data:`robcomp.report.plots.MANIFOLD_EXAMPLES`)."""
+    :data:`robcomp.report.plots.MANIFOLD_EXAMPLES`). With ``html``, ``report.html`` is
+    written last, every figure inlined (:func:`robcomp.report.html.write_html`)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     store = ResultStore(store_path)
@@ -74,7 +78,9 @@ def write_report(store_path: str | Path, folder: str | Path) -> ReportFiles:
             Path(store_path).parent / "cells", labels, folder / "on_manifold_examples.png"
         ),
     )
+    drawn = tuple(f for f in [plot, *figures] if f is not None)
+    page = write_html(store_path, folder, drawn) if html else None
     return ReportFiles(
         folder=folder, csv=csv_path, json=json_path, plot=plot,
-        figures=tuple(f for f in figures if f is not None), shifts=shifts_csv,
+        figures=tuple(f for f in figures if f is not None), shifts=shifts_csv, html=page,
     )  # fmt: skip
