@@ -116,7 +116,7 @@ def _run_and_report(
         console.print(f"{len(summary.elsewhere)} cells were claimed by another run: "
                       f"`robcomp status {out}` shows them")  # fmt: skip
     store_ = store or experiment.store or out / STORE_NAME
-    files = write_report(store_, out / "report")
+    files = write_report(store_, out / "report", html=True)
     _print_leaderboard(store_)
     console.print("report: " + ", ".join(str(f) for f in files.paths()))
     if summary.failed:
@@ -471,15 +471,22 @@ def _print_breakdown(result: Any, stages: list[Any]) -> None:
 def report(
     folder: Annotated[Path, typer.Argument(help="Output folder of `robcomp run`.")],
     store: StoreOption = None,
+    html: Annotated[
+        bool,
+        typer.Option(
+            "--html", help="Also write report.html: one self-contained page, figures inlined."
+        ),
+    ] = False,
 ) -> None:
-    """Print the leaderboard and write CSV, JSON and the robustness plot into FOLDER/report."""
+    """Print the leaderboard and write CSV, JSON and the figures into FOLDER/report (with
+    --html, report.html too)."""
     from robcomp.experiments import STORE_NAME
     from robcomp.report import write_report
 
     store_path: Path | str = store or folder / STORE_NAME
     if store is None and not folder.joinpath(STORE_NAME).is_file():
         raise FileNotFoundError(f"{store_path}: no results here; run `robcomp run FILE` first")
-    files = write_report(store_path, folder / "report")
+    files = write_report(store_path, folder / "report", html=html)
     _print_leaderboard(store_path)
     console.print("report: " + ", ".join(str(f) for f in files.paths()))
 
