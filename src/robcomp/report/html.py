@@ -734,9 +734,9 @@ def stored_environment(runs: list[RunRow]) -> list[tuple[str, str]]:
     loads = [v for r in runs if (v := metric(r, "load_1min")) is not None]
     seconds = [r.seconds for r in runs if r.seconds is not None]
     out = [
-        ("cells", f"{len(runs)} ({counted([r.status for r in runs])})"),
+        ("cells", f"{len(runs)}: {counted([r.status for r in runs])}"),
         ("device", counted([r.info.get("device") for r in runs])),
-        ("threads (timing)", counted([metric(r, "threads") for r in runs])),
+        ("threads (timing)", counted([_whole(metric(r, "threads")) for r in runs])),
         ("threads (config)", counted([r.config.get("threads") or "auto" for r in runs])),
         ("load, 1 min", f"{min(loads):.2f} to {max(loads):.2f}" if loads else "not recorded"),
         ("data", counted([r.info.get("data") for r in runs])),
@@ -749,6 +749,10 @@ def stored_environment(runs: list[RunRow]) -> list[tuple[str, str]]:
             out += [(f"{k} (cell {run.cell_id[:8]})", str(v)) for k, v in env.items()]
             break
     return out
+
+
+def _whole(value: float | None) -> int | float | None:
+    return int(value) if value is not None and float(value).is_integer() else value
 
 
 def _version(package: str) -> str:
