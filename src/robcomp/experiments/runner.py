@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import time
 import traceback
 from dataclasses import dataclass, field, replace
+from importlib import metadata
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -388,6 +390,15 @@ def _cell_manifold(cfg: CellConfig, data: DataSplits, cache: Path) -> ManifoldSo
     return lambda: manifold_for(cfg.data, data, cfg.seed, cache / "manifold")
 
 
+def _environment(device: torch.device) -> dict[str, Any]:
+    """Where and with what the cell ran, for the report (numbers depend on versions)."""
+    return {
+        "robcomp": metadata.version("robcomp"), "python": platform.python_version(),
+        "torch": torch.__version__, "host": platform.node(), "device": str(device),
+        "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
 def _macs_per_image(cfg: CellConfig, data: DataSplits) -> int:
     """Multiply-accumulates per image of the cell's model, built untrained on the CPU (cheap)."""
     model, _ = build_model(cfg, data)
@@ -456,6 +467,7 @@ def _run_cell(cell: Cell, workdir: Path) -> CellResult:
             "worst_case": worst_case,
             "shifts": shifts or None,
             "telemetry": model_telemetry(model, baseline),
+            "environment": _environment(data.device),
         }
         (folder / "history.json").write_text(json.dumps(info, indent=2, default=str))
         seconds = time.perf_counter() - start
