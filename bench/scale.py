@@ -16,7 +16,9 @@ Writes into bench/results/scale.json (read, merged, written: other benches add t
 ``ray_speedup_2_vs_1_workers``; and under ``ray`` every run's seconds with the 1-minute load
 average before and after it, since other processes on the machine slow parallel runs most.
 
-Options: ``--repeats R`` (default 2; medians are reported).
+Options: ``--repeats R`` (default 2; medians are reported), ``--epochs E`` (training epochs
+per cell, default 4: longer cells show how the speedup grows as the overhead shrinks in
+proportion), ``--results PATH``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ RESULTS = Path(__file__).parent / "results" / "scale.json"
 CELLS = 8
 NICENESS = "RAY_worker_niceness"  # Ray reads its settings from RAY_<name>
 EPOCHS = 4
+SETTINGS = {"epochs": EPOCHS}  # --epochs
 
 
 def grid(cpus_per_cell: float, seeds: int = CELLS) -> dict[str, Any]:
@@ -49,7 +52,7 @@ def grid(cpus_per_cell: float, seeds: int = CELLS) -> dict[str, Any]:
         "name": "scale",
         "data": {"name": "digits"},
         "model": {"name": "tiny_cnn"},
-        "train": {"epochs": EPOCHS, "lr": 0.05, "batch_size": 64},
+        "train": {"epochs": SETTINGS["epochs"], "lr": 0.05, "batch_size": 64},
         "compress": {"name": "magnitude", "sparsity": 0.5},
         "evaluate": {
             "attacks": [{"name": "fgsm", "eps": 0.1}, {"name": "pgd", "eps": 0.1, "steps": 10}],
@@ -111,17 +114,20 @@ def warm() -> None:
         run_experiment(load_experiment(grid(1.0, seeds=2)), Path(tmp) / "out", RayExecutor())
 
 
-def merge(keys: dict[str, Any]) -> None:
+def merge(keys: dict[str, Any], path: Path = RESULTS) -> None:
     """Add ``keys`` to the results file, keeping what other benches wrote there."""
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    current = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    RESULTS.write_text(json.dumps({**current, **keys}, indent=2) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**current, **keys}, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="training epochs per cell")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
+    SETTINGS["epochs"] = args.epochs
     import ray
 
     startup = start_ray()
@@ -149,6 +155,7 @@ def main() -> None:
         "ray": {
             "cells": CELLS,
             "threads_per_cell": 1,
+            "epochs_per_cell": SETTINGS["epochs"],
             "repeats": args.repeats,
             "median_seconds": {k: round(v, 2) for k, v in med.items()},
             "runs": runs,
@@ -161,7 +168,7 @@ def main() -> None:
             "goals": {"ray_overhead_per_cell_s": "< 1", "ray_speedup_2_workers": ">= 1.6"},
         },
     }
-    merge(keys)
+    merge(keys, args.results)
     print(json.dumps({k: v for k, v in keys.items() if k != "ray"}, indent=2))
 
 
