@@ -203,6 +203,11 @@ class ResultStore:
         into a write lock); the driver's own error is raised, as before SQLAlchemy."""
         try:
             with self.engine.begin() as conn:
+                if self.backend == "postgresql":
+                    # A commit returns before the server flushes its log: a crash of the
+                    # *database server* may lose the last cells' writes (never half of one),
+                    # which a rerun repeats, as SQLite's synchronous=NORMAL may on a power cut.
+                    conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
                 yield conn
         except sa.exc.DBAPIError as err:
             if isinstance(err.orig, Exception):
