@@ -3,7 +3,6 @@ against the dense baseline, never applied to training data; old stores migrate."
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,36 +128,6 @@ def test_unknown_shifts_and_bad_fields_fail_when_the_file_is_loaded() -> None:
         load_experiment(_experiment(shifts=[{"name": "test-darken", "severites": [1]}]))
     with pytest.raises(ConfigError, match="shift_limit"):
         load_experiment(_experiment(shift_limit=0))
-
-
-def test_a_store_written_before_shifts_migrates_with_its_metrics(tmp_path: Path) -> None:
-    path = tmp_path / "old.sqlite"
-    with sqlite3.connect(path) as conn:
-        conn.executescript(
-            """
-            CREATE TABLE runs (cell_id TEXT PRIMARY KEY, experiment TEXT NOT NULL,
-                status TEXT NOT NULL, config TEXT NOT NULL, grid_values TEXT NOT NULL,
-                info TEXT NOT NULL, error TEXT, seconds REAL, finished REAL);
-            CREATE TABLE metrics (cell_id TEXT NOT NULL REFERENCES runs(cell_id),
-                name TEXT NOT NULL, attack TEXT NOT NULL DEFAULT '',
-                eps REAL NOT NULL DEFAULT 0, value REAL,
-                PRIMARY KEY (cell_id, name, attack, eps));
-            INSERT INTO runs VALUES ('c1', 'e', 'done', '{}', '{}', '{}', NULL, 1.0, 1.0);
-            INSERT INTO metrics VALUES ('c1', 'clean_accuracy', '', 0, 0.9);
-            INSERT INTO metrics VALUES ('c1', 'robust_accuracy', 'pgd', 0.1, 0.4);
-            """
-        )
-    store = ResultStore(path)
-    (run,) = store.runs()
-    assert sorted((m.name, m.value, m.shift) for m in run.metrics) == [
-        ("clean_accuracy", 0.9, ""), ("robust_accuracy", 0.4, ""),
-    ]  # fmt: skip
-    store.record(
-        cell_id="c2", experiment="e", config={}, grid_values={}, info={}, seconds=1,
-        metrics=[Metric("clean_accuracy", 0.5, shift="fog", severity=3),
-                 Metric("clean_accuracy", 0.6, shift="fog", severity=5)],
-    )  # fmt: skip
-    assert len(ResultStore(path).runs()) == 2
 
 
 def test_the_store_refuses_two_values_for_one_shifted_split(tmp_path: Path) -> None:

@@ -28,7 +28,13 @@ import yaml
 
 from robcomp.experiments.store import ResultStore, RunRow
 from robcomp.report import plots
-from robcomp.report.tables import SHIFT_SUMMARIES, attack_columns, latency_columns, shift_rows
+from robcomp.report.tables import (
+    SHIFT_SUMMARIES,
+    attack_columns,
+    human_count,
+    latency_columns,
+    shift_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +59,6 @@ def human_bytes(value: Any) -> str:
         if value >= size:
             return f"{value / size:.1f} {unit}"
     return f"{int(value)} B"
-
-
-def human_count(value: Any) -> str:
-    if _missing(value):
-        return "-"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= size:
-            return f"{value / size:.2f}{unit}"
-    return str(int(value))
 
 
 def _ms(value: Any) -> str:

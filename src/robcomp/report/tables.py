@@ -222,8 +222,9 @@ def _pct(value: Any) -> str:
     return f"{100 * value:.1f}"
 
 
-def _count(value: Any) -> str:
-    if value is None:
+def human_count(value: Any) -> str:
+    """``1.44k``, ``22.33M``: a count for people; ``-`` when missing."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if value >= size:
@@ -269,9 +270,9 @@ Column = tuple[str, list[str], bool]  # (header, cells, numeric)
 def _cost_columns(rows: list[dict[str, Any]]) -> list[Column]:
     return [
         ("compr %", [_pct(r.get("compression_rate")) for r in rows], True),
-        ("nonzero", [_count(r.get("nonzero_params")) for r in rows], True),
-        ("size", [_count(r.get("size_bytes")) + "B" for r in rows], True),
-        ("MACs", [_count(r.get("macs")) for r in rows], True),
+        ("nonzero", [human_count(r.get("nonzero_params")) for r in rows], True),
+        ("size", [human_count(r.get("size_bytes")) + "B" for r in rows], True),
+        ("MACs", [human_count(r.get("macs")) for r in rows], True),
         *(
             (f"ms b{k.removeprefix('latency_ms_b')}", [_ms(r.get(k)) for r in rows], True)
             for k in latency_columns(rows)
