@@ -191,6 +191,7 @@ class ResultStore:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = _engine(self.url, self.backend)
+        self._statements: dict[str, Any] = {}
         with self._transaction() as conn:
             _migrate(conn, self.backend)
 
@@ -203,11 +204,6 @@ class ResultStore:
         into a write lock); the driver's own error is raised, as before SQLAlchemy."""
         try:
             with self.engine.begin() as conn:
-                if self.backend == "postgresql":
-                    # A commit returns before the server flushes its log: a crash of the
-                    # *database server* may lose the last cells' writes (never half of one),
-                    # which a rerun repeats, as SQLite's synchronous=NORMAL may on a power cut.
-                    conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
                 yield conn
         except sa.exc.DBAPIError as err:
             if isinstance(err.orig, Exception):
@@ -321,21 +317,32 @@ class ResultStore:
     def _upsert_lease(
         self, conn: Connection, cell_id: str, owner: str, state: str, now: float, expires: float
     ) -> bool:
-        insert = postgresql.insert if self.backend == "postgresql" else sqlite.insert
-        lease = leases_table.c
-        values = {"owner": owner, "state": state, "since": now, "expires": expires}
-        free = (lease.state != "done") & ((lease.expires < now) | (lease.owner == owner))
-        statement = (
-            insert(leases_table)
-            .values(cell_id=cell_id, **values)
-            .on_conflict_do_update(
-                index_elements=[lease.cell_id],
-                set_=values,
-                where=None if state == "done" else free,
+        params = {"cell_id": cell_id, "owner": owner, "state": state, "since": now,
+                  "expires": expires, "now": now}  # fmt: skip
+        return conn.execute(self._lease_upsert(done=state == "done"), params).first() is not None
+
+    def _lease_upsert(self, *, done: bool) -> Any:
+        """The claim (or, with ``done``, the settle) statement, built once per store with bound
+        parameters: building it anew for every cell cost more than running it."""
+        key = "done" if done else "claim"
+        if key not in self._statements:
+            insert = postgresql.insert if self.backend == "postgresql" else sqlite.insert
+            lease = leases_table.c
+            values: dict[str, Any] = {
+                name: sa.bindparam(name) for name in ("owner", "state", "since", "expires")
+            }
+            free = (lease.state != "done") & (
+                (lease.expires < sa.bindparam("now")) | (lease.owner == sa.bindparam("owner"))
             )
-            .returning(lease.cell_id)
-        )
-        return conn.execute(statement).first() is not None
+            self._statements[key] = (
+                insert(leases_table)
+                .values(cell_id=sa.bindparam("cell_id"), **values)
+                .on_conflict_do_update(
+                    index_elements=[lease.cell_id], set_=values, where=None if done else free
+                )
+                .returning(lease.cell_id)
+            )
+        return self._statements[key]
 
     def renew(self, owner: str, seconds: float) -> int:
         """Push back the expiry of every cell ``owner`` is running; how many were renewed."""
@@ -405,7 +412,11 @@ def _check_unique(cell_id: str, metrics: list[Metric]) -> None:
 def _engine(url: str, backend: str) -> Engine:
     if backend != "sqlite":
         # Recycled hourly rather than pinged before each use: a ping is a round trip per cell.
-        return sa.create_engine(url, pool_recycle=3600)
+        # Commits return before the server flushes its log: a crash of the database server
+        # may lose the last cells' writes (never half of one), which a rerun repeats, as
+        # SQLite's synchronous=NORMAL may on a power cut. Set once per connection.
+        options = {"options": "-c synchronous_commit=off"}
+        return sa.create_engine(url, pool_recycle=3600, connect_args=options)
     engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
 
     @sa.event.listens_for(engine, "connect")
