@@ -179,6 +179,33 @@ def test_resnet20_residual_sums_stay_aligned() -> None:
     assert not net.linear.weight[:, _zero_rows(net.layer3[0].conv2.weight)].any()
 
 
+@pytest.mark.parametrize(
+    ("name", "in_shape", "options"),
+    [("resnet18_1d", (3, 64), {"width": 8}), ("resnet18", (3, 16, 16), {"stem": "cifar"})],
+)
+def test_torchvision_layout_resnets_prune_with_their_downsample_shortcuts(
+    name: str, in_shape: tuple[int, ...], options: dict[str, Any]
+) -> None:
+    """Kwon & Lee's ResNet18-1d (and torchvision's ResNets): a downsample block's last conv and
+    its 1x1 shortcut share the new stream's mask, identity blocks' last conv follows it, so
+    the channels really come out and the zeroed model's outputs do not change."""
+    data = _fake_data(in_shape)
+    torch.manual_seed(0)
+    model = create(name, 10, in_shape, **options).eval()
+    groups = plan_channels(model)
+    net: Any = model.net
+    for stage in (net.layer2, net.layer3, net.layer4):  # each starts a stream at its block 0
+        stream = next(g for g in groups if stage[0].downsample[0] in [w.layer for w in g.writers])
+        members = [w.layer for w in stream.writers]
+        assert stage[0].conv2 in members and stage[1].conv2 in members
+    pruned, record = ProximalL0(sparsity=0.5, train={**EPOCH, "batch_size": 8})(model, data)
+    assert record.details["removed"] is True
+    assert all(kept == total // 2 for kept, total in record.details["channels"].values())
+    x = torch.rand(4, *in_shape)
+    assert pruned.eval()(x).shape == (4, 10)
+    assert record.macs < 0.4 * measure(model, in_shape).macs  # half of every conv's filters
+
+
 @pytest.mark.skipif("pgd-at" not in OBJECTIVES, reason="needs the pgd-at objective")
 def test_adversarial_objective_mc_at_off(trained_cnn: nn.Module, digits: DataSplits) -> None:
     objective = {"name": "pgd-at", "eps": 0.1, "step": 0.05, "steps": 2}
@@ -196,7 +223,7 @@ def test_bad_configurations_and_models_fail_clearly(digits: DataSplits) -> None:
     with pytest.raises(ValueError, match="set the objective once"):
         ProximalL0(sparsity=0.5, train={"objective": {"name": "trades"}})
     with pytest.raises(ValueError, match="not a chain of layers"):
-        ProximalL0(sparsity=0.5)(create("resnet18", 10, (3, 16, 16)), _fake_data((3, 16, 16)))
+        ProximalL0(sparsity=0.5)(create("mobilenet_v2", 10, (3, 16, 16)), _fake_data((3, 16, 16)))
     grouped = nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3, groups=2), nn.Flatten(), nn.Linear(64, 10)
     )

@@ -14,7 +14,7 @@ import torch
 from robcomp import data as datasets
 from robcomp.attacks.pgd import PGD
 from robcomp.compress.efficiency import count_macs, measure
-from robcomp.compress.proximal import ProximalL0, plan_channels
+from robcomp.compress.proximal import ProximalL0
 from robcomp.compress.structured import L1FilterPruning
 from robcomp.data import DataError, DatasetNotFound, DataSplits, Split
 from robcomp.data.sensors import UCI_HAR_SIGNALS, UCIHAR, MinMax, ScaledSplits, read_ts
@@ -269,7 +269,7 @@ def test_l1_filter_pruning_shrinks_1d_models(
     assert pruned.eval()(torch.rand(2, *waves.in_shape)).shape == (2, 3)
 
 
-def test_proximal_l0_handles_the_har_cnn_chain_but_not_resnet18_1d(waves: DataSplits) -> None:
+def test_proximal_l0_prunes_the_har_cnn_chain(waves: DataSplits) -> None:
     torch.manual_seed(0)
     model = create("har_cnn", 3, waves.in_shape).eval()
     train = TrainConfig(epochs=1, batch_size=32, lr=0.01, select="last")
@@ -277,9 +277,7 @@ def test_proximal_l0_handles_the_har_cnn_chain_but_not_resnet18_1d(waves: DataSp
     convs = [m for m in pruned.modules() if isinstance(m, torch.nn.Conv1d)]
     assert [c.out_channels for c in convs] == [16, 32, 64]  # half of 32, 64, 128
     assert record.macs < count_macs(model, waves.in_shape)
-    # torchvision-style residual blocks with 1x1 downsample convolutions are not supported.
-    with pytest.raises(ValueError, match="ResNet1d is not a chain of layers"):
-        plan_channels(create("resnet18_1d", 3, waves.in_shape, width=8))
+    # resnet18_1d: tests/test_proximal.py (torchvision-layout ResNets)
 
 
 def test_a_cell_on_sensor_data_keeps_its_input_scale_in_the_checkpoint_spec(

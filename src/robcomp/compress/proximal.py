@@ -27,9 +27,14 @@ that meet at an addition must be pruned together, or the sum is not zero where t
   channels the shortcut leaves at zero (the padding, and channels carrying an already-pruned
   input channel), so the sum is zero on every pruned channel. That set is always large enough.
 
+torchvision-layout ResNets (``resnet18/34/50`` of :mod:`robcomp.models.torchvision_nets`, the
+1-D ``resnet18_1d`` of the authors' HAR experiments) have 1x1 ``downsample`` convolutions: the
+block's last convolution and its downsample convolution write the new stream together and share
+its mask, as in the reference's ``structured_resnet``.
+
 Models must be a chain of Conv/Linear layers (BatchNorm, activations, pooling, dropout and
-flattening in between: ``tiny_cnn``, ``tiny_mlp``, ``lenet5``, ``small_cnn``, ``vgg16``) or a
-CIFAR option-A ResNet; anything else is rejected with an error.
+flattening in between: ``tiny_cnn``, ``tiny_mlp``, ``lenet5``, ``small_cnn``, ``vgg16``,
+``har_cnn``) or one of those ResNets; anything else is rejected with an error.
 """
 
 from __future__ import annotations
@@ -148,7 +153,8 @@ def _check_chain(graph: torch.fx.Graph, what: str) -> None:
             raise ValueError(
                 f"proximal-l0: {what} is not a chain of layers ({node.name} feeds "
                 f"{len(users)} operations: a residual or a branch). Supported: chains of "
-                "Conv/Linear layers and the CIFAR option-A ResNets (resnet20, ...)"
+                "Conv/Linear layers, the CIFAR option-A ResNets (resnet20, ...) and "
+                "torchvision-layout ResNets (resnet18/34/50, resnet18_1d)"
             )
 
 
@@ -224,11 +230,60 @@ def _plan_resnet(net: CifarResNet, prefix: str) -> list[ChannelGroup]:
     return groups
 
 
+def _is_staged_resnet(net: nn.Module) -> bool:
+    """torchvision's layout: ``conv1``/``bn1`` stem, stages ``layer1``..., classifier ``fc``."""
+    return all(isinstance(getattr(net, a, None), nn.Module) for a in ("conv1", "bn1", "layer1"))
+
+
+def _plan_staged_resnet(net: Any, prefix: str) -> list[ChannelGroup]:
+    """Groups of a torchvision-layout ResNet (torchvision's ``resnet18/34/50``, ``resnet18_1d``),
+    in forward order. A block's inner convolutions each have their own mask; a block with a 1x1
+    ``downsample`` starts a new stream that its last convolution and the downsample
+    convolution write together (one mask, ranked by the last convolution's filters, where the
+    authors' ``structured_resnet`` ranks the two jointly); an identity block's last
+    convolution follows the stream's mask."""
+    stem = Writer(f"{prefix}conv1", net.conv1, net.bn1)
+    stream = ChannelGroup(stem.name, _out_channels(net.conv1), [stem])
+    groups = [stream]
+    for s in itertools.count(1):
+        stage = getattr(net, f"layer{s}", None)
+        if stage is None:
+            break
+        for b, block in enumerate(stage):
+            name = f"{prefix}layer{s}.{b}"
+            convs = [
+                Writer(f"{name}.conv{i}", getattr(block, f"conv{i}"), getattr(block, f"bn{i}"))
+                for i in (1, 2, 3) if hasattr(block, f"conv{i}")
+            ]  # fmt: skip
+            downsample = getattr(block, "downsample", None)
+            stream.readers.append(Reader(convs[0].layer))
+            if downsample is not None:
+                stream.readers.append(Reader(downsample[0]))
+            for writer, following in itertools.pairwise(convs):
+                reader = Reader(following.layer)
+                groups.append(
+                    ChannelGroup(writer.name, _out_channels(writer.layer), [writer], [reader])
+                )
+            if downsample is None:
+                stream.writers.append(convs[-1])
+                continue
+            shortcut = Writer(f"{name}.downsample.0", downsample[0], downsample[1])
+            stream = ChannelGroup(
+                convs[-1].name, _out_channels(convs[-1].layer), [convs[-1], shortcut]
+            )
+            groups.append(stream)
+    stream.readers.append(Reader(net.fc))
+    return groups
+
+
 def plan_channels(model: nn.Module) -> list[ChannelGroup]:
-    """The channel groups of ``model`` (a chain or a CIFAR ResNet, behind Normalize or not)."""
+    """The channel groups of ``model`` (a chain, a CIFAR ResNet or a torchvision-layout ResNet,
+    behind Normalize or not)."""
     net, prefix = (model.net, "net.") if isinstance(model, Classifier) else (model, "")
     if isinstance(net, CifarResNet):
         return _plan_resnet(net, prefix)
+    if _is_staged_resnet(net):
+        return _plan_staged_resnet(net, prefix)
     return _plan_chain(net, prefix)
 
 
