@@ -186,7 +186,7 @@ def test_a_live_lease_is_left_to_its_owner_and_an_expired_one_is_run(url: str, t
 def _run_in_child(url: str, out: str, barrier: Any, results: Any) -> None:
     # Cells long enough (fine-tuning each) that the other run's start-up, slower on a busy
     # machine, cannot let one run finish the whole grid before the other claims a cell.
-    raw = tiny_grid(6) | {"finetune": {"epochs": 50, "lr": 0.01, "batch_size": 32}}
+    raw = tiny_grid(6) | {"finetune": {"epochs": 150, "lr": 0.01, "batch_size": 32}}
     experiment = load_experiment(raw)
     barrier.wait(timeout=120)  # start together, so both runs work on the grid at once
     summary = run_experiment(experiment, out, store=url, append=True)

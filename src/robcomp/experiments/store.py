@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -424,7 +425,7 @@ def _engine(url: str, backend: str) -> Engine:
         # Autocommit at the driver level, so the BEGIN below is the only one emitted.
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _wal(cursor)
         cursor.execute("PRAGMA foreign_keys=ON")
         # WAL with NORMAL sync: a commit is atomic and survives a crash of the process; only a
         # power cut may lose the last few cells, which a rerun repeats. Saves an fsync a cell.
@@ -436,6 +437,21 @@ def _engine(url: str, backend: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _wal(cursor: Any, patience: float = 60.0) -> None:
+    """Switch the file to WAL mode. Switching needs the file to itself and SQLite does not
+    wait for it (no busy timeout): two runs opening a new store at once would see "database is
+    locked", so retry while another connection creates the schema."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _version(conn: Connection) -> int:
