@@ -315,7 +315,9 @@ def _variant_metrics(
     data = splits.to(model_device(attacked))
     base_here = base if model_device(base) == data.device else _moved_copy(base, data.device)
     evaluation = _evaluate(cfg, attacked, data, surrogate=base_here)
-    shift_metrics, _ = _shift_metrics(cfg, attacked, data, base_here, folder)
+    shift_metrics, _ = _shift_metrics(
+        cfg, attacked, data, base_here, folder, evaluation.clean_accuracy
+    )
     flag_metrics, _ = _diagnostics(cfg, attacked, data, evaluation)
     worst_metrics, _ = record_worst_case(evaluation.results, folder)
     latency = _latency_metrics(cfg, variant, data)
