@@ -35,7 +35,16 @@ from robcomp.experiments.store import ResultStore
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
-TIMED = ("__init__", "register_cells", "done_ids", "claim", "record", "renew", "release", "runs")
+TIMED = (
+    "__init__",
+    "experiments",
+    "register_cells",
+    "done_ids",
+    "claim_many",
+    "record",
+    "renew",
+    "release",
+)
 
 
 def grid(cells: int) -> dict[str, Any]:
@@ -126,6 +135,16 @@ def postgres() -> Iterator[str | None]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def new_database(sock: str, name: str) -> str:
+    """The URL of a new, empty database on the bench's server (each run starts empty)."""
+    import psycopg
+
+    name = "bench_" + "".join(c if c.isalnum() else "_" for c in name.lower())
+    with psycopg.connect(host=sock, user="postgres", dbname="postgres", autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    return f"postgresql+psycopg://postgres@/{name}?host={sock}"
+
+
 def merge(keys: dict[str, Any]) -> None:
     """Add ``keys`` to the results file, keeping what other benches wrote there."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -141,8 +160,7 @@ def main() -> None:
     print(f"sqlite: {runs['sqlite']}", file=sys.stderr)
     with postgres() as sock:
         if sock is not None:
-            url = f"postgresql+psycopg://postgres@/postgres?host={sock}"
-            runs["postgres"] = measure(lambda _: url, args.cells)
+            runs["postgres"] = measure(lambda tmp: new_database(sock, tmp.name), args.cells)
             print(f"postgres: {runs['postgres']}", file=sys.stderr)
     keys: dict[str, Any] = {f"store_fraction_{k}": v["fraction"] for k, v in runs.items()}
     keys["store"] = {

@@ -29,6 +29,7 @@ from robcomp.experiments import (
     run_experiment,
 )
 from robcomp.experiments import runner as runner_module
+from robcomp.experiments.runner import CellResult
 from robcomp.report import write_report
 from robcomp.report.tables import leaderboard_rows, leaderboard_table
 
@@ -167,6 +168,7 @@ def test_resume_after_a_kill_loses_nothing(tmp_path: Path, monkeypatch: pytest.M
         run_experiment(experiment, tmp_path)
     store = ResultStore(tmp_path / STORE_NAME)
     assert store.done_ids() == set(started[:2])
+    assert [lease.cell_id for lease in store.leases() if lease.state == "running"] == []
     before = {r.cell_id: r.metrics for r in store.runs()}
 
     monkeypatch.setattr(driver, "run_cell", real_run_cell)
@@ -175,6 +177,34 @@ def test_resume_after_a_kill_loses_nothing(tmp_path: Path, monkeypatch: pytest.M
     after = {r.cell_id: r.metrics for r in store.runs()}
     assert set(after) == {c.cell_id for c in experiment.cells}
     assert all(after[k] == v for k, v in before.items())  # finished cells untouched
+
+
+def test_short_cells_are_claimed_in_batches_long_ones_one_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from robcomp.experiments import driver
+    from robcomp.experiments.leases import Leases
+
+    experiment = load_experiment(
+        tiny_experiment(**{"compress.sparsity": [0.1 * i for i in range(6)]})
+    )
+    batches: list[int] = []
+    claim_many = Leases.claim_many
+
+    def spy(self: Leases, cell_ids: Any) -> list[str]:
+        batches.append(len(cell_ids))
+        return claim_many(self, cell_ids)
+
+    def instant(cell: Any, workdir: Path) -> CellResult:  # a cell of no time at all
+        return CellResult(cell.cell_id, "tiny", {}, cell.grid_values)
+
+    monkeypatch.setattr(Leases, "claim_many", spy)
+    monkeypatch.setattr(driver, "run_cell", instant)
+    summary = run_experiment(experiment, tmp_path / "short")
+    assert summary.ran == 6 and batches == [1, 5]  # the first alone, then the rest at once
+    assert driver._claims_ahead(0.001) == driver.CLAIM_AHEAD_MAX
+    assert driver._claims_ahead(0.25) == 4  # about a second of work
+    assert driver._claims_ahead(1.5) == driver._claims_ahead(600.0) == 1
 
 
 def test_results_are_deterministic(tmp_path: Path) -> None:

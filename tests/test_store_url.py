@@ -129,6 +129,42 @@ def test_a_lease_is_exclusive_until_it_expires_or_the_cell_ends(url: str) -> Non
     assert [(x.cell_id, x.state) for x in store.leases()] == [("c1", "done")]
 
 
+def test_claiming_many_takes_what_a_single_claim_would_in_one_statement(url: str) -> None:
+    store = ResultStore(url)
+    assert store.claim("held", "bob", 60)
+    _record(store, "done")
+    with store.engine.begin() as conn:  # a run that died holding "stale"
+        conn.execute(
+            leases_table.insert().values(
+                cell_id="stale", owner="gone:1:dead", state="running", since=1.0, expires=2.0
+            )
+        )
+    asked = ["a", "held", "done", "stale", "b", "a"]
+    assert store.claim_many(asked, "alice", 60) == ["a", "stale", "b", "a"]  # in the order asked
+    owners = {lease.cell_id: (lease.owner, lease.state) for lease in store.leases()}
+    assert owners == {
+        "a": ("alice", "running"), "b": ("alice", "running"), "stale": ("alice", "running"),
+        "held": ("bob", "running"), "done": ("", "done"),
+    }  # fmt: skip
+    assert store.claim_many([], "alice", 60) == []
+    many = [f"c{i}" for i in range(450)]  # more than one statement's batch
+    assert store.claim_many(many, "carol", 60) == many
+    assert not store.claim("c449", "dave", 60)
+
+
+def test_a_failing_statement_leaves_nothing_and_the_store_usable(url: str) -> None:
+    import psycopg
+
+    store = ResultStore(url)
+    twice = [Metric("clean_accuracy", 0.5), Metric("clean_accuracy", 0.6)]  # one key, no attack
+    with pytest.raises((sqlite3.IntegrityError, psycopg.IntegrityError)):
+        _record(store, "c1", metrics=twice)  # refused by the database, mid-transaction
+    assert store.runs(None) == [] and store.leases() == []
+    assert store.claim("c1", "alice", 60)  # the connection went back to the pool clean
+    _record(store, "c1")
+    assert store.done_ids() == {"c1"}
+
+
 def test_a_dead_owners_lease_expires_and_the_cell_is_taken(url: str) -> None:
     store = ResultStore(url)
     with store.engine.begin() as conn:  # a run that died 10 minutes into its cell

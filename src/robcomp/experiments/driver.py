@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,11 @@ from robcomp.models import MODELS, builds_from_files, checkpoint_trust, create, 
 from robcomp.progress import track
 
 log = logging.getLogger(__name__)
+# A run claims cells in batches covering about this much work (one at a time for longer
+# cells): each claim is a database statement, a few milliseconds on a busy machine, which
+# would be a tenth of a 35-ms cell; a batch of a second's work delays a concurrent run little.
+CLAIM_AHEAD_SECONDS = 1.0
+CLAIM_AHEAD_MAX = 16
 
 
 @dataclass(frozen=True)
@@ -66,15 +72,16 @@ def run_experiment(
     out = Path(out_dir)
     target = store or experiment.store or out / STORE_NAME
     done: set[str] = set()
+    results: ResultStore | None = None
     if "://" in str(target) or Path(target).is_file():
-        earlier = ResultStore(target)
-        _check_same_experiment(earlier, experiment.name, out, append)
-        done = earlier.done_ids()
+        results = ResultStore(target)
+        _check_same_experiment(results, experiment.name, out, append)
+        done = results.done_ids()
     todo = [c for c in experiment.cells if c.cell_id not in done]
     preflight(todo, experiment.source)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(yaml.safe_dump(experiment.raw, sort_keys=False))
-    results = ResultStore(target)
+    results = results or ResultStore(target)
     results.register_cells(experiment.name, [(c.cell_id, c.grid_values) for c in experiment.cells])
     skipped = len(experiment.cells) - len(todo)
     if skipped:
@@ -110,24 +117,38 @@ def _claimed(
 ) -> Iterator[CellResult]:
     """Results of the cells of ``todo`` this run could claim; the others go to ``elsewhere``.
 
-    In this process a cell is claimed just before it runs, so concurrent runs interleave cell
-    by cell; an executor running cells in parallel gets all the cells claimed at once (its
-    leases are renewed together while it works through them).
+    In this process cells are claimed a few at a time just before they run (one at a time for
+    cells of a second or more, enough for about a second of work for shorter ones, so the
+    claim is not paid per tiny cell), so concurrent runs interleave; an executor running
+    cells in parallel gets all the cells claimed at once (its leases are renewed together
+    while it works through them).
     """
     if isinstance(executor, LocalExecutor):
-        for cell in todo:
-            if leases.claim(cell.cell_id):
+        pending, ahead = list(todo), 1
+        while pending:
+            batch, pending = pending[:ahead], pending[ahead:]
+            mine = set(leases.claim_many([cell.cell_id for cell in batch]))
+            for cell in batch:
+                if cell.cell_id not in mine:
+                    elsewhere.append(cell.cell_id)
+                    continue
+                start = time.perf_counter()
                 yield from executor.map(run_cell, [cell], out)
-            else:
-                elsewhere.append(cell.cell_id)
+                ahead = _claims_ahead(time.perf_counter() - start)
         return
-    mine = [cell for cell in todo if leases.claim(cell.cell_id)]
-    elsewhere += [cell.cell_id for cell in todo if cell not in mine]
-    yield from executor.map(run_cell, mine, out)
+    mine = set(leases.claim_many([cell.cell_id for cell in todo]))
+    elsewhere += [cell.cell_id for cell in todo if cell.cell_id not in mine]
+    yield from executor.map(run_cell, [cell for cell in todo if cell.cell_id in mine], out)
+
+
+def _claims_ahead(cell_seconds: float) -> int:
+    """How many cells to claim at once after a cell took ``cell_seconds``: about
+    :data:`CLAIM_AHEAD_SECONDS` of work, between 1 and :data:`CLAIM_AHEAD_MAX`."""
+    return max(1, min(CLAIM_AHEAD_MAX, int(CLAIM_AHEAD_SECONDS / max(cell_seconds, 1e-3))))
 
 
 def _check_same_experiment(store: ResultStore, name: str, out: Path, append: bool) -> None:
-    others = sorted({run.experiment for run in store.runs(status=None)} - {name})
+    others = sorted(store.experiments() - {name})
     if others and not append:
         raise ConfigError(
             f"{out} holds results of experiment {others[0]!r}, and this is {name!r}: their "

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Sequence
 from types import TracebackType
 
 from robcomp.experiments.store import ResultStore
@@ -51,6 +52,10 @@ class Leases:
     def claim(self, cell_id: str) -> bool:
         """Take ``cell_id`` for this run; False when another live run holds it or it is done."""
         return self.store.claim(cell_id, self.owner, self.seconds)
+
+    def claim_many(self, cell_ids: Sequence[str]) -> list[str]:
+        """Take each of ``cell_ids`` in one statement; the ones this run now holds."""
+        return self.store.claim_many(cell_ids, self.owner, self.seconds)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.seconds / 3):

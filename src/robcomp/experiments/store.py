@@ -19,7 +19,7 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from sqlalchemy.engine import URL, Connection, Engine
 
 STORE_NAME = "results.sqlite"
 SCHEMA_VERSION = 3
+CLAIM_BATCH = 200  # cells claimed by one statement
 BACKENDS = ("sqlite", "postgresql")
 
 meta = sa.MetaData()
@@ -192,7 +193,7 @@ class ResultStore:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self.engine = _engine(self.url, self.backend)
-        self._statements: dict[str, Any] = {}
+        self._writes = _Writes(self.engine.dialect)
         with self._transaction() as conn:
             _migrate(conn, self.backend)
 
@@ -216,9 +217,39 @@ class ResultStore:
                 raise
             raise dbapi.InterfaceError(f"{err.orig}: {err.statement}") from err
 
+    @contextmanager
+    def _cursor(self, *, reads: bool) -> Iterator[Any]:
+        """A DBAPI cursor in one transaction, for the writes of a run (register the grid, then
+        claim and record every cell), which take :class:`_Writes`' SQL compiled once.
+
+        Per cell, SQLAlchemy's execution machinery and PostgreSQL's round trips cost more than
+        the statements (bench/scale_store.py), so these go to the pooled driver connection
+        directly. On PostgreSQL a block that ``reads`` nothing sends BEGIN, its statements and
+        COMMIT in one batch (psycopg's pipeline mode: one round trip; an error skips the rest
+        and the transaction is rolled back), and one that reads runs a single statement in
+        autocommit mode, atomic on its own. SQLite runs the block in BEGIN IMMEDIATE as
+        :meth:`_transaction` does.
+        """
+        pooled = self.engine.raw_connection()
+        try:
+            driver = pooled.driver_connection
+            if self.backend == "postgresql":
+                with _pipelined(driver, reads=reads) as cursor:
+                    yield cursor
+            else:
+                with _immediate(driver) as cursor:
+                    yield cursor
+        finally:
+            pooled.close()  # back to the pool
+
     def close(self) -> None:
         """Close the store's pooled connections."""
         self.engine.dispose()
+
+    def experiments(self) -> set[str]:
+        """The names of the experiments with runs (done or failed) in this store."""
+        with self._transaction() as conn:
+            return set(conn.scalars(sa.select(runs_table.c.experiment).distinct()))
 
     def done_ids(self) -> set[str]:
         with self._transaction() as conn:
@@ -255,23 +286,28 @@ class ResultStore:
             "info": json.dumps(info, sort_keys=True, default=str),
             "error": error, "seconds": seconds, "finished": now,
         }  # fmt: skip
-        with self._transaction() as conn:
-            conn.execute(metrics_table.delete().where(metrics_table.c.cell_id == cell_id))
-            conn.execute(runs_table.delete().where(runs_table.c.cell_id == cell_id))
-            conn.execute(runs_table.insert(), row)
+        w = self._writes
+        with self._cursor(reads=False) as cursor:
+            cursor.execute(w.forget_metrics.sql, w.forget_metrics.bind(cell_id=cell_id))
+            cursor.execute(w.upsert_run.sql, w.upsert_run.bind(**row))
             if metrics:
-                conn.execute(
-                    metrics_table.insert(),
+                cursor.executemany(
+                    w.insert_metric.sql,
                     [
-                        {"cell_id": cell_id, "name": m.name, "attack": m.attack, "eps": m.eps,
-                         "value": _finite(m.value), "shift": m.shift, "severity": m.severity}
+                        w.insert_metric.bind(
+                            cell_id=cell_id, name=m.name, attack=m.attack, eps=m.eps,
+                            value=_finite(m.value), shift=m.shift, severity=m.severity,
+                        )
                         for m in metrics
                     ],
                 )  # fmt: skip
             if error:
-                conn.execute(leases_table.delete().where(leases_table.c.cell_id == cell_id))
+                cursor.execute(w.free_lease.sql, w.free_lease.bind(cell_id=cell_id))
             else:
-                self._upsert_lease(conn, cell_id, "", "done", now, math.inf)
+                settle = w.settle_lease.bind(
+                    cell_id=cell_id, owner="", state="done", since=now, expires=math.inf
+                )
+                cursor.execute(w.settle_lease.sql, settle)
 
     def runs(self, status: str | None = "done") -> list[RunRow]:
         """All runs (of one status, or all with ``None``) with their metrics, oldest first."""
@@ -311,39 +347,22 @@ class ResultStore:
         Succeeds when nobody holds it, when its lease expired (its owner died or hung), or when
         ``owner`` already holds it (which renews it); never once the cell is done.
         """
+        return bool(self.claim_many([cell_id], owner, seconds))
+
+    def claim_many(self, cell_ids: Sequence[str], owner: str, seconds: float) -> list[str]:
+        """Take each of ``cell_ids`` as :meth:`claim` does, in one statement per
+        :data:`CLAIM_BATCH` cells; the ones ``owner`` now holds, in the order given."""
         now = time.time()
-        with self._transaction() as conn:
-            return self._upsert_lease(conn, cell_id, owner, "running", now, now + seconds)
-
-    def _upsert_lease(
-        self, conn: Connection, cell_id: str, owner: str, state: str, now: float, expires: float
-    ) -> bool:
-        params = {"cell_id": cell_id, "owner": owner, "state": state, "since": now,
-                  "expires": expires, "now": now}  # fmt: skip
-        return conn.execute(self._lease_upsert(done=state == "done"), params).first() is not None
-
-    def _lease_upsert(self, *, done: bool) -> Any:
-        """The claim (or, with ``done``, the settle) statement, built once per store with bound
-        parameters: building it anew for every cell cost more than running it."""
-        key = "done" if done else "claim"
-        if key not in self._statements:
-            insert = postgresql.insert if self.backend == "postgresql" else sqlite.insert
-            lease = leases_table.c
-            values: dict[str, Any] = {
-                name: sa.bindparam(name) for name in ("owner", "state", "since", "expires")
-            }
-            free = (lease.state != "done") & (
-                (lease.expires < sa.bindparam("now")) | (lease.owner == sa.bindparam("owner"))
-            )
-            self._statements[key] = (
-                insert(leases_table)
-                .values(cell_id=sa.bindparam("cell_id"), **values)
-                .on_conflict_do_update(
-                    index_elements=[lease.cell_id], set_=values, where=None if done else free
-                )
-                .returning(lease.cell_id)
-            )
-        return self._statements[key]
+        lease = {"owner": owner, "state": "running", "since": now, "expires": now + seconds}
+        taken: set[str] = set()
+        for start in range(0, len(cell_ids), CLAIM_BATCH):
+            batch = list(dict.fromkeys(cell_ids[start : start + CLAIM_BATCH]))
+            claim = self._writes.claim_leases(len(batch))
+            cells = {f"cell_id_{i}": cell_id for i, cell_id in enumerate(batch)}
+            with self._cursor(reads=True) as cursor:
+                cursor.execute(claim.sql, claim.bind(**cells, **lease, now=now))
+                taken.update(row[0] for row in cursor.fetchall())
+        return [cell_id for cell_id in cell_ids if cell_id in taken]
 
     def renew(self, owner: str, seconds: float) -> int:
         """Push back the expiry of every cell ``owner`` is running; how many were renewed."""
@@ -377,17 +396,17 @@ class ResultStore:
     def register_cells(self, experiment: str, cells: Iterable[tuple[str, dict[str, Any]]]) -> None:
         """Remember the cells a run of ``experiment`` sets out to run (``(cell_id,
         grid_values)``), so ``robcomp status`` can tell pending cells without the file."""
-        insert = postgresql.insert if self.backend == "postgresql" else sqlite.insert
         now = time.time()
+        register = self._writes.register_cell
         rows = [
-            {"cell_id": cid, "experiment": experiment,
-             "grid_values": json.dumps(values, sort_keys=True, default=str), "added": now}
+            register.bind(cell_id=cid, experiment=experiment, added=now,
+                          grid_values=json.dumps(values, sort_keys=True, default=str))
             for cid, values in cells
         ]  # fmt: skip
         if not rows:
             return
-        with self._transaction() as conn:
-            conn.execute(insert(grid_table).values(rows).on_conflict_do_nothing())
+        with self._cursor(reads=False) as cursor:
+            cursor.executemany(register.sql, rows)
 
     def grid(self) -> list[GridCell]:
         """The cells runs set out to run, in the order they were registered."""
@@ -396,6 +415,124 @@ class ResultStore:
             query = sa.select(g.cell_id, g.experiment, g.grid_values).order_by(g.added)
             rows = conn.execute(query).all()
         return [GridCell(row[0], row[1], json.loads(row[2])) for row in rows]
+
+
+class _Compiled:
+    """A statement compiled once for a dialect, run on the DBAPI cursor with :meth:`bind`.
+    Every value is a named bind parameter the caller gives (no defaults, no literals)."""
+
+    def __init__(self, statement: Any, dialect: sa.Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        self.sql = str(compiled)
+        self._order = compiled.positiontup  # None for named styles such as psycopg's
+
+    def bind(self, **values: Any) -> Any:
+        """The parameters in the driver's style (named, or positional in statement order)."""
+        return values if self._order is None else tuple(values[name] for name in self._order)
+
+
+class _Writes:
+    """The statements run for every cell, compiled once per store: compiling or caching
+    them anew for every cell cost more than running them."""
+
+    def __init__(self, dialect: sa.Dialect) -> None:
+        insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
+        run = insert(runs_table).values({c.name: sa.bindparam(c.name) for c in runs_table.c})
+        self.upsert_run = _Compiled(
+            run.on_conflict_do_update(  # replaces an earlier failed attempt
+                index_elements=[runs_table.c.cell_id],
+                set_={c.name: run.excluded[c.name] for c in runs_table.c if c.name != "cell_id"},
+            ),
+            dialect,
+        )
+        metric = metrics_table.c
+        self.forget_metrics = _Compiled(
+            metrics_table.delete().where(metric.cell_id == sa.bindparam("cell_id")), dialect
+        )
+        self.insert_metric = _Compiled(
+            metrics_table.insert().values({c.name: sa.bindparam(c.name) for c in metrics_table.c}),
+            dialect,
+        )
+        lease = leases_table.c
+        self.free_lease = _Compiled(
+            leases_table.delete().where(lease.cell_id == sa.bindparam("cell_id")), dialect
+        )
+        values: dict[str, Any] = {
+            name: sa.bindparam(name) for name in ("owner", "state", "since", "expires")
+        }
+        # Settling a done cell always succeeds, whoever held it.
+        upsert = insert(leases_table).values(cell_id=sa.bindparam("cell_id"), **values)
+        self.settle_lease = _Compiled(
+            upsert.on_conflict_do_update(index_elements=[lease.cell_id], set_=values), dialect
+        )
+        self.register_cell = _Compiled(
+            insert(grid_table)
+            .values({c.name: sa.bindparam(c.name) for c in grid_table.c})
+            .on_conflict_do_nothing(),
+            dialect,
+        )
+        self._insert = insert
+        self._dialect = dialect
+        self._claims: dict[int, _Compiled] = {}
+
+    def claim_leases(self, cells: int) -> _Compiled:
+        """Claim ``cells`` cells (parameters ``cell_id_0``, ...): the ones taken are
+        returned. A claim succeeds when nobody holds the cell, its lease expired, or the
+        caller holds it; never once it is done."""
+        if cells not in self._claims:
+            self._claims[cells] = _Compiled(self._claim_statement(cells), self._dialect)
+        return self._claims[cells]
+
+    def _claim_statement(self, cells: int) -> Any:
+        lease = leases_table.c
+        running: dict[str, Any] = {
+            name: sa.bindparam(name) for name in ("owner", "state", "since", "expires")
+        }
+        rows = [{"cell_id": sa.bindparam(f"cell_id_{i}"), **running} for i in range(cells)]
+        upsert = self._insert(leases_table).values(rows)
+        free = (lease.state != sa.literal_column("'done'")) & (
+            (lease.expires < sa.bindparam("now")) | (lease.owner == sa.bindparam("owner"))
+        )
+        return upsert.on_conflict_do_update(
+            index_elements=[lease.cell_id],
+            set_={name: upsert.excluded[name] for name in running},
+            where=free,
+        ).returning(lease.cell_id)
+
+
+@contextmanager
+def _pipelined(driver: Any, *, reads: bool) -> Iterator[Any]:
+    """A psycopg cursor: autocommit for one statement that ``reads``, else BEGIN, the block's
+    statements and COMMIT in one pipeline."""
+    driver.autocommit = True
+    try:
+        cursor = driver.cursor()
+        if reads:
+            yield cursor
+            return
+        with driver.pipeline():
+            cursor.execute("BEGIN")
+            yield cursor
+            cursor.execute("COMMIT")
+    except BaseException:
+        driver.rollback()  # a half-sent or failed transaction; nothing when none is open
+        raise
+    finally:
+        driver.autocommit = False
+
+
+@contextmanager
+def _immediate(driver: Any) -> Iterator[sqlite3.Cursor]:
+    """A sqlite3 cursor in BEGIN IMMEDIATE ... COMMIT (the driver is in autocommit mode)."""
+    cursor = driver.cursor()
+    cursor.execute("BEGIN IMMEDIATE")
+    try:
+        yield cursor
+        cursor.execute("COMMIT")
+    except BaseException:
+        if driver.in_transaction:
+            cursor.execute("ROLLBACK")
+        raise
 
 
 def _check_unique(cell_id: str, metrics: list[Metric]) -> None:

@@ -89,7 +89,9 @@ def uses_baseline(shift: Any) -> bool:
 
 
 def shift_summary(
-    shift: Any, model: Mapping[tuple[str, int], float], baseline: Mapping[tuple[str, int], float],
+    shift: Any,
+    model: Mapping[tuple[str, int], float],
+    baseline: Mapping[tuple[str, int], float],
     clean: tuple[float, float],
 ) -> dict[str, float]:
     """The shift's own summary of per-split accuracies (``{(shift, severity): accuracy}``) of
