@@ -8,7 +8,7 @@ table = robcomp.evaluate_model(
     attacks=["pgd:eps=0.1,steps=10"], shifts=[{"name": "corruptions", "severities": [3]}],
     compress=["magnitude:sparsity=0.5", {"name": "int8"}],
 )
-pruned, record = robcomp.compress_model(model, "l1-filter", sparsity=0.5, data="digits")
+pruned, record = robcomp.compress_model(model, "l1-filter", ratio=0.5, data="digits")
 ```
 
 Both go through the experiment runner's own functions (the attack suite, the gradient-free
@@ -98,7 +98,7 @@ def evaluate_model(
         attacks: attack specs (``{"name": "pgd", "eps": 8/255}``, or the CLI's
             ``"pgd:eps=8/255,steps=20"``) or registered attack objects.
         shifts: shift specs (``{"name": "corruptions", "severities": [1, 3, 5]}``).
-        compress: compressor specs (``"l1-filter:sparsity=0.5"``, ``{"name": "int8"}``) or
+        compress: compressor specs (``"l1-filter:ratio=0.5"``, ``{"name": "int8"}``) or
             compressor objects; the uncompressed model is always the first variant,
             ``none``.
         finetune: training settings (``{"epochs": 3, "lr": 0.01}``) to fine-tune every
