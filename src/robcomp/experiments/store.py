@@ -431,13 +431,22 @@ class _Compiled:
         return values if self._order is None else tuple(values[name] for name in self._order)
 
 
+def _bound(names: Iterable[str]) -> dict[str, Any]:
+    """A bind parameter named after each of ``names`` (columns), for ``.values(...)``."""
+    return {name: sa.bindparam(name) for name in names}
+
+
+LEASE_FIELDS = ("owner", "state", "since", "expires")  # what a claim or a settle writes
+
+
 class _Writes:
-    """The statements run for every cell, compiled once per store: compiling or caching
-    them anew for every cell cost more than running them."""
+    """The statements a run writes (its grid once, then a claim and a record per cell),
+    compiled once per store: compiling or caching them anew for every cell cost more than
+    running them."""
 
     def __init__(self, dialect: sa.Dialect) -> None:
         insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
-        run = insert(runs_table).values({c.name: sa.bindparam(c.name) for c in runs_table.c})
+        run = insert(runs_table).values(_bound(runs_table.c.keys()))
         self.upsert_run = _Compiled(
             run.on_conflict_do_update(  # replaces an earlier failed attempt
                 index_elements=[runs_table.c.cell_id],
@@ -450,25 +459,21 @@ class _Writes:
             metrics_table.delete().where(metric.cell_id == sa.bindparam("cell_id")), dialect
         )
         self.insert_metric = _Compiled(
-            metrics_table.insert().values({c.name: sa.bindparam(c.name) for c in metrics_table.c}),
+            metrics_table.insert().values(_bound(metrics_table.c.keys())),
             dialect,
         )
         lease = leases_table.c
         self.free_lease = _Compiled(
             leases_table.delete().where(lease.cell_id == sa.bindparam("cell_id")), dialect
         )
-        values: dict[str, Any] = {
-            name: sa.bindparam(name) for name in ("owner", "state", "since", "expires")
-        }
+        values = _bound(LEASE_FIELDS)
         # Settling a done cell always succeeds, whoever held it.
         upsert = insert(leases_table).values(cell_id=sa.bindparam("cell_id"), **values)
         self.settle_lease = _Compiled(
             upsert.on_conflict_do_update(index_elements=[lease.cell_id], set_=values), dialect
         )
         self.register_cell = _Compiled(
-            insert(grid_table)
-            .values({c.name: sa.bindparam(c.name) for c in grid_table.c})
-            .on_conflict_do_nothing(),
+            insert(grid_table).values(_bound(grid_table.c.keys())).on_conflict_do_nothing(),
             dialect,
         )
         self._insert = insert
@@ -485,9 +490,7 @@ class _Writes:
 
     def _claim_statement(self, cells: int) -> Any:
         lease = leases_table.c
-        running: dict[str, Any] = {
-            name: sa.bindparam(name) for name in ("owner", "state", "since", "expires")
-        }
+        running = _bound(LEASE_FIELDS)
         rows = [{"cell_id": sa.bindparam(f"cell_id_{i}"), **running} for i in range(cells)]
         upsert = self._insert(leases_table).values(rows)
         free = (lease.state != sa.literal_column("'done'")) & (
