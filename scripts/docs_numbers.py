@@ -35,8 +35,9 @@ comments that rendered Markdown hides, around text this script writes:
 ``--check`` changes nothing and exits 1, listing every place where text and file disagree (2
 for a marker that cannot be evaluated: a missing file, key or row). ``--refresh NAME`` runs a
 shipped config (``quickstart`` runs ``robcomp quickstart``) into a temporary folder and keeps
-its ``leaderboard.json`` and a ``run.json`` (the command, commit, wall time, machine load) under
-``docs/results/NAME/``. ``tests/test_docs_numbers.py`` runs the check on the repository.
+its ``leaderboard.json``, ``shifts.json`` (``shifts.csv``'s rows, typed) and a ``run.json``
+(the command, commit, wall time, machine load) under ``docs/results/NAME/``.
+``tests/test_docs_numbers.py`` runs the check on the repository.
 """
 
 from __future__ import annotations
@@ -121,18 +122,24 @@ def _matches(field: Any, wanted: str) -> bool:
     return str(field) == wanted
 
 
-def _select(items: list[Any], selector: str, where: str) -> Any:
+def _pairs(selector: str, where: str) -> list[tuple[str, str]]:
+    """``key=value,...`` (the inside of a ``[...]`` selector) as pairs."""
     pairs = []
     for part in selector.split(","):
         key, eq, value = part.partition("=")
         if not eq:
             raise MarkerError(f"{where}: selector [{selector}] needs key=value pairs")
         pairs.append((_unescape(key.strip()), value.strip()))
-    found = [
-        item
-        for item in items
-        if isinstance(item, dict) and all(k in item and _matches(item[k], v) for k, v in pairs)
-    ]
+    return pairs
+
+
+def _selected(item: Any, pairs: list[tuple[str, str]]) -> bool:
+    return isinstance(item, dict) and all(k in item and _matches(item[k], v) for k, v in pairs)
+
+
+def _select(items: list[Any], selector: str, where: str) -> Any:
+    pairs = _pairs(selector, where)
+    found = [item for item in items if _selected(item, pairs)]
     if len(found) != 1:
         what = "no element" if not found else f"{len(found)} elements"
         raise MarkerError(f"{where}: {what} of the list match [{selector}] (one must)")
@@ -348,10 +355,8 @@ def table_text(spec: str, files: Files, aliases: dict[str, str], where: str) -> 
         selector = options["where"]
         if not (selector.startswith("[") and selector.endswith("]")):
             raise MarkerError(f"{where}: where={selector} must be [key=value,...]")
-        wanted = [p.partition("=") for p in selector[1:-1].split(",")]
-        rows = [
-            r for r in rows if all(k in r and _matches(r[k], v) for k, _, v in wanted)
-        ]  # fmt: skip
+        pairs = _pairs(selector[1:-1], where)
+        rows = [row for row in rows if _selected(row, pairs)]
         if not rows:
             raise MarkerError(f"{where}: no row of {path} matches where={selector}")
     style = options.get("style", "markdown")
@@ -373,11 +378,52 @@ def _line(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
 
+FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+CODE_SPAN = re.compile(r"(`+)[^`\n].*?\1")
+
+
+def code_regions(text: str) -> list[tuple[int, int]]:
+    """Offsets of fenced code blocks and (one-line) code spans: markers there are examples in
+    the page, not markers, and are left alone."""
+    regions, opened, offset = [], None, 0
+    prose: list[tuple[int, str]] = []
+    for line in text.splitlines(keepends=True):
+        fence = FENCE.match(line)
+        if opened is None and fence:
+            opened = (offset, fence[1])
+        elif opened is not None:
+            mark = opened[1]
+            if (
+                fence
+                and fence[1][0] == mark[0]
+                and len(fence[1]) >= len(mark)
+                and not line[fence.end() :].strip()
+            ):
+                regions.append((opened[0], offset + len(line)))
+                opened = None
+        else:
+            prose.append((offset, line))
+        offset += len(line)
+    if opened is not None:  # an unclosed fence runs to the end of the page
+        regions.append((opened[0], len(text)))
+    regions += [
+        (at + m.start(), at + m.end()) for at, line in prose for m in CODE_SPAN.finditer(line)
+    ]
+    return regions
+
+
+def _inside(regions: list[tuple[int, int]], offset: int) -> bool:
+    return any(a <= offset < b for a, b in regions)
+
+
 def aliases_of(text: str, name: str) -> dict[str, str]:
     """The page's ``<!-- data: NAME = PATH -->`` aliases. Each stands on a line of its own
     after a blank line or another marker line, so that it never splits a paragraph."""
     found: dict[str, str] = {}
+    code = code_regions(text)
     for m in ALIAS.finditer(text):
+        if _inside(code, m.start()):
+            continue
         where = f"{name}:{_line(text, m.start())}"
         if m["name"] in found and found[m["name"]] != m["path"]:
             raise MarkerError(f"{where}: alias {m['name']!r} defined twice")
@@ -395,9 +441,10 @@ def aliases_of(text: str, name: str) -> dict[str, str]:
 def _unclosed(text: str, name: str) -> Iterator[str]:
     """Openers that no complete marker covers: an unclosed marker would silently stay stale."""
     covered = [(m.start(), m.end()) for pattern in (INLINE, TABLE) for m in pattern.finditer(text)]
+    covered += code_regions(text)
     for opener in OPENERS:
         for m in re.finditer(re.escape(opener), text):
-            if not any(a <= m.start() < b for a, b in covered):
+            if not _inside(covered, m.start()):
                 yield f"{name}:{_line(text, m.start())}: {opener} ... has no closing marker"
 
 
@@ -422,7 +469,11 @@ def regenerate(text: str, name: str, files: Files) -> tuple[str, list[Mismatch],
     mismatches: list[Mismatch] = []
 
     def replace(kind: str, source: str) -> Callable[[re.Match[str]], str]:
+        code = code_regions(source)
+
         def fill(m: re.Match[str]) -> str:
+            if _inside(code, m.start()):
+                return m[0]
             where = f"{name}:{_line(source, m.start())}"
             try:
                 if kind == "n":
@@ -487,6 +538,19 @@ def _git(root: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
+def _keep_shift_rows(store: Path, path: Path) -> None:
+    """``shifts.csv`` as JSON with its values' types (set sizes ``n``, grid specs): one row
+    per cell and shifted split, read from the run's store; no file when nothing was shifted."""
+    from robcomp.experiments.store import ResultStore
+    from robcomp.report.tables import shift_rows
+
+    rows = shift_rows(ResultStore(store).runs()) if store.is_file() else []
+    if rows:
+        path.write_text(json.dumps(rows, indent=2, default=str) + "\n")
+    else:
+        path.unlink(missing_ok=True)
+
+
 def refresh(root: Path, name: str, config: str | None, overrides: list[str]) -> Path:
     """Run shipped config ``config`` (default ``name``; ``quickstart`` is `robcomp quickstart`)
     into a temporary folder and keep its leaderboard under ``docs/results/name/``.
@@ -513,6 +577,7 @@ def refresh(root: Path, name: str, config: str | None, overrides: list[str]) -> 
         wall = time.perf_counter() - start
         target.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "report" / "leaderboard.json", target / "leaderboard.json")
+        _keep_shift_rows(out / "results.sqlite", target / "shifts.json")
         html = out / "report" / "report.html"
         record = {
             "command": f"robcomp {' '.join(command)} --out OUT" + "".join(

@@ -173,6 +173,19 @@ def test_markers_that_would_break_the_markdown_are_errors(
     assert any(message in e for e in errors), errors
 
 
+def test_markers_in_code_are_examples_and_left_alone(repo: Path) -> None:
+    example = "<!-- n: bench/results/missing.json#/x -->7<!-- /n -->"
+    text = (
+        f"Write `{example}` or `<!-- data: z = nowhere.json -->` for a value:\n\n"
+        f"```markdown\nit is {example}\n<!-- table: nowhere.json -->\n```\n\n"
+        f"~~~~\n```\n{example}\n~~~~\n"
+    )
+    assert check(repo, text) == (text, [], [])
+    text += f"Here it is {example}.\n"
+    _, _, errors = check(repo, text)
+    assert errors == ["page.md:12: bench/results/missing.json: no such results file"]
+
+
 def test_markdown_table_block(repo: Path) -> None:
     text = (
         "<!-- table: bench/results/a.json#/rows where=[compress=none]\n"
@@ -250,6 +263,7 @@ def test_refresh_keeps_the_leaderboard_and_how_it_was_made(
     record = json.loads((target / "run.json").read_text())
     assert record["config"] == "kwon2021-onmanifold" and record["set"] == ["seed=1"]
     assert record["commit"] == "abc123" and record["wall_seconds"] >= 0
+    assert not (target / "shifts.json").exists()  # the fake run scored no shifted data
     run = next(c for c in calls if c[0] != "git")
     assert run[3:5] == ["run", "kwon2021-onmanifold"] and run[-2:] == ["--set", "seed=1"]
     calls.clear()
