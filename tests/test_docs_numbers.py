@@ -305,3 +305,27 @@ def test_a_number_changed_by_hand_is_caught(tmp_path: Path) -> None:
     assert errors == []
     (found,) = mismatches
     assert (found.text, found.expected) == (m["text"] + "1", m["text"])
+
+
+def test_markers_stay_invisible_when_rendered() -> None:
+    """CommonMark (markdown-it, which rich already installs) sees every inline marker as
+    inline HTML inside its paragraph, and aliases and table markers as HTML blocks of their
+    own: nothing of them shows, and no paragraph is cut in two."""
+    from markdown_it import MarkdownIt
+
+    parser = MarkdownIt("commonmark").enable("table")
+    for page in dn.documents(ROOT):
+        text = page.read_text()
+        tokens = parser.parse(text)
+        blocks = [t.content for t in tokens if t.type == "html_block"]
+        assert not [b for b in blocks if "<!-- n:" in b], page
+        inline = [
+            c.content
+            for t in tokens
+            if t.type == "inline"
+            for c in t.children or []
+            if c.type == "html_inline" and c.content.startswith("<!-- n:")
+        ]
+        code = dn.code_regions(text)
+        expected = [m for m in dn.INLINE.finditer(text) if not dn._inside(code, m.start())]
+        assert len(inline) == len(expected), page
