@@ -21,6 +21,14 @@ comments that rendered Markdown hides, around text this script writes:
 
       <!-- data: q = docs/results/quickstart/leaderboard.json -->
 
+* a claim the prose makes, checked against the files (an error when it no longer holds, so
+  the sentence gets reworded, not only its numbers)::
+
+      at the same robust accuracy<!-- claim: ba#/apgd_gap_points == 0 --> as the official
+
+  Claims may compare (``< <= > >= == !=``, chained) and combine (``and``, ``or``) expressions;
+  strings are quoted (``q#/0/compress == "distill-tiny_mlp"``).
+
 * a block, from a preset's ``leaderboard.json``::
 
       <!-- table: q style=leaderboard -->        the two tables `robcomp report` prints
@@ -70,6 +78,7 @@ RESULTS = Path("docs/results")
 INLINE = re.compile(r"<!-- n: (?P<spec>.*?) -->(?P<text>.*?)<!-- /n -->")
 ALIAS = re.compile(r"<!-- data: (?P<name>\w+) = (?P<path>\S+) -->")
 TABLE = re.compile(r"<!-- table: (?P<spec>.*?)-->\n(?P<text>.*?)<!-- /table -->", re.DOTALL)
+CLAIM = re.compile(r"<!-- claim: (?P<spec>.*?) -->")
 OPENERS = ("<!-- n:", "<!-- table:")
 # FILE#POINTER: a pointer segment is a [selector] or a token without spaces, slashes,
 # parentheses, commas or brackets (so `min(a#/x, b#/y)` and `(a#/x - b#/y)` split as meant).
@@ -77,6 +86,10 @@ REF = re.compile(r"(?P<file>(?:[\w.][\w.\-/]*)?)#(?P<pointer>(?:/(?:\[[^\]]*\]|[
 OPTION = re.compile(r"\s+(?P<key>fmt|style|where)=(?P<value>\S+)")
 BINARY: dict[type[ast.operator], Callable[[float, float], float]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+}  # fmt: skip
+COMPARE: dict[type[ast.cmpop], Callable[[Any, Any], bool]] = {
+    ast.Lt: operator.lt, ast.LtE: operator.le, ast.Gt: operator.gt, ast.GtE: operator.ge,
+    ast.Eq: operator.eq, ast.NotEq: operator.ne,
 }  # fmt: skip
 FUNCTIONS: dict[str, Callable[..., Any]] = {"abs": abs, "min": min, "max": max, "round": round}
 # The leaderboard as `robcomp report` prints it, at a fixed width so the text never depends
@@ -205,10 +218,11 @@ class Files:
 
 
 def _evaluate(node: ast.AST, values: dict[str, Any], source: str) -> Any:
-    """Arithmetic only: numbers, references, + - * /, unary -, and FUNCTIONS."""
+    """Arithmetic and comparisons only: numbers, strings, references, + - * /, unary -,
+    FUNCTIONS, < <= > >= == != and ``and``/``or``."""
     if isinstance(node, ast.Expression):
         return _evaluate(node.body, values, source)
-    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float | str):
         return node.value
     if isinstance(node, ast.Name) and node.id in values:
         return values[node.id]
@@ -227,8 +241,14 @@ def _evaluate(node: ast.AST, values: dict[str, Any], source: str) -> Any:
     ):
         args = [_number(_evaluate(a, values, source), source) for a in node.args]
         return FUNCTIONS[node.func.id](*args)
-    raise MarkerError(f"{source!r}: only numbers, FILE#POINTER, + - * / ( ) and "
-                      f"{', '.join(FUNCTIONS)} are allowed")  # fmt: skip
+    if isinstance(node, ast.Compare) and all(type(op) in COMPARE for op in node.ops):
+        operands = [_evaluate(n, values, source) for n in (node.left, *node.comparators)]
+        return all(COMPARE[type(op)](a, b) for op, a, b in zip(node.ops, operands, operands[1:]))
+    if isinstance(node, ast.BoolOp):
+        results = [_evaluate(v, values, source) for v in node.values]
+        return all(results) if isinstance(node.op, ast.And) else any(results)
+    raise MarkerError(f"{source!r}: only numbers, strings, FILE#POINTER, + - * / ( ), "
+                      f"{', '.join(FUNCTIONS)}, comparisons, and, or are allowed")  # fmt: skip
 
 
 def _number(value: Any, source: str) -> float:
@@ -274,6 +294,17 @@ def evaluate(
     except SyntaxError as e:
         raise MarkerError(f"{where}: cannot parse {expression!r} ({e.msg})") from e
     return _evaluate(tree, values, f"{where}: {expression}")
+
+
+def explain(expression: str, files: Files, aliases: dict[str, str]) -> str:
+    """``expression`` with every reference replaced by its value, to show why a claim fails."""
+
+    def value(match: re.Match[str]) -> str:
+        path = aliases.get(match["file"], match["file"])
+        found = resolve(files.load(path), match["pointer"], path)
+        return format(found, ".4g") if isinstance(found, float) else repr(found)
+
+    return REF.sub(value, expression)
 
 
 def render(value: Any, spec: str, where: str = "") -> str:
@@ -499,10 +530,38 @@ def regenerate(text: str, name: str, files: Files) -> tuple[str, list[Mismatch],
 
         return fill
 
+    code = code_regions(text)
+    for m in CLAIM.finditer(text):
+        if not _inside(code, m.start()):
+            failed = _broken_claim(m, text, name, files, aliases)
+            errors += [failed] if failed else []
     out = INLINE.sub(replace("n", text), text)
     # inline values never add lines, so a table's line number is the same in the text as read
     out = TABLE.sub(replace("table", out), out)
     return out, mismatches, errors
+
+
+def _broken_claim(
+    m: re.Match[str], text: str, name: str, files: Files, aliases: dict[str, str]
+) -> str | None:
+    """Why a ``<!-- claim: EXPRESSION -->`` (a statement of the prose, checked against the
+    files) fails, or None when it holds."""
+    where = f"{name}:{_line(text, m.start())}"
+    try:
+        if _starts_line(text, m.start()):
+            raise MarkerError(f"{where}: a claim must not start a line; put it after its sentence")
+        holds = evaluate(m["spec"], files, aliases, where=where)
+        if not isinstance(holds, bool):
+            raise MarkerError(f"{where}: claim {m['spec']!r} is {holds!r}, not true or false")
+    except MarkerError as e:
+        return str(e)
+    if holds:
+        return None
+    shown = explain(m["spec"], files, aliases)
+    return (
+        f"{where}: the text's claim no longer holds for its files: {m['spec']} ({shown}); "
+        "reword the sentence before it, and the claim"
+    )
 
 
 def documents(root: Path) -> list[Path]:

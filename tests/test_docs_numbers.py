@@ -107,7 +107,7 @@ def test_expressions_combine_references(repo: Path) -> None:
         ("bench/results/nope.json#/x", "bench/results/nope.json: no such results file"),
         ("docs/results/demo/leaderboard.json#/0", "--refresh demo"),
         ("bench/results/a.json#/rows/0/compress * 2", "'none' is not a number"),
-        ("__import__('os') + bench/results/a.json#/apgd/n", "only numbers, FILE#POINTER"),
+        ("__import__('os') + bench/results/a.json#/apgd/n", "only numbers, strings, FILE#POINTER"),
         ("1 + 2", "reads no file"),
         ("#/acc", "names no file"),
     ],
@@ -184,6 +184,22 @@ def test_markers_in_code_are_examples_and_left_alone(repo: Path) -> None:
     text += f"Here it is {example}.\n"
     _, _, errors = check(repo, text)
     assert errors == ["page.md:12: bench/results/missing.json: no such results file"]
+
+
+def test_claims_are_checked_against_the_files(repo: Path) -> None:
+    f = "bench/results/a.json"
+    holds = f"int8 is smaller<!-- claim: {f}#/rows/1/size < {f}#/rows/0/size --> and"
+    assert check(repo, holds + " fine") == (holds + " fine", [], [])
+    names = f'first<!-- claim: {f}#/rows/0/compress == "none" and {f}#/apgd/n >= 500 -->'
+    assert check(repo, names)[2] == []
+    wrong = f"int8 is larger<!-- claim: {f}#/rows/1/size > 2 * {f}#/rows/0/size -->"
+    (error,) = check(repo, "a\n" + wrong)[2]
+    assert error.startswith("page.md:2: the text's claim no longer holds")
+    assert "(6360 > 2 * 22328)" in error and "reword the sentence" in error
+    (error,) = check(repo, f"x<!-- claim: {f}#/apgd/n + 1 -->")[2]
+    assert "is 501.0, not true or false" in error
+    (error,) = check(repo, f"<!-- claim: {f}#/apgd/n > 1 --> x")[2]
+    assert "must not start a line" in error
 
 
 def test_markdown_table_block(repo: Path) -> None:
@@ -318,7 +334,7 @@ def test_markers_stay_invisible_when_rendered() -> None:
         text = page.read_text()
         tokens = parser.parse(text)
         blocks = [t.content for t in tokens if t.type == "html_block"]
-        assert not [b for b in blocks if "<!-- n:" in b], page
+        assert not [b for b in blocks if "<!-- n:" in b or "<!-- claim:" in b], page
         inline = [
             c.content
             for t in tokens
