@@ -310,6 +310,8 @@ def explain(expression: str, files: Files, aliases: dict[str, str]) -> str:
 def render(value: Any, spec: str, where: str = "") -> str:
     """``value`` formatted with the Python format spec ``spec``; an integral float with an
     integer spec (``d``, ``,d``) is formatted as the integer it is."""
+    if isinstance(value, dict) and "name" in value:  # a component spec shows as its name
+        value = value["name"]
     if spec.endswith("d") and isinstance(value, float) and value.is_integer():
         value = int(value)
     try:

@@ -121,6 +121,7 @@ def test_render_formats_integral_floats_as_integers() -> None:
     assert dn.render(500.0, "d") == "500"
     assert dn.render(4.5321, ".2f") == "4.53"
     assert dn.render("int8", "") == "int8"
+    assert dn.render({"name": "l1-filter", "ratio": 0.5}, "") == "l1-filter"
     with pytest.raises(dn.MarkerError, match=re.escape("cannot format 4.5 with fmt=d")):
         dn.render(4.5, "d", "page.md:1")
 
