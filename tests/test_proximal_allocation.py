@@ -35,7 +35,7 @@ def _lenet(seed: int = 0) -> Classifier:
 
 
 def _weights(model: nn.Module) -> list[Tensor]:
-    return [m.weight for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    return [m.weight for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Linear)]
 
 
 def _zero_fraction(model: nn.Module) -> float:
@@ -171,3 +171,32 @@ def test_absent_at_leaves_a_field_out_of_the_identity_at_its_old_value() -> None
 
     assert identity_dict(Component(0.5, "old")) == {"rate": 0.5}
     assert identity_dict(Component(0.5)) == {"rate": 0.5, "mode": "new"}
+
+
+@pytest.mark.parametrize(
+    ("name", "in_shape", "options"),
+    [("resnet20", (3, 16, 16), {}), ("resnet18_1d", (3, 64), {"width": 8})],
+)
+def test_global_allocation_on_resnets_keeps_residual_sums_zero(
+    name: str, in_shape: tuple[int, ...], options: dict[str, object]
+) -> None:
+    """Shared stream masks and option-A shortcuts: a removed channel of a residual sum is zero
+    in the block's output, and the rate still holds."""
+    torch.manual_seed(0)
+    model = create(name, 10, in_shape, **options)
+    groups = plan_channels(model)
+    keeps = project(groups, 0.7, "global")
+    total = sum(w.numel() for w in _weights(model))
+    assert 0.7 <= _zero_fraction(model) < 0.7 + max(map(_channel_size, groups)) / total
+    assert all(int(k.sum()) >= 1 for k in keeps)
+    outputs: list[tuple[Tensor, Tensor]] = []
+    for group, keep in zip(groups, keeps, strict=True):
+        for writer in group.writers[1:]:  # a block's last convolution writing the stream
+            block = next(m for m in model.modules() if writer.layer in list(m.children()))
+            block.register_forward_hook(lambda _m, _i, out, keep=keep: outputs.append((out, keep)))
+    model.train()  # batch statistics: a zero channel must stay zero in training mode too
+    with torch.no_grad():
+        model(torch.rand(4, *in_shape))
+    assert outputs
+    for out, keep in outputs:
+        assert not out[:, ~keep].any()
