@@ -53,9 +53,9 @@ def test_every_layer_has_the_requested_zero_filters(name: str, digits: DataSplit
     torch.manual_seed(0)
     model = create(name, digits.num_classes, digits.in_shape, mean=digits.mean, std=digits.std)
     before = copy.deepcopy(model.state_dict())
-    pruned, record = ProximalL0(sparsity=0.4, train={**EPOCH, "lr": 0.05}, remove=False)(
-        model, digits
-    )
+    pruned, record = ProximalL0(
+        sparsity=0.4, allocation="layer", train={**EPOCH, "lr": 0.05}, remove=False
+    )(model, digits)
     _check_groups(pruned, 0.4)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     for layer, (kept, total) in record.details["channels"].items():
@@ -81,13 +81,14 @@ def test_projection_runs_after_every_optimizer_step(
             checked.append((epoch, step))
 
     cfg = TrainConfig(epochs=2, lr=0.05, batch_size=256, keep_best=False)
-    fit(model, digits, cfg, callbacks=[ProximalStep(groups, 0.5), Check()])
+    fit(model, digits, cfg, callbacks=[ProximalStep(groups, 0.5, "layer"), Check()])
     steps = math.ceil(len(digits.train) / 256)
     assert checked == [(e, s) for e in range(2) for s in range(steps)]
 
 
 def test_pruned_channels_are_zero_and_removable(trained_cnn: nn.Module, digits: DataSplits) -> None:
-    pruned, record = ProximalL0(sparsity=0.5, train=EPOCH, remove=False)(trained_cnn, digits)
+    layer = ProximalL0(sparsity=0.5, allocation="layer", train=EPOCH, remove=False)
+    pruned, record = layer(trained_cnn, digits)
     model = finalize(copy.deepcopy(pruned)).eval()
     x, _ = digits.test.tensors()
     outputs: dict[str, Tensor] = {}
@@ -134,7 +135,7 @@ def test_remove_cuts_the_zeroed_channels_out(name: str, digits: DataSplits) -> N
 
 
 def test_zeros_survive_further_fine_tuning(trained_cnn: nn.Module, digits: DataSplits) -> None:
-    one_shot = ProximalL0(sparsity=0.5, train={"epochs": 0}, remove=False)
+    one_shot = ProximalL0(sparsity=0.5, allocation="layer", train={"epochs": 0}, remove=False)
     pruned, _ = one_shot(trained_cnn, digits)
     # One-shot: the filters kept in the first layer are those of largest L2 norm.
     norms = trained_cnn.net.conv1.weight.detach().flatten(1).norm(dim=1)  # type: ignore[union-attr]
@@ -150,7 +151,8 @@ def test_resnet20_residual_sums_stay_aligned() -> None:
     data = _fake_data((3, 32, 32))
     torch.manual_seed(0)
     model = create("resnet20", 10, (3, 32, 32))
-    pruned, record = ProximalL0(sparsity=0.5, train={**EPOCH, "batch_size": 8})(model, data)
+    layer = ProximalL0(sparsity=0.5, allocation="layer", train={**EPOCH, "batch_size": 8})
+    pruned, record = layer(model, data)
     assert len(record.details["channels"]) == 19  # every convolution has its filters pruned
     # the padding shortcuts stop Torch-Pruning, so the zeros stay, masked, and the record says so
     assert record.details["removed"] is False
@@ -198,7 +200,8 @@ def test_torchvision_layout_resnets_prune_with_their_downsample_shortcuts(
         stream = next(g for g in groups if stage[0].downsample[0] in [w.layer for w in g.writers])
         members = [w.layer for w in stream.writers]
         assert stage[0].conv2 in members and stage[1].conv2 in members
-    pruned, record = ProximalL0(sparsity=0.5, train={**EPOCH, "batch_size": 8})(model, data)
+    layer = ProximalL0(sparsity=0.5, allocation="layer", train={**EPOCH, "batch_size": 8})
+    pruned, record = layer(model, data)
     assert record.details["removed"] is True
     assert all(kept == total // 2 for kept, total in record.details["channels"].values())
     x = torch.rand(4, *in_shape)
@@ -209,7 +212,9 @@ def test_torchvision_layout_resnets_prune_with_their_downsample_shortcuts(
 @pytest.mark.skipif("pgd-at" not in OBJECTIVES, reason="needs the pgd-at objective")
 def test_adversarial_objective_mc_at_off(trained_cnn: nn.Module, digits: DataSplits) -> None:
     objective = {"name": "pgd-at", "eps": 0.1, "step": 0.05, "steps": 2}
-    mc_at_off = ProximalL0(sparsity=0.5, train=EPOCH, objective=objective, remove=False)
+    mc_at_off = ProximalL0(
+        sparsity=0.5, allocation="layer", train=EPOCH, objective=objective, remove=False
+    )
     pruned, record = mc_at_off(trained_cnn, digits)
     _check_groups(finalize(pruned), 0.5)
     assert record.details["objective"] == objective

@@ -15,6 +15,10 @@ Two rules hold for every component:
   switch, timing repeats, devices, threads). :func:`identity_dict` leaves such fields out, so
   cell ids and cache keys do not change with them. Mark a new field of that kind with
   ``field(default=..., metadata=OPERATIONAL)``.
+- **A field added later keeps old ids.** A field declared with ``metadata=absent_at(value)``
+  is left out of :func:`identity_dict` when it holds ``value``, the setting that reproduces
+  what the component did before the field existed, so cells and caches from then keep their
+  ids; any other value (its default included, if that differs) is a new identity.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ _FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
 
 # Field metadata of a setting that does not change results; see the module docstring.
 OPERATIONAL: Mapping[str, Any] = MappingProxyType({"operational": True})
+
+
+def absent_at(value: Any) -> Mapping[str, Any]:
+    """Field metadata: at ``value`` the field is left out of the identity (see the module
+    docstring), because that value reproduces the results from before the field existed."""
+    return MappingProxyType({"absent_at": value})
 
 
 class ConfigError(ValueError):
@@ -259,13 +269,18 @@ def is_operational(f: dataclasses.Field[Any]) -> bool:
     return bool(f.metadata.get("operational", False))
 
 
+def _absent(f: dataclasses.Field[Any], value: Any) -> bool:
+    """Whether a field declared with :func:`absent_at` holds its pre-existence value."""
+    return "absent_at" in f.metadata and value == f.metadata["absent_at"]
+
+
 def identity_dict(obj: Any) -> Any:
     """:func:`to_dict` without operational fields: what a configuration's results depend on."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {
             f.name: identity_dict(getattr(obj, f.name))
             for f in dataclasses.fields(obj)
-            if not is_operational(f)
+            if not is_operational(f) and not _absent(f, getattr(obj, f.name))
         }
     if isinstance(obj, Mapping):
         return {str(k): identity_dict(v) for k, v in obj.items()}

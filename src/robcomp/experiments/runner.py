@@ -171,6 +171,13 @@ def _efficiency_metrics(record: Record, base: nn.Module, data: DataSplits) -> li
         Metric("size_ratio", record.size_bytes / base_eff.size_bytes),
         Metric("sparse_bytes", record.sparse_bytes),
         Metric("macs", record.macs),
+        # a pruner's own account of its rate (proximal-l0: Conv/Linear weights removed), next
+        # to compression_rate (every parameter, biases and BatchNorm included)
+        *(
+            [Metric("weight_sparsity", float(record.details["weight_sparsity"]))]
+            if isinstance(record.details.get("weight_sparsity"), float)
+            else []
+        ),
     ]
 
 

@@ -270,6 +270,11 @@ Column = tuple[str, list[str], bool]  # (header, cells, numeric)
 def _cost_columns(rows: list[dict[str, Any]]) -> list[Column]:
     return [
         ("compr %", [_pct(r.get("compression_rate")) for r in rows], True),
+        *(  # a pruner's rate over the Conv/Linear weights (proximal-l0), next to compr %
+            [("wt sparse %", [_pct(r.get("weight_sparsity")) for r in rows], True)]
+            if any(r.get("weight_sparsity") is not None for r in rows)
+            else []
+        ),
         ("nonzero", [human_count(r.get("nonzero_params")) for r in rows], True),
         ("size", [human_count(r.get("size_bytes")) + "B" for r in rows], True),
         ("MACs", [human_count(r.get("macs")) for r in rows], True),
@@ -423,7 +428,8 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "robcomp leaderbo
     return Group(
         _table(
             f"{title}: cost",
-            "compr %: parameters removed; size: the saved model; ms bN: median ms per forward "
+            "compr %: parameters removed; wt sparse %: Conv/Linear weights removed, as a pruner "
+            "counts its sparsity; size: the saved model; ms bN: median ms per forward "
             "pass on N images",
             rows,
             _cost_columns(rows),
