@@ -98,6 +98,15 @@ def test_lenet5_on_32x32_is_the_unpadded_original() -> None:
     assert _params(model) == 61_706  # the same 16x5x5 maps reach C5
 
 
+@pytest.mark.parametrize(
+    ("shape", "params"),
+    [((1, 30, 29), 61_706), ((1, 16, 16), 61_706 - 16 * 21 * 120), ((3, 32, 32), 61_706 + 300)],
+)
+def test_lenet5_other_sizes_change_only_c1_and_c5(shape: tuple[int, ...], params: int) -> None:
+    """28-32 px reach S4 at 16x5x5; USPS's 16x16 at 16x2x2; RGB adds 2x150 C1 weights."""
+    assert _params(create("lenet5", num_classes=10, in_shape=shape)) == params
+
+
 @pytest.mark.parametrize("shape", [(1, 11, 11), (1, 8, 8), (3, 32, 11), (1, 4, 4)])
 def test_lenet5_rejects_too_small_inputs(shape: tuple[int, int, int]) -> None:
     with pytest.raises(ValueError, match=r"'lenet5' needs images of at least 12x12.*kwon_lenet"):
