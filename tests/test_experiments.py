@@ -357,7 +357,7 @@ def _rendered(rows: list[dict[str, Any]]) -> str:
 
 
 def test_leaderboard_tells_rows_apart_by_their_finetuning() -> None:
-    row = {"data": "digits", "model": "lenet5", "compress": "magnitude-global-0.9"}
+    row = {"data": "digits", "model": "kwon_lenet", "compress": "magnitude-global-0.9"}
     natural = {**row, "finetune": "ce x16", "clean_accuracy": 0.98, "pgd20-linf@0.1": 0.69}
     robust = {**row, "finetune": "pgd-at x16", "clean_accuracy": 0.98, "pgd20-linf@0.1": 0.76}
     text = _rendered([robust, natural])

@@ -19,12 +19,13 @@ from robcomp.models import (
     save_checkpoint,
 )
 
-TINY = {"tiny_mlp", "tiny_cnn", "lenet5"}
+TINY = {"tiny_mlp", "tiny_cnn", "kwon_lenet"}
 SLOW = {"wrn_34_10", "resnet50"}  # run with batch 1
 SHAPES: dict[str, list[tuple[int, ...]]] = {
     "tiny_mlp": [(1, 8, 8), (1, 4, 4)],
     "tiny_cnn": [(1, 8, 8), (1, 4, 4)],
-    "lenet5": [(1, 8, 8), (1, 4, 4)],
+    "lenet5": [(1, 28, 28), (1, 32, 32), (3, 32, 32), (1, 16, 16), (1, 12, 12), (1, 30, 40)],
+    "kwon_lenet": [(1, 8, 8), (1, 4, 4)],
     "small_cnn": [(1, 28, 28)],
     "har_cnn": [(9, 128), (6, 100)],  # 1-D signals (C, L)
     "resnet18_1d": [(9, 128)],
@@ -65,6 +66,60 @@ def test_every_factory_has_the_registry_signature() -> None:
 def test_cifar_models_run_on_tiny_inputs(name: str) -> None:
     out = _forward(create(name, num_classes=3, in_shape=(1, 8, 8)), (1, 8, 8), 2)
     assert out.shape == (2, 3)
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_lenet5_is_lecuns_lenet5() -> None:
+    """C1 5x5 (6), S2, C3 5x5 (16), S4, C5 120, F6 84, output: 61,706 parameters at 1x28x28."""
+    model = create("lenet5", num_classes=10, in_shape=(1, 28, 28))
+    assert _params(model) == 61_706
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (1, 6, (5, 5)),
+        (6, 16, (5, 5)),
+    ]
+    assert convs[0].padding == (2, 2) and convs[1].padding == (0, 0)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in model.modules()) == 2
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(fc.in_features, fc.out_features) for fc in linears] == [
+        (16 * 5 * 5, 120),
+        (120, 84),
+        (84, 10),
+    ]
+
+
+def test_lenet5_on_32x32_is_the_unpadded_original() -> None:
+    model = create("lenet5", num_classes=10, in_shape=(1, 32, 32))
+    conv1 = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert conv1.padding == (0, 0)
+    assert _params(model) == 61_706  # the same 16x5x5 maps reach C5
+
+
+@pytest.mark.parametrize(
+    ("shape", "params"),
+    [((1, 30, 29), 61_706), ((1, 16, 16), 61_706 - 16 * 21 * 120), ((3, 32, 32), 61_706 + 300)],
+)
+def test_lenet5_other_sizes_change_only_c1_and_c5(shape: tuple[int, ...], params: int) -> None:
+    """28-32 px reach S4 at 16x5x5; USPS's 16x16 at 16x2x2; RGB adds 2x150 C1 weights."""
+    assert _params(create("lenet5", num_classes=10, in_shape=shape)) == params
+
+
+@pytest.mark.parametrize("shape", [(1, 11, 11), (1, 8, 8), (3, 32, 11), (1, 4, 4)])
+def test_lenet5_rejects_too_small_inputs(shape: tuple[int, int, int]) -> None:
+    with pytest.raises(ValueError, match=r"'lenet5' needs images of at least 12x12.*kwon_lenet"):
+        create("lenet5", num_classes=10, in_shape=shape)
+
+
+def test_kwon_lenet_is_the_former_lenet5() -> None:
+    """Kwon & Lee's modified LeNet, unchanged: 3x3 convs, global average pool, 21,226 params."""
+    model = create("kwon_lenet", num_classes=10, in_shape=(1, 28, 28))
+    assert _params(model) == 21_226
+    assert any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
+    out = _forward(create("kwon_lenet", num_classes=4, in_shape=(1, 4, 4)), (1, 4, 4), 2)
+    assert out.shape == (2, 4)
 
 
 def test_small_cnn_rejects_too_small_inputs() -> None:

@@ -48,7 +48,7 @@ def _check_groups(model: nn.Module, sparsity: float) -> None:
             assert not reader.layer.weight[:, columns].any()  # type: ignore[index]
 
 
-@pytest.mark.parametrize("name", ["tiny_cnn", "lenet5", "tiny_mlp"])
+@pytest.mark.parametrize("name", ["tiny_cnn", "kwon_lenet", "tiny_mlp"])
 def test_every_layer_has_the_requested_zero_filters(name: str, digits: DataSplits) -> None:
     torch.manual_seed(0)
     model = create(name, digits.num_classes, digits.in_shape, mean=digits.mean, std=digits.std)
@@ -61,7 +61,7 @@ def test_every_layer_has_the_requested_zero_filters(name: str, digits: DataSplit
     for layer, (kept, total) in record.details["channels"].items():
         assert kept == total - math.floor(0.4 * total), layer
     assert len(record.details["history"]["epochs"]) == 1
-    if name == "lenet5":  # conv biases and the hidden Linear layer's rows go too
+    if name == "kwon_lenet":  # conv biases and the hidden Linear layer's rows go too
         assert not pruned.net.conv1.bias[_zero_rows(pruned.net.conv1.weight)].any()  # type: ignore[union-attr,index]
         assert record.details["channels"]["net.fc1"] == [20, 32]
     assert not {"net.fc", "net.fc2"} & set(record.details["channels"])  # logits stay
@@ -117,7 +117,7 @@ def measure_macs(model: nn.Module, data: DataSplits) -> int:
     return measure(model, data.in_shape).macs
 
 
-@pytest.mark.parametrize("name", ["tiny_cnn", "lenet5", "tiny_mlp"])
+@pytest.mark.parametrize("name", ["tiny_cnn", "kwon_lenet", "tiny_mlp"])
 def test_remove_cuts_the_zeroed_channels_out(name: str, digits: DataSplits) -> None:
     """The default: same function as the masked model, but really smaller and cheaper."""
     torch.manual_seed(0)

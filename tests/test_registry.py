@@ -63,9 +63,9 @@ def test_every_builtin_registry_is_populated() -> None:
         "svhn",
         "npz",
     } <= set(DATASETS)
-    assert {"tiny_mlp", "tiny_cnn", "lenet5", "small_cnn", "resnet20", "resnet32", "resnet44",
-            "resnet56", "resnet18", "resnet34", "resnet50", "mobilenet_v2", "vgg16", "wrn_28_4",
-            "wrn_34_10"} <= set(MODELS)  # fmt: skip
+    assert {"tiny_mlp", "tiny_cnn", "lenet5", "kwon_lenet", "small_cnn", "resnet20", "resnet32",
+            "resnet44", "resnet56", "resnet18", "resnet34", "resnet50", "mobilenet_v2", "vgg16",
+            "wrn_28_4", "wrn_34_10"} <= set(MODELS)  # fmt: skip
     assert {"fgsm", "pgd"} <= set(ATTACKS)
     assert {"none", "magnitude"} <= set(COMPRESSORS)
     assert "ce" in OBJECTIVES

@@ -43,8 +43,8 @@ block's last convolution and its downsample convolution write the new stream tog
 its mask, as in the reference's ``structured_resnet``.
 
 Models must be a chain of Conv/Linear layers (BatchNorm, activations, pooling, dropout and
-flattening in between: ``tiny_cnn``, ``tiny_mlp``, ``lenet5``, ``small_cnn``, ``vgg16``,
-``har_cnn``) or one of those ResNets; anything else is rejected with an error.
+flattening in between: ``tiny_cnn``, ``tiny_mlp``, ``lenet5``, ``kwon_lenet``, ``small_cnn``,
+``vgg16``, ``har_cnn``) or one of those ResNets; anything else is rejected with an error.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ name               architecture
 =================  ==========================================================================
 tiny_mlp           flatten, Linear(64), ReLU, Linear; for tests
 tiny_cnn           two conv-BN-ReLU layers, global pool, Linear; for tests
-lenet5             Kwon & Lee (2021)'s modified LeNet; inputs from 1x4x4
+lenet5             LeNet-5 (LeCun et al. 1998), ReLU and max-pool; inputs from 12x12
+kwon_lenet         Kwon & Lee (2021)'s modified LeNet (conv-conv-global pool); inputs from 1x1
 small_cnn          TRADES' MNIST SmallCNN (Zhang et al. 2019)
 resnet20 ... 56    CIFAR ResNets with option-A shortcuts (He et al. 2016; akamaster's names)
 resnet18/34/50     torchvision ResNets with a CIFAR (default) or ImageNet stem
