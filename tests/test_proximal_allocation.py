@@ -31,7 +31,7 @@ from robcomp.models.base import Classifier
 def _lenet(seed: int = 0) -> Classifier:
     """Kwon & Lee's simulation LeNet (conv 32, conv 64, fc 32, fc 4) on 1x4x4 inputs."""
     torch.manual_seed(seed)
-    return create("lenet5", 4, (1, 4, 4))
+    return create("kwon_lenet", 4, (1, 4, 4))
 
 
 def _weights(model: nn.Module) -> list[Tensor]:
@@ -135,7 +135,7 @@ def test_every_layer_keeps_at_least_one_filter() -> None:
 
 def test_the_record_gives_nominal_and_removed_rates(digits: DataSplits) -> None:
     torch.manual_seed(0)
-    model = create("lenet5", digits.num_classes, digits.in_shape)
+    model = create("kwon_lenet", digits.num_classes, digits.in_shape)
     pruned, record = ProximalL0(sparsity=0.9, train={"epochs": 0})(model, digits)
     assert record.details["sparsity"] == 0.9 and record.details["allocation"] == "global"
     assert 0.9 <= record.details["weight_sparsity"] < 0.95
