@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,19 @@ def test_every_command_has_help(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+@pytest.mark.parametrize("module", ["robcomp", "robcomp.cli"])
+def test_python_dash_m_runs_the_command(module: str) -> None:
+    """`python -m robcomp.cli run ...` used to import the module and exit 0 having done nothing."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, "list", "models"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "kwon_lenet" in done.stdout
 
 
 def test_list_shows_registries() -> None:

@@ -588,3 +588,7 @@ def list_(
     for name, members in names.items():
         if kind in (None, name):
             console.print(f"[bold]{name}[/]: {', '.join(members)}")
+
+
+if __name__ == "__main__":  # python -m robcomp.cli runs the command too (not only imports it)
+    app(prog_name="robcomp")
