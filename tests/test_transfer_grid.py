@@ -23,6 +23,7 @@ from robcomp.evaluate.adversarial import ThreatModelViolation
 from robcomp.evaluate.transfer import TransferExamples, craft_examples
 from robcomp.experiments import STORE_NAME, Metric, ResultStore, load_experiment, run_experiment
 from robcomp.experiments import transfer as transfer_module
+from robcomp.experiments.executors import LocalExecutor
 from robcomp.experiments.transfer import FOLDER, TRANSFER_METRIC
 from robcomp.models import create, save_checkpoint
 from robcomp.report import write_report
@@ -229,3 +230,39 @@ def test_sources_by_cell_id_prefix_and_ambiguity() -> None:
     twice["grid"]["model.name,compress"][2] = ["tiny_mlp", {"name": "none"}]
     with pytest.raises(ConfigError, match="names 2 cells"):
         load_experiment(twice)
+
+
+def _two_cells() -> dict[str, Any]:
+    raw = grid({"sources": ["none"], "attack": PGD_SPEC})
+    raw["model"] = {"name": "tiny_mlp"}
+    raw["grid"] = {"compress": [{"name": "none"}, {"name": "magnitude", "sparsity": 0.5}]}
+    return raw
+
+
+def test_the_transfer_step_reads_the_models_from_the_executors_artifacts(tmp_path: Path) -> None:
+    # cells on a cluster keep their models on the shared --artifacts path, not OUT/cache
+    shared = tmp_path / "shared"
+    summary = run_experiment(
+        load_experiment(_two_cells()), tmp_path / "out", LocalExecutor(artifacts=shared)
+    )
+    assert summary.transfer is not None
+    assert (summary.transfer.stored, summary.transfer.failed) == (2, [])
+    assert len(list((shared / FOLDER).glob("*.safetensors"))) == 1
+    assert not (tmp_path / "out" / "cache").exists()
+
+
+@pytest.mark.slow
+def test_cells_on_ray_workers_then_the_matrix_in_the_driver(tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    from robcomp.experiments.executors import RayExecutor
+
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        experiment = load_experiment(_two_cells())
+        summary = run_experiment(experiment, tmp_path / "out", RayExecutor())
+    finally:
+        ray.shutdown()
+    assert summary.failed == [] and summary.transfer is not None
+    assert (summary.transfer.stored, summary.transfer.failed) == (2, [])
+    stored = ResultStore(tmp_path / "out" / STORE_NAME).metrics_named(TRANSFER_METRIC)
+    assert set(stored) == {c.cell_id for c in experiment.cells}
