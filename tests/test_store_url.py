@@ -98,11 +98,11 @@ def test_round_trip_keeps_values_and_stores_nan_as_missing(url: str) -> None:
     _record(store, "c1", metrics=metrics)
     (run,) = ResultStore(url).runs()  # a second handle sees the committed cell
     got = {m.key: m.value for m in run.metrics}
-    assert got[("clean_accuracy", "", 0.0, "", 0)] == 0.91
-    assert got[("robust_accuracy", "pgd", 0.1, "", 0)] == 0.42
-    assert got[("median_norm", "ddn", math.inf, "", 0)] == math.inf
-    assert got[("score", "", 0.0, "", 0)] is None
-    assert got[("clean_accuracy", "", 0.0, "fog", 3)] == 0.7
+    assert got[("clean_accuracy", "", 0.0, "", 0, "")] == 0.91
+    assert got[("robust_accuracy", "pgd", 0.1, "", 0, "")] == 0.42
+    assert got[("median_norm", "ddn", math.inf, "", 0, "")] == math.inf
+    assert got[("score", "", 0.0, "", 0, "")] is None
+    assert got[("clean_accuracy", "", 0.0, "fog", 3, "")] == 0.7
     assert (run.config, run.grid_values, run.status) == ({"a": 1}, {"g": "c1"}, "done")
     assert store.done_ids() == {"c1"}
 
@@ -275,6 +275,49 @@ def test_an_old_sqlite_store_migrates_to_the_current_schema(tmp_path: Path) -> N
     assert store.claim("c2", "me", 60)  # the failed one is free
     ResultStore(path)  # opening a current store again changes nothing
     assert len(store.runs(None)) == 2
+
+
+# Version 3 as SQLAlchemy created it (sa.Double: DOUBLE PRECISION on PostgreSQL)
+V3_SCHEMA = (
+    "CREATE TABLE runs (cell_id TEXT PRIMARY KEY, experiment TEXT NOT NULL, status TEXT NOT "
+    "NULL, config TEXT NOT NULL, grid_values TEXT NOT NULL, info TEXT NOT NULL, error TEXT, "
+    "seconds DOUBLE PRECISION, finished DOUBLE PRECISION)",
+    "CREATE TABLE metrics (cell_id TEXT NOT NULL REFERENCES runs(cell_id), name TEXT NOT NULL, "
+    "attack TEXT NOT NULL DEFAULT '', eps DOUBLE PRECISION NOT NULL DEFAULT 0, "
+    "value DOUBLE PRECISION, shift TEXT NOT "
+    "NULL DEFAULT '', severity INTEGER NOT NULL DEFAULT 0, "
+    "PRIMARY KEY (cell_id, name, attack, eps, shift, severity))",
+    "CREATE TABLE schema_version (version INTEGER NOT NULL)",
+    "INSERT INTO schema_version VALUES (3)",
+    "INSERT INTO runs VALUES ('c1', 'e', 'done', '{}', '{}', '{}', NULL, 1.0, 1.0)",
+    "INSERT INTO metrics VALUES ('c1', 'robust_accuracy', 'pgd', 0.1, 0.4, '', 0)",
+)
+
+
+def test_a_version_3_store_gains_the_transfer_source_in_its_metric_key(url: str) -> None:
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # version 3: before transfer attacks had a source column
+        for statement in V3_SCHEMA:
+            conn.exec_driver_sql(statement)
+    engine.dispose()
+    store = ResultStore(url)
+    with store.engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT version FROM schema_version")) == SCHEMA_VERSION
+    assert store.runs()[0].metrics == [Metric("robust_accuracy", 0.4, "pgd", 0.1)]
+    # one attack from two sources is two entries, added beside the cell's own result
+    two = [
+        Metric("transfer_accuracy", v, "pgd", 0.1, source=s, n=8)
+        for v, s in ((0.5, "a"), (0.6, "b"))
+    ]
+    store.add_metrics("c1", two)
+    assert sorted(store.runs()[0].metrics, key=lambda m: m.value or 0)[1:] == two
+    store.add_metrics("c1", [Metric("transfer_accuracy", 0.7, "pgd", 0.1, source="a", n=8)])
+    assert {m.source: m.value for m in store.metrics_named("transfer_accuracy")["c1"]} == {
+        "a": 0.7,
+        "b": 0.6,
+    }
+    with pytest.raises(ValueError, match="not in the store"):
+        store.add_metrics("nope", two)
 
 
 def test_store_in_the_experiment_file_keeps_cell_ids_and_is_used(tmp_path: Path) -> None:

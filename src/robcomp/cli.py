@@ -115,11 +115,17 @@ def _run_and_report(
     if summary.elsewhere:
         console.print(f"{len(summary.elsewhere)} cells were claimed by another run: "
                       f"`robcomp status {out}` shows them")  # fmt: skip
+    transfer = summary.transfer
+    if transfer is not None:
+        console.print(f"transfer: {transfer.stored} entries stored, {transfer.skipped} already "
+                      f"done, {len(transfer.failed)} failed")  # fmt: skip
+        for line in transfer.failed:
+            console.print(f"[red]transfer {escape(line.splitlines()[0])}[/]", highlight=False)
     store_ = store or experiment.store or out / STORE_NAME
     files = write_report(store_, out / "report", html=True)
     _print_leaderboard(store_)
     console.print("report: " + ", ".join(str(f) for f in files.paths()))
-    if summary.failed:
+    if summary.failed or (transfer is not None and transfer.failed):
         raise typer.Exit(1)
 
 

@@ -14,11 +14,12 @@ import yaml
 from robcomp import data as datasets
 from robcomp.config import ConfigError, canonical_json
 from robcomp.data import DataError, DatasetNotFound, DataSplits
-from robcomp.experiments.executors import Executor, LocalExecutor
+from robcomp.experiments.executors import CACHE, Executor, LocalExecutor
 from robcomp.experiments.leases import LEASE_SECONDS, Leases
 from robcomp.experiments.runner import CellResult, run_cell
 from robcomp.experiments.spec import Cell, Experiment, ModelSpec
 from robcomp.experiments.store import STORE_NAME, ResultStore
+from robcomp.experiments.transfer import TransferSummary, run_transfer
 from robcomp.models import MODELS, builds_from_files, checkpoint_trust, create, factory_for
 from robcomp.progress import track
 
@@ -38,6 +39,7 @@ class RunSummary:
     ran: int
     failed: list[CellResult]
     elsewhere: list[str] = field(default_factory=list)  # cells another run held (or finished)
+    transfer: TransferSummary | None = None  # the evaluate.transfer step, when the file has one
 
 
 def run_experiment(
@@ -109,7 +111,13 @@ def run_experiment(
                 failed.append(result)
             advance(1, status=f"{result.cell_id} {'FAILED' if result.error else 'done'}")
     ran = len(todo) - len(elsewhere)
-    return RunSummary(out, len(experiment.cells), skipped, ran, failed, elsewhere)
+    transfer = None
+    if experiment.transfer is not None:
+        # After every cell: sources and targets are all finished models (module docstring of
+        # robcomp.experiments.transfer); the cells' shared artifacts hold them.
+        cache = getattr(executor, "artifacts", None) or out / CACHE
+        transfer = run_transfer(experiment, results, Path(cache))
+    return RunSummary(out, len(experiment.cells), skipped, ran, failed, elsewhere, transfer)
 
 
 def _claimed(

@@ -426,6 +426,37 @@ def _place(model: nn.Module, device: torch.device) -> nn.Module:
     return model if isinstance(model, GradientFree) else model.to(device)
 
 
+def cell_model(cfg: CellConfig, cache: Path) -> tuple[nn.Module, DataSplits]:
+    """A finished cell's model as its evaluation attacked it (compressed and fine-tuned; an
+    int8 model's eager form) and its data on that model's device, for work that needs several
+    cells' models at once (transfer attacks).
+
+    The model comes from the caches the cell filled in ``cache`` (trained baseline, compressed
+    model), bit for bit the one the cell evaluated; a model the compressed cache cannot hold
+    (int8) is compressed again from the cached baseline, deterministically under the cell's
+    seed. Call it inside the cell's :func:`checkpoint_trust` and threads, as :func:`run_cell`.
+    """
+    data = datasets.get(cfg.data, seed=cfg.seed).to(resolve_device(cfg.device))
+    with using_manifold(_cell_manifold(cfg, data, cache)):
+        baseline, _ = trained_baseline(cfg, data, cache)
+        compressor = build_component(COMPRESSORS, cfg.compress, "compress")
+        model, _, _ = compressed_model(
+            cfg, compressor, baseline, data, cache,
+            produce=lambda: compress_and_finetune(cfg, compressor, baseline, data),
+        )  # fmt: skip
+    model = _place(model, data.device)
+    attacked = model.eager() if isinstance(model, GradientFree) else model
+    return attacked, data.to(model_device(attacked))
+
+
+def cell_threads(cfg: CellConfig, data: DataSplits) -> int:
+    """The intra-op threads :func:`run_cell` gives the cell (the same threads give the same
+    floating-point sums, so a model scored again reproduces the cell's numbers)."""
+    return choose_threads(
+        cfg.threads, None if cfg.threads is not None else _macs_per_image(cfg, data)
+    )
+
+
 def _run_cell(cell: Cell, workdir: Path) -> CellResult:
     cfg, start = cell.config, time.perf_counter()
     config = to_dict(cfg)

@@ -18,10 +18,13 @@ grid:
 
 from __future__ import annotations
 
+import collections
 import difflib
 import inspect
 import itertools
+import json
 import math
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +34,7 @@ import torch
 
 from robcomp.attacks import ATTACKS, Attack
 from robcomp.attacks.base import missing_library
+from robcomp.attacks.manifold import is_latent
 from robcomp.attacks.presets import preset_attacks
 from robcomp.compress import COMPRESSORS
 from robcomp.config import (
@@ -50,6 +54,7 @@ from robcomp.data.shifts import SHIFTS
 from robcomp.experiments.digest import by_content, content_of
 from robcomp.models import factory_for
 from robcomp.models.base import code_paths
+from robcomp.models.checkpoint import SPEC, WEIGHTS
 from robcomp.models.ecosystem import is_ecosystem
 from robcomp.registry import RegistryError
 from robcomp.train import OBJECTIVES, TrainConfig
@@ -406,12 +411,209 @@ def _check_zipped(key: str, values: Sequence[Any]) -> None:
             )
 
 
+# ----------------------------------------------------------------------------- transfer
+
+TRANSFER_KEY = "evaluate.transfer"
+MIN_ID_PREFIX = 6  # characters of a cell id that name a transfer source
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransferSpec:
+    """``evaluate.transfer``: transfer attacks across the cells of one experiment (Marshall
+    2020, Algorithm 3). Examples crafted once per source on the test points scored every
+    target cell: the source -> target accuracy matrix.
+
+    Attributes:
+        sources: the models the examples are crafted on. A cell of this experiment, by its
+            compression variant (its compressor's label: ``none``, ``magnitude-global-0.8``,
+            ``int8``) when one cell has it, else by the first characters (at least 6) of its
+            cell id; or a checkpoint folder (``model.safetensors`` + ``spec.json``, relative
+            to the experiment file). A cell variant wins over a folder of the same name.
+        attack: the attack ``{"name": ..., "eps": ..., **fields}``; ``eps`` may be a list,
+            one matrix per value.
+        limit: how many test points (the first ones); default: ``evaluate.limit``.
+        batch_size: default: ``evaluate.batch_size`` (the same batches give the source's own
+            white-box accuracy on the diagonal).
+    """
+
+    sources: tuple[str, ...] = ()
+    attack: dict[str, Any] = field(default_factory=dict)
+    limit: int | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ValueError("sources must name at least one model to craft the examples on")
+        if not self.attack:
+            raise ValueError("attack must be an attack spec such as {name: pgd, eps: 0.1}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (points to attack) or null, got {self.limit}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class TransferSource:
+    """A resolved transfer source.
+
+    Attributes:
+        name: what the store keeps in the metrics' ``source`` column: the cell id, or
+            ``checkpoint:<folder as written>@<first 8 hex of its content hash>``, so a
+            checkpoint retrained in place is a new source.
+        written: the source as the experiment file names it.
+        cell: the source cell (None for a checkpoint).
+        checkpoint: the checkpoint folder (None for a cell).
+    """
+
+    name: str
+    written: str
+    cell: Cell | None = None
+    checkpoint: Path | None = None
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A loaded ``evaluate.transfer``: its sources, attacks (one per eps) and points."""
+
+    sources: tuple[TransferSource, ...]
+    attacks: tuple[Attack, ...]
+    limit: int | None
+    batch_size: int
+    trust_code: bool
+
+
+def _pop_transfer(
+    raw: dict[str, Any], grid: Mapping[str, Any], where: str
+) -> tuple[dict[str, Any], Any]:
+    """``raw`` without ``evaluate.transfer``, and that section. It builds one matrix across
+    the cells, so it is no part of any cell (their ids stay as they were) and no grid axis."""
+    for key in grid:
+        if any(k.strip().startswith(TRANSFER_KEY) for k in key.split(",")):
+            raise ConfigError(
+                f"{where}: grid.{key}: {TRANSFER_KEY} builds one matrix across the cells of the "
+                "experiment and cannot vary over the grid; list several eps values in its attack"
+            )
+    evaluate = raw.get("evaluate")
+    if not isinstance(evaluate, Mapping) or "transfer" not in evaluate:
+        return raw, None
+    rest = {k: v for k, v in evaluate.items() if k != "transfer"}
+    return {**raw, "evaluate": rest}, evaluate["transfer"]
+
+
+def _transfer_attacks(attack: Mapping[str, Any], where: str) -> tuple[Attack, ...]:
+    eps = attack.get("eps")
+    values = eps if isinstance(eps, list | tuple) else [eps]
+    specs = [{**attack, "eps": e} if e is not None else dict(attack) for e in values]
+    out = []
+    for spec in specs:
+        built = build_component(ATTACKS, spec, f"{where}.attack")
+        if is_latent(built):
+            raise ConfigError(
+                f"{where}.attack: {built.label()} is an on-manifold attack; its examples are "
+                "checked against the source's generative model and cannot be transferred"
+            )
+        if message := missing_library(built):
+            raise ConfigError(f"{where}.attack: {message}")
+        out.append(built)
+    return tuple(out)
+
+
+def load_transfer(section: Any, cells: Sequence[Cell], folder: Path, where: str) -> Transfer:
+    """Resolve ``evaluate.transfer`` against the experiment's cells.
+
+    Raises:
+        ConfigError: a bad key or attack, or a source that names no cell and no checkpoint
+            (the message lists the valid names).
+    """
+    where = f"{where}: {TRANSFER_KEY}"
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: expected a mapping {{sources: [...], attack: {{...}}}}")
+    section = dict(section)
+    if isinstance(section.get("sources"), str):
+        section["sources"] = [section["sources"]]
+    spec = build(TransferSpec, section, where)
+    if not cells:
+        raise ConfigError(f"{where}: the experiment has no cells to transfer to")
+    first = cells[0].config
+    labels = {c.cell_id: build_component(COMPRESSORS, c.config.compress, "compress").label()
+              for c in cells}  # fmt: skip
+    sources = tuple(
+        _transfer_source(
+            str(text), cells, labels, folder, first.trust_code, f"{where}.sources[{i}]"
+        )
+        for i, text in enumerate(spec.sources)
+    )
+    return Transfer(
+        sources=sources,
+        attacks=_transfer_attacks(spec.attack, where),
+        limit=spec.limit if spec.limit is not None else first.evaluate.limit,
+        batch_size=spec.batch_size or first.evaluate.batch_size,
+        trust_code=first.trust_code,
+    )
+
+
+def _transfer_source(
+    text: str,
+    cells: Sequence[Cell],
+    labels: Mapping[str, str],
+    folder: Path,
+    trust: bool,
+    where: str,
+) -> TransferSource:
+    """A cell by its variant (when unique) or id prefix, else a checkpoint folder."""
+    named = [c for c in cells if labels[c.cell_id] == text]
+    if not named and len(text) >= MIN_ID_PREFIX and set(text) <= set(string.hexdigits):
+        named = [c for c in cells if c.cell_id.startswith(text.lower())]
+    if len(named) == 1:
+        return TransferSource(named[0].cell_id, text, cell=named[0])
+    if named:
+        ids = ", ".join(c.cell_id[:10] for c in named)
+        raise ConfigError(
+            f"{where}: {text!r} names {len(named)} cells ({ids}); name one by the first "
+            f"{MIN_ID_PREFIX}+ characters of its cell id"
+        )
+    path = Path(text).expanduser()
+    path = path if path.is_absolute() else folder / path
+    if path.is_dir():
+        return _checkpoint_source(text, path, trust, where)
+    counts = collections.Counter(labels.values())
+    unique = [label for label, n in counts.items() if n == 1]
+    raise ConfigError(
+        f"{where}: unknown source {text!r}; valid: a cell variant "
+        f"({', '.join(unique) or 'none unique'}), a cell id prefix of {MIN_ID_PREFIX}+ "
+        f"characters (e.g. {cells[0].cell_id[:8]}), or a checkpoint folder (model.safetensors "
+        "+ spec.json)"
+    )
+
+
+def _checkpoint_source(text: str, path: Path, trust: bool, where: str) -> TransferSource:
+    if not ((path / SPEC).is_file() and (path / WEIGHTS).is_file()):
+        raise ConfigError(
+            f"{where}: {text!r} is a folder but not a robcomp checkpoint (expected {SPEC} and "
+            f"{WEIGHTS}); save one with `robcomp train`"
+        )
+    try:
+        name = json.loads((path / SPEC).read_text()).get("name", "")
+    except (ValueError, AttributeError):
+        raise ConfigError(f"{where}: {path / SPEC} is not a JSON object") from None
+    if isinstance(name, str) and ":" in name and not is_ecosystem(name) and not trust:
+        # The same rule as every checkpoint a cell loads (models/checkpoint.py): importing
+        # the code a file names runs it, which needs the user's consent.
+        raise ConfigError(
+            f"{where}: checkpoint {text!r} names the code {name!r}, which loading it would "
+            "import and run; set trust_code: true (or --trust-code) if you trust it"
+        )
+    digest = (content_of(str(path)) or "").removeprefix("sha256:")[:8]
+    return TransferSource(f"checkpoint:{text}@{digest}", text, checkpoint=path.resolve())
+
+
 @dataclass(frozen=True)
 class Experiment:
     """A loaded experiment file: its name, source, raw contents and its expanded cells.
 
     ``store`` is the file's results store URL (``store:``), operational like ``device``: where
-    results go, never which, so it is kept out of every cell and its id.
+    results go, never which, so it is kept out of every cell and its id. ``transfer`` is the
+    file's ``evaluate.transfer`` (None without one), run after the cells.
     """
 
     name: str
@@ -419,6 +621,7 @@ class Experiment:
     raw: dict[str, Any]
     cells: list[Cell]
     store: str | None = None
+    transfer: Transfer | None = None
 
 
 def load_experiment(
@@ -442,6 +645,7 @@ def load_experiment(
                           f"psycopg://USER@HOST/DB), got {store!r}")  # fmt: skip
     if not isinstance(grid, Mapping):
         raise ConfigError(f"{where}: grid must map dotted keys to lists of values")
+    raw, transfer_section = _pop_transfer(raw, grid, where)
     cells = []
     seen: set[str] = set()
     for cell_raw in expand(raw, grid):
@@ -453,11 +657,18 @@ def load_experiment(
         if cfg.cell_id() not in seen:  # a grid may repeat a point; run it once
             seen.add(cfg.cell_id())
             cells.append(Cell(cfg, values))
+    transfer = None
+    if transfer_section is not None:
+        folder = Path.cwd() if isinstance(source, Mapping) else Path(source).parent
+        transfer = load_transfer(transfer_section, cells, folder, where)
+        raw = {**raw, "evaluate": {**raw.get("evaluate", {}), "transfer": transfer_section}}
     raw["grid"] = dict(grid)
     if store is not None:
         raw["store"] = store
     name = cells[0].config.name if cells else "experiment"
-    return Experiment(name=name, source=where, raw=to_dict(raw), cells=cells, store=store)
+    return Experiment(
+        name=name, source=where, raw=to_dict(raw), cells=cells, store=store, transfer=transfer
+    )
 
 
 def _with_code_path(raw: dict[str, Any], folder: Path) -> dict[str, Any]:

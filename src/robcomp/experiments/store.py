@@ -30,7 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine
 
 STORE_NAME = "results.sqlite"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 CLAIM_BATCH = 200  # cells claimed by one statement
 BACKENDS = ("sqlite", "postgresql")
 
@@ -56,6 +56,9 @@ metrics_table = sa.Table(
     sa.Column("value", sa.Double),
     sa.Column("shift", sa.Text, primary_key=True, server_default=""),  # '' for the test split
     sa.Column("severity", sa.Integer, primary_key=True, server_default="0"),
+    # the model the adversarial examples were crafted on (transfer attacks); '' for the cell's own
+    sa.Column("source", sa.Text, primary_key=True, server_default=""),
+    sa.Column("n", sa.Integer),  # points the value was measured on, where it was recorded
 )  # fmt: skip
 leases_table = sa.Table(
     "leases", meta,
@@ -86,17 +89,40 @@ MIGRATE_SHIFT = (
     "SELECT cell_id, name, attack, eps, value FROM metrics_before_shift",
     "DROP TABLE metrics_before_shift",
 )
+# Version 2-3 stores (before transfer attacks): a source column joins the key and an n column
+# follows; SQLite cannot change a primary key in place, so its table is rebuilt.
+MIGRATE_SOURCE_SQLITE = (
+    "ALTER TABLE metrics RENAME TO metrics_before_source",
+    "CREATE TABLE metrics (cell_id TEXT NOT NULL REFERENCES runs(cell_id), name TEXT NOT NULL, "
+    "attack TEXT NOT NULL DEFAULT '', eps REAL NOT NULL DEFAULT 0, value REAL, "
+    "shift TEXT NOT NULL DEFAULT '', severity INTEGER NOT NULL DEFAULT 0, "
+    "source TEXT NOT NULL DEFAULT '', n INTEGER, "
+    "PRIMARY KEY (cell_id, name, attack, eps, shift, severity, source))",
+    "INSERT INTO metrics (cell_id, name, attack, eps, value, shift, severity) "
+    "SELECT cell_id, name, attack, eps, value, shift, severity FROM metrics_before_source",
+    "DROP TABLE metrics_before_source",
+)
+MIGRATE_SOURCE_POSTGRESQL = (
+    "ALTER TABLE metrics ADD COLUMN source TEXT NOT NULL DEFAULT ''",
+    "ALTER TABLE metrics ADD COLUMN n INTEGER",
+    "ALTER TABLE metrics DROP CONSTRAINT metrics_pkey",
+    "ALTER TABLE metrics ADD PRIMARY KEY (cell_id, name, attack, eps, shift, severity, source)",
+)
 
 
 @dataclass(frozen=True)
 class Metric:
-    """One number of a cell, keyed by (name, attack, eps, shift, severity).
+    """One number of a cell, keyed by (name, attack, eps, shift, severity, source).
 
     Attributes:
         attack, eps: the attack label and budget, ``""`` and 0 for attack-free metrics.
         shift, severity: the shifted split it was measured on (a corruption, a target domain,
             an on-manifold test set) and its severity (0 when the shift has none); ``""`` and 0
             for the cell's own test split.
+        source: the model a transfer attack crafted the examples on (another cell's id, or
+            ``checkpoint:<folder>``); ``""`` when the cell's own model was attacked.
+        n: how many points the value was measured on (None where it was not recorded); not
+            part of the key.
     """
 
     name: str
@@ -105,10 +131,12 @@ class Metric:
     eps: float = 0.0
     shift: str = ""
     severity: int = 0
+    source: str = ""
+    n: int | None = None
 
     @property
-    def key(self) -> tuple[str, str, float, str, int]:
-        return (self.name, self.attack, self.eps, self.shift, self.severity)
+    def key(self) -> tuple[str, str, float, str, int, str]:
+        return (self.name, self.attack, self.eps, self.shift, self.severity, self.source)
 
     @property
     def is_timing(self) -> bool:
@@ -297,6 +325,7 @@ class ResultStore:
                         w.insert_metric.bind(
                             cell_id=cell_id, name=m.name, attack=m.attack, eps=m.eps,
                             value=_finite(m.value), shift=m.shift, severity=m.severity,
+                            source=m.source, n=m.n,
                         )
                         for m in metrics
                     ],
@@ -309,6 +338,53 @@ class ResultStore:
                 )
                 cursor.execute(w.settle_lease.sql, settle)
 
+    def add_metrics(self, cell_id: str, metrics: Iterable[Metric]) -> None:
+        """Add metrics to a recorded cell in one transaction, replacing those with the same key
+        and leaving its other metrics as they are: results computed after the cell, from
+        several cells' models (a transfer attack's accuracy on this cell's model).
+
+        Raises:
+            ValueError: two metrics share a key, or ``cell_id`` is not a recorded cell.
+        """
+        metrics = list(metrics)
+        _check_unique(cell_id, metrics)
+        if not metrics:
+            return
+        m = metrics_table.c
+        with self._transaction() as conn:
+            if (
+                conn.scalar(sa.select(runs_table.c.cell_id).where(runs_table.c.cell_id == cell_id))
+                is None
+            ):
+                raise ValueError(f"cell {cell_id} is not in the store: record it first")
+            for metric in metrics:
+                conn.execute(
+                    metrics_table.delete().where(
+                        (m.cell_id == cell_id) & (m.name == metric.name)
+                        & (m.attack == metric.attack) & (m.eps == metric.eps)
+                        & (m.shift == metric.shift) & (m.severity == metric.severity)
+                        & (m.source == metric.source)
+                    )
+                )  # fmt: skip
+                conn.execute(
+                    metrics_table.insert().values(
+                        cell_id=cell_id, name=metric.name, attack=metric.attack, eps=metric.eps,
+                        value=_finite(metric.value), shift=metric.shift,
+                        severity=metric.severity, source=metric.source, n=metric.n,
+                    )
+                )  # fmt: skip
+
+    def metrics_named(self, name: str) -> dict[str, list[Metric]]:
+        """Every stored metric called ``name``, per cell id (cheaper than :meth:`runs` when
+        only one kind of result is needed, e.g. to tell which transfer entries are done)."""
+        m = metrics_table.c
+        columns = (m.name, m.value, m.attack, m.eps, m.shift, m.severity, m.source, m.n)
+        out: dict[str, list[Metric]] = {}
+        with self._transaction() as conn:
+            for cid, *fields in conn.execute(sa.select(m.cell_id, *columns).where(m.name == name)):
+                out.setdefault(cid, []).append(Metric(*fields))
+        return out
+
     def runs(self, status: str | None = "done") -> list[RunRow]:
         """All runs (of one status, or all with ``None``) with their metrics, oldest first."""
         r, m = runs_table.c, metrics_table.c
@@ -319,11 +395,10 @@ class ResultStore:
         metrics: dict[str, list[Metric]] = {}
         with self._transaction() as conn:
             rows = conn.execute(query).all()
-            columns = (m.cell_id, m.name, m.attack, m.eps, m.value, m.shift, m.severity)
-            for cid, name, attack, eps, value, shift, severity in conn.execute(sa.select(*columns)):
-                metrics.setdefault(cid, []).append(
-                    Metric(name, value, attack, eps, shift, severity)
-                )
+            columns = (m.cell_id, m.name, m.value, m.attack, m.eps, m.shift, m.severity,
+                       m.source, m.n)  # fmt: skip
+            for cid, *fields in conn.execute(sa.select(*columns)):
+                metrics.setdefault(cid, []).append(Metric(*fields))
         return [
             RunRow(
                 cell_id=row[0],
@@ -539,9 +614,9 @@ def _immediate(driver: Any) -> Iterator[sqlite3.Cursor]:
 
 
 def _check_unique(cell_id: str, metrics: list[Metric]) -> None:
-    seen: set[tuple[str, str, float, str, int]] = set()
+    seen: set[tuple[str, str, float, str, int, str]] = set()
     for m in metrics:
-        if (m.attack or m.shift) and m.key in seen:
+        if (m.attack or m.shift or m.source) and m.key in seen:
             where = f" on {m.shift} (severity {m.severity})" if m.shift else ""
             raise ValueError(
                 f"cell {cell_id}: two values of {m.name} for attack {m.attack!r} at "
@@ -621,6 +696,10 @@ def _migrate(conn: Connection, backend: str) -> None:
         )
     if version == 1:
         for statement in MIGRATE_SHIFT:
+            conn.exec_driver_sql(statement)
+    if 0 < version < 4:
+        source = MIGRATE_SOURCE_POSTGRESQL if backend == "postgresql" else MIGRATE_SOURCE_SQLITE
+        for statement in source:
             conn.exec_driver_sql(statement)
     meta.create_all(conn)  # tables of later versions (leases, grid_cells, schema_version)
     if 0 < version < 3:  # cells done before leases existed are never claimed again

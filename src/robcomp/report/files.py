@@ -1,5 +1,5 @@
-"""The report folder: leaderboard CSV and JSON, the per-split shift CSV, the robustness plot,
-telemetry and shift figures."""
+"""The report folder: leaderboard CSV and JSON, the per-split shift CSV, the transfer CSV, the
+robustness plot, telemetry, shift and transfer figures."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 from robcomp.experiments.store import ResultStore
 from robcomp.report import plots
 from robcomp.report.html import write_html
-from robcomp.report.tables import leaderboard_rows, shift_rows
+from robcomp.report.tables import leaderboard_rows, shift_rows, transfer_rows
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,13 @@ class ReportFiles:
     plot: Path | None
     figures: tuple[Path, ...] = ()  # training curves, weight histograms, kept per layer, shifts
     shifts: Path | None = None  # shifts.csv, when any cell was scored on shifted data
+    transfer: Path | None = None  # transfer.csv, when the experiment had evaluate.transfer
     html: Path | None = None  # report.html, everything above in one self-contained page
 
     def paths(self) -> list[Path]:
         return [
             self.csv, self.json, *([self.shifts] if self.shifts else []),
+            *([self.transfer] if self.transfer else []),
             *([self.plot] if self.plot else []), *self.figures,
             *([self.html] if self.html else []),
         ]  # fmt: skip
@@ -47,7 +49,8 @@ def write_report(store_path: str | Path, folder: str | Path, html: bool = False)
     """Write ``leaderboard.csv``, ``leaderboard.json``, ``shifts.csv`` (one row per cell and
     shifted split, when there are any), the robustness plot, the telemetry figures (training
     curves, weight histograms, kept fraction per layer) and the shift figures (accuracy vs
-    corruption severity, domain heatmap, mCE vs compression, on-manifold examples) into
+    corruption severity, domain heatmap, mCE vs compression, on-manifold examples), and
+    ``transfer.csv`` with the transfer heatmap when the store holds transfer attacks, into
     ``folder``. A figure without data is not written.
 
     The on-manifold examples are read from ``cells/<cell_id>/`` beside the store (see
@@ -66,6 +69,10 @@ def write_report(store_path: str | Path, folder: str | Path, html: bool = False)
     shifts_csv = folder / "shifts.csv" if shifted else None
     if shifts_csv:
         _write_csv(shifts_csv, shifted)
+    transferred = transfer_rows(runs)
+    transfer_csv = folder / "transfer.csv" if transferred else None
+    if transfer_csv:
+        _write_csv(transfer_csv, transferred)
     labels = {r["cell_id"]: plots.cell_label(r) for r in rows}
     figures = (
         plots.plot_training(runs, folder / "training_curves.png"),
@@ -74,6 +81,9 @@ def write_report(store_path: str | Path, folder: str | Path, html: bool = False)
         plots.plot_accuracy_vs_severity(rows, shifted, folder / "accuracy_vs_severity.png"),
         plots.plot_domain_heatmap(rows, shifted, folder / "domain_heatmap.png"),
         plots.plot_mce_vs_compression(rows, folder / "mce_vs_compression.png"),
+        plots.plot_transfer_heatmap(
+            transferred, plots.transfer_labels(rows), folder / "transfer_heatmap.png"
+        ),
         plots.plot_manifold_examples(
             Path(store_path).parent / "cells", labels, folder / "on_manifold_examples.png"
         ),
@@ -82,5 +92,6 @@ def write_report(store_path: str | Path, folder: str | Path, html: bool = False)
     page = write_html(store_path, folder, drawn) if html else None
     return ReportFiles(
         folder=folder, csv=csv_path, json=json_path, plot=plot,
-        figures=tuple(f for f in figures if f is not None), shifts=shifts_csv, html=page,
+        figures=tuple(f for f in figures if f is not None), shifts=shifts_csv,
+        transfer=transfer_csv, html=page,
     )  # fmt: skip

@@ -473,6 +473,8 @@ FIGURE_CAPTIONS = {
     "domain_heatmap": "Accuracy across domains (rows: source, columns: target).",
     "mce_vs_compression": "mCE against compression rate (100 % = the dense baseline).",
     "on_manifold_examples": "Originals beside their on-manifold adversarial examples.",
+    "transfer_heatmap": "Accuracy on adversarial examples crafted on another model (rows: "
+    "source, columns: target; diagonal: the source's own white-box accuracy).",
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from robcomp.experiments.store import RunRow
-from robcomp.report.tables import attack_columns, grid_value
+from robcomp.report.tables import attack_column, attack_columns, grid_value
 
 log = logging.getLogger(__name__)
 
@@ -573,6 +573,89 @@ def plot_manifold_examples(
         axes[2 * k, 0].set_ylabel(f"{label}\noriginal", fontsize=7)
         axes[2 * k + 1, 0].set_ylabel("on-manifold", fontsize=7)
     fig.suptitle("On-manifold adversarial examples (top: original, bottom: adversarial)")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def transfer_matrices(
+    transfer: list[dict[str, Any]], labels: dict[str, str]
+) -> dict[str, tuple[list[str], list[str], list[list[float]]]]:
+    """Per attack and eps (``pgd5-linf@0.1``): source names, target names (the cells among
+    the sources first, so the diagonal lines up) and the accuracy matrix (NaN where nothing
+    is stored), from :func:`~robcomp.report.tables.transfer_rows`. A cell is named by
+    ``labels`` (its :func:`cell_label`), a checkpoint by its folder as the file wrote it."""
+
+    def name(source: str) -> str:
+        return labels.get(source) or source.rsplit("@", 1)[0]
+
+    out: dict[str, tuple[list[str], list[str], list[list[float]]]] = {}
+    for panel in dict.fromkeys(attack_column(r["attack"], r["eps"]) for r in transfer):
+        rows = [r for r in transfer if attack_column(r["attack"], r["eps"]) == panel]
+        named = list(dict.fromkeys(r["source"] for r in rows))
+        cells = list(dict.fromkeys(r["cell_id"] for r in rows))
+        # the cells among the sources first, in both lists, so their diagonal lines up
+        sources = [s for s in named if s in cells] + [s for s in named if s not in cells]
+        targets = [s for s in sources if s in cells] + [c for c in cells if c not in sources]
+        acc = {(r["source"], r["cell_id"]): r["accuracy"] for r in rows}
+        matrix = [[_or_nan(acc.get((s, t))) for t in targets] for s in sources]
+        out[panel] = ([name(s) for s in sources], [name(t) for t in targets], matrix)
+    return out
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def transfer_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """A short name per cell for the transfer heatmap: its model and compression variant
+    (``tiny_cnn, magnitude-global-0.8``, the names ``evaluate.transfer.sources`` takes), with
+    the fine-tuning when any, and the cell id's start where two cells would share a name."""
+    names = {}
+    for r in rows:
+        finetune = r.get("finetune", "-")
+        names[r["cell_id"]] = f"{r.get('model')}, {r.get('compress')}" + (
+            "" if finetune in ("-", None) else f" + {finetune}"
+        )
+    counts = Counter(names.values())
+    return {c: n if counts[n] == 1 else f"{n} [{c[:6]}]" for c, n in names.items()}
+
+
+def plot_transfer_heatmap(
+    transfer: list[dict[str, Any]], labels: dict[str, str], path: Path
+) -> Path | None:
+    """Accuracy (%) of each target (column) on adversarial examples crafted on each source
+    (row), one panel per attack and eps: Marshall (2020), Algorithm 3 over the grid. A source
+    cell's diagonal entry is its own white-box robust accuracy. ``None`` without entries."""
+    if not transfer:
+        return None
+    plt = _pyplot()
+    matrices = transfer_matrices(transfer, labels)
+    width = max(len(t) for _, t, _ in matrices.values())
+    height = max(len(s) for s, _, _ in matrices.values())
+    longest = max(len(name) for s, t, _ in matrices.values() for name in s + t)
+    cols = min(2, len(matrices))
+    nrows = -(-len(matrices) // cols)
+    # room for the names: rotated under the columns, beside the rows
+    size = (1.1 * width + 1.6 + 0.07 * longest, 0.6 * height + 1.6 + 0.05 * longest)
+    fig, axes = plt.subplots(nrows, cols, figsize=(size[0] * cols, size[1] * nrows), squeeze=False)
+    for ax, (panel, (sources, targets, matrix)) in zip(axes.flat, matrices.items()):
+        ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                if not np.isnan(value):
+                    color = "black" if value > 0.6 else "white"
+                    own = i == j and sources[i] == targets[j]  # a source scored on itself
+                    ax.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=8,
+                            color=color, fontweight="bold" if own else "normal")  # fmt: skip
+        ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(len(sources)), sources, fontsize=8)
+        ax.set_xlabel("target")
+        ax.set_ylabel("source" if ax in axes[:, 0] else "")
+        ax.set_title(panel, fontsize=9)
+    for ax in list(axes.flat)[len(matrices) :]:
+        ax.axis("off")
+    # every cell is annotated, so no colour bar
+    fig.suptitle("Accuracy (%) on transferred adversarial examples (diagonal: white-box)")
     fig.tight_layout()
     return _save(fig, path)
 

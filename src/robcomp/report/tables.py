@@ -10,6 +10,7 @@ from rich.console import Group
 from rich.table import Table
 
 from robcomp.experiments.store import Metric, ResultStore, RunRow
+from robcomp.experiments.transfer import TRANSFER_METRIC
 from robcomp.experiments.worst import WORST
 
 EFFICIENCY = ("compression_rate", "params", "nonzero_params", "size_bytes", "sparse_bytes", "macs")
@@ -192,6 +193,25 @@ def shift_rows(runs: list[RunRow]) -> list[dict[str, Any]]:
                 }
             )
     return out
+
+
+def transfer_rows(runs: list[RunRow]) -> list[dict[str, Any]]:
+    """One row per stored transfer entry (``transfer.csv``): the target cell (its identity
+    columns), the source (a cell id or ``checkpoint:<folder>@<hash>``), the attack, eps, the
+    number of points and the target's accuracy on the source's examples."""
+    return [
+        {
+            **_identity(run),
+            "source": m.source,
+            "attack": m.attack,
+            "eps": m.eps,
+            "n": m.n,
+            "accuracy": m.value,
+        }
+        for run in runs
+        for m in run.metrics
+        if m.name == TRANSFER_METRIC
+    ]
 
 
 def leaderboard_rows(store: ResultStore) -> list[dict[str, Any]]:
