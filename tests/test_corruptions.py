@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import robcomp.data.shifts.corruptions as corruptions_module
 from robcomp.data.base import DataSplits, Split
 from robcomp.data.shifts import SHIFTS, ShiftContext
 from robcomp.data.shifts.corruption_tables import ALL, BENCHMARK, EXTRA, FAMILY, TABLES
@@ -132,7 +133,7 @@ def reference_glass_loop(image: np.ndarray, reach: int, offsets: np.ndarray) -> 
     ("height", "width", "reach", "iterations"), [(11, 9, 2, 3), (12, 12, 1, 2)]
 )
 def test_glass_shuffle_equals_the_reference_loop(
-    height: int, width: int, reach: int, iterations: int
+    height: int, width: int, reach: int, iterations: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The batched shuffle is the original's sequential loop with its copy semantics, per
     image, with the same draws: (dx, dy) per visited pixel and pass, in visiting order."""
@@ -149,6 +150,10 @@ def test_glass_shuffle_equals_the_reference_loop(
         image = x[i].permute(1, 2, 0).numpy().astype(np.uint8)
         expected = reference_glass_loop(image, reach, offsets[..., i])
         assert np.array_equal(out[i].permute(1, 2, 0).numpy(), expected)
+    # large batches are shuffled in blocks of images: blocks of 2 here, same result
+    monkeypatch.setattr(corruptions_module, "_GLASS_POINTERS", 2 * 2 * height * width)
+    blocks = _shuffle_locally(x.float(), reach, iterations, torch.Generator().manual_seed(3))
+    assert torch.equal(blocks, out)
 
 
 @pytest.mark.slow  # numba compiles the reference loop (~15 s)
@@ -208,8 +213,7 @@ def test_frost_crops_the_authors_photographs(constants: str, size: int, factor: 
 
 
 def test_frost_says_where_the_photographs_come_from(monkeypatch: pytest.MonkeyPatch) -> None:
-    import robcomp.data.shifts.corruptions as module
-
+    module = corruptions_module
     monkeypatch.setattr(module, "_FROST_PACKAGE", "no_such_package_robcomp")
     module._frost_photo.cache_clear()
     try:

@@ -230,6 +230,9 @@ def defocus_blur(x: Tensor, c: tuple[float, float], scale: float, g: torch.Gener
     return F.conv2d(_pad(x, reach, "reflect101"), weight, groups=channels)
 
 
+_GLASS_POINTERS = 1 << 22  # pointers resolved at once by the glass shuffle (32 MB)
+
+
 def _glass_positions(h: int, w: int, reach: int) -> tuple[list[int], list[int]]:
     """Rows and columns glass blur visits, in the original's order: from ``side - reach`` down
     to ``reach + 1``, so pixels nearer than ``reach`` to the top/left edge are never visited."""
@@ -283,15 +286,24 @@ def _copy_pass(n: int, h: int, w: int, reach: int, dx: Tensor, dy: Tensor) -> Te
 
 def _shuffle_with(x: Tensor, reach: int, offsets: Tensor) -> Tensor:
     """Glass blur's pixel shuffle of (N, C, H, W) with the offsets of :func:`_glass_offsets`,
-    one :func:`_copy_pass` per pass."""
+    one :func:`_copy_pass` per pass, a block of images at a time (the pointers take 16 bytes
+    per pixel and image)."""
     n, c, h, w = x.shape
     if offsets.shape[1] == 0:  # an image too small to have pixels to visit
         return x
-    flat = x.reshape(n, c, h * w)
-    for it in range(offsets.shape[0]):
-        source = _copy_pass(n, h, w, reach, offsets[it, :, 0], offsets[it, :, 1])
-        flat = flat.gather(2, source[:, None, :].expand(n, c, h * w))
-    return flat.reshape(n, c, h, w)
+    block = max(1, _GLASS_POINTERS // (2 * h * w))
+    out = []
+    for start in range(0, n, block):
+        flat = x[start : start + block].reshape(-1, c, h * w)
+        for it in range(offsets.shape[0]):
+            dx, dy = (
+                offsets[it, :, 0, start : start + block],
+                offsets[it, :, 1, start : start + block],
+            )
+            source = _copy_pass(flat.shape[0], h, w, reach, dx, dy)
+            flat = flat.gather(2, source[:, None, :].expand_as(flat))
+        out.append(flat.reshape(-1, c, h, w))
+    return torch.cat(out)
 
 
 def _shuffle_locally(x: Tensor, reach: int, iterations: int, g: torch.Generator) -> Tensor:
@@ -456,10 +468,10 @@ def frost_photo_path(name: str) -> Path:
         path = Path(root) / "frost" / name
         if path.is_file():
             return path
-    where = f"in {roots[0]}/frost" if roots else "(the package is not installed)"
+    where = f"it is not in {roots[0]}/frost" if roots else "that package is not installed"
     raise FileNotFoundError(
         f"frost needs the authors' frost photograph {name!r}, shipped by the package "
-        f"imagecorruptions-imaug, but it is not there {where}; install it with {_INSTALL_HINT}"
+        f"imagecorruptions-imaug, but {where}; install it with {_INSTALL_HINT}"
     )
 
 
