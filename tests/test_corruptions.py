@@ -275,6 +275,14 @@ def test_deterministic_match_imagecorruptions_on_cifar(robcomp_data) -> None:  #
     )
 
 
+@pytest.mark.parametrize("name", ["motion_blur", "pixelate", "jpeg_compression"])
+def test_eight_bit_outputs_are_levels(name: str) -> None:
+    """Where the generators' output comes out of an 8-bit image (ImageMagick's PNG, PIL), ours
+    is on the 256 levels too, so the stored truncation keeps it as it is."""
+    out = run(smooth_images(2, 32), name, 3) * 255
+    assert torch.equal(out, torch.round(out))
+
+
 def test_split_truncates_like_the_generators() -> None:
     """The generators store ``np.uint8(corruption(image))``, a truncation: so does the shift's
     uint8 split (contrast has no float error to hide it)."""
