@@ -11,12 +11,16 @@ Image sizes. Every length in a table is in pixels of its reference image (32 px 
 224 for ``imagenet``, 64 for ``tiny``). For an image whose shorter side is ``S``, lengths are
 multiplied by ``scale = S / reference``: blur sigmas (gaussian, glass, spatter, the elastic
 displacement smoothing), the defocus disk radius and its anti-alias sigma, the motion-blur
-radius and sigma (also of snow's streaks), the elastic displacement and affine magnitudes, and
-glass blur's shuffle distance (rounded, at least 1). Relative quantities stay as they are: noise
-levels, zoom factors, pixelation factors, JPEG quality, fog's fractal (made at the image's size,
-the next power of two above its longer side, like the originals) and the procedural frost
-texture. At the reference size the corruptions are the authors' (up to the differences each
-function's docstring names).
+radius and sigma (also of snow's streaks), the elastic displacement and affine magnitudes,
+glass blur's shuffle distance (rounded, at least 1) and the resize factor of frost's
+photographs. Relative quantities stay as they are: noise levels, zoom factors, pixelation
+factors, JPEG quality and fog's fractal (made at the image's size, the next power of two above
+its longer side, like the originals). At the reference size the corruptions are the authors'
+(up to the differences each function's docstring names).
+
+Frost crops the authors' frost photographs, which the package imagecorruptions-imaug ships
+(Apache-2.0; a dependency of robcomp); spatter's water drops and frost's photographs use OpenCV,
+which that package brings in.
 
 Every corruption takes float32 NCHW in [0, 1] with 1 (grayscale) or 3 (RGB) channels and at
 least 8x8 pixels, returns a new tensor of the same shape in [0, 1], and draws its randomness
@@ -29,11 +33,13 @@ the chunk's index), so a split is the same whatever else the shift is asked for.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -103,13 +109,13 @@ def _gaussian_matrix(n: int, sigma: float, truncate: float, mode: str) -> Tensor
     matrix = torch.zeros(n, n, dtype=torch.float64)
     rows = torch.arange(n)[:, None].expand_as(window)
     matrix.index_put_((rows, source[window]), weights.expand_as(window), accumulate=True)
-    return matrix.float()
+    return matrix
 
 
 def _gaussian(x: Tensor, sigma: float, *, truncate: float = 4.0, mode: str = "nearest") -> Tensor:
     """Separable Gaussian blur of the last two axes (scikit-image ``gaussian`` defaults)."""
-    mh = _gaussian_matrix(x.shape[-2], float(sigma), truncate, mode).to(x.device)
-    mw = _gaussian_matrix(x.shape[-1], float(sigma), truncate, mode).to(x.device)
+    mh = _gaussian_matrix(x.shape[-2], float(sigma), truncate, mode).to(x.device, x.dtype)
+    mw = _gaussian_matrix(x.shape[-1], float(sigma), truncate, mode).to(x.device, x.dtype)
     return mh @ x @ mw.T
 
 
@@ -127,12 +133,19 @@ def _box_resize_matrix(n_in: int, n_out: int) -> Tensor:
         t = (torch.arange(lo, hi, dtype=torch.float64) - centre + 0.5) / width
         inside = ((t > -0.5) & (t <= 0.5)).double()
         matrix[i, lo:hi] = inside / inside.sum().clamp_min(1e-12)
-    return matrix.float()
+    return matrix
 
 
 def _quantize(x: Tensor) -> Tensor:
     """Round to the 256 levels of an 8-bit image (where the originals pass through one)."""
     return torch.round(x.clamp(0, 1) * 255) / 255
+
+
+def _truncate(x: Tensor) -> Tensor:
+    """Truncate to the 256 levels of an 8-bit image, as the originals' ``np.uint8(...)`` and
+    ``.astype(np.uint8)`` do. In float32, where ``level / 255 * 255`` is exactly ``level`` for
+    every level (in float64 from a float32 value it can fall just below and lose one)."""
+    return torch.floor(x.float().clamp(0, 1) * 255) / 255
 
 
 def _gray(x: Tensor) -> Tensor:
@@ -217,35 +230,91 @@ def defocus_blur(x: Tensor, c: tuple[float, float], scale: float, g: torch.Gener
     return F.conv2d(_pad(x, reach, "reflect101"), weight, groups=channels)
 
 
-def _shuffle_locally(x: Tensor, reach: int, iterations: int, g: torch.Generator) -> Tensor:
-    """Glass blur's pixel shuffle: for each pass, visit pixels bottom-right to top-left (at
-    least ``reach`` from the top/left edge, less than ``reach`` from the bottom/right) and swap
-    each with a random pixel ``[-reach, reach)`` rows and columns away.
+_GLASS_POINTERS = 1 << 22  # pointers resolved at once by the glass shuffle (32 MB)
 
-    The swaps are sequential within an image (a pixel can travel several times), as in the
-    original; they run on the whole batch at once, one position at a time, with all offsets
-    drawn in advance, so the loop costs H*W steps whatever the batch size.
+
+def _glass_positions(h: int, w: int, reach: int) -> tuple[list[int], list[int]]:
+    """Rows and columns glass blur visits, in the original's order: from ``side - reach`` down
+    to ``reach + 1``, so pixels nearer than ``reach`` to the top/left edge are never visited."""
+    return list(range(h - reach, reach, -1)), list(range(w - reach, reach, -1))
+
+
+def _glass_offsets(
+    n: int, h: int, w: int, reach: int, iterations: int, g: torch.Generator
+) -> Tensor:
+    """The shuffle's random offsets (iterations, steps, 2, N) as ``(dx, dy)``, each uniform in
+    ``[-reach, reach)``, one pair per visited pixel and pass (the original's ``randint``)."""
+    rows, cols = _glass_positions(h, w, reach)
+    return torch.randint(-reach, reach, (iterations, len(rows) * len(cols), 2, n), generator=g)
+
+
+def _copy_pass(n: int, h: int, w: int, reach: int, dx: Tensor, dy: Tensor) -> Tensor:
+    """Where each pixel's value comes from after one pass of the original's pixel "swap".
+
+    The original writes ``x[h, w], x[h', w'] = x[h', w'], x[h, w]`` on numpy views of pixel
+    rows: ``x[h, w]`` receives ``x[h', w']`` and ``x[h', w']`` is written back with the value
+    it already has, so each step is a copy, and only the visited pixel changes. Visiting
+    bottom-right to top-left, pixel ``a`` takes the *current* value of ``b = a + (dy, dx)``:
+    ``b``'s new value if ``b`` was visited earlier in the pass, else its value before the pass.
+    These links always point to earlier steps, so pointer doubling resolves every chain in
+    ``log2(H W)`` gathers, for the whole batch at once, instead of H W sequential steps.
+
+    Returns:
+        (N, H*W) flat indices into the image before the pass.
     """
+    rows, cols = _glass_positions(h, w, reach)
+    r = torch.tensor(rows, dtype=torch.long).repeat_interleave(len(cols))  # visiting order
+    q = torch.tensor(cols, dtype=torch.long).repeat(len(rows))
+    a = r * w + q
+    rb, qb = r[:, None] + dy, q[:, None] + dx  # (steps, N) the pixel copied from
+    b = rb * w + qb
+    # order[p] = step at which pixel p is visited (-1: never); earlier steps have lower numbers
+    order = torch.full((h * w,), -1, dtype=torch.long)
+    order[a] = torch.arange(len(a))
+    step_b = order[b]
+    earlier = (step_b >= 0) & (step_b < torch.arange(len(a))[:, None])
+    # nodes 0..HW-1: a pixel's value after the pass; HW..2HW-1: its value before the pass
+    hw = h * w
+    pointer = (torch.arange(hw) + hw).repeat(n, 1)  # unvisited pixels keep their old value
+    pointer = torch.cat([pointer, torch.arange(hw, 2 * hw).repeat(n, 1)], 1)  # (N, 2HW)
+    target = torch.where(earlier, b, b + hw).T  # (N, steps)
+    pointer[:, a] = target
+    for _ in range(max(1, math.ceil(math.log2(max(len(a), 2)))) + 1):
+        pointer = pointer.gather(1, pointer)
+    return pointer[:, :hw] - hw
+
+
+def _shuffle_with(x: Tensor, reach: int, offsets: Tensor) -> Tensor:
+    """Glass blur's pixel shuffle of (N, C, H, W) with the offsets of :func:`_glass_offsets`,
+    one :func:`_copy_pass` per pass, a block of images at a time (the pointers take 16 bytes
+    per pixel and image)."""
     n, c, h, w = x.shape
-    rows = list(range(h - reach, reach, -1))
-    cols = list(range(w - reach, reach, -1))
+    if offsets.shape[1] == 0:  # an image too small to have pixels to visit
+        return x
+    block = max(1, _GLASS_POINTERS // (2 * h * w))
+    out = []
+    for start in range(0, n, block):
+        flat = x[start : start + block].reshape(-1, c, h * w)
+        for it in range(offsets.shape[0]):
+            dx, dy = (
+                offsets[it, :, 0, start : start + block],
+                offsets[it, :, 1, start : start + block],
+            )
+            source = _copy_pass(flat.shape[0], h, w, reach, dx, dy)
+            flat = flat.gather(2, source[:, None, :].expand_as(flat))
+        out.append(flat.reshape(-1, c, h, w))
+    return torch.cat(out)
+
+
+def _shuffle_locally(x: Tensor, reach: int, iterations: int, g: torch.Generator) -> Tensor:
+    """Glass blur's local pixel shuffle (hendrycks/robustness): ``iterations`` passes, each
+    visiting pixels bottom-right to top-left and copying into each the pixel ``[-reach,
+    reach)`` rows and columns away (see :func:`_copy_pass` for why a copy, not a swap)."""
+    n, _, h, w = x.shape
+    rows, cols = _glass_positions(h, w, reach)
     if not rows or not cols:
         return x
-    steps = len(rows) * len(cols)
-    offsets = torch.randint(-reach, reach, (iterations, steps, 2, n), generator=g).numpy()
-    flat = x.permute(0, 2, 3, 1).reshape(n, h * w, c).numpy().copy()  # (N, H*W, C)
-    images = np.arange(n)
-    here = np.array([r * w + q for r in rows for q in cols])
-    for it in range(iterations):
-        dy, dx = offsets[it, :, 0], offsets[it, :, 1]
-        there = here[:, None] + dy * w + dx  # (steps, N)
-        for step in range(steps):
-            a = here[step]
-            b = there[step]
-            kept = flat[:, a].copy()
-            flat[:, a] = flat[images, b]
-            flat[images, b] = kept
-    return torch.from_numpy(flat).reshape(n, h, w, c).permute(0, 3, 1, 2).contiguous()
+    return _shuffle_with(x, reach, _glass_offsets(n, h, w, reach, iterations, g))
 
 
 def glass_blur(x: Tensor, c: tuple[float, int, int], scale: float, g: torch.Generator) -> Tensor:
@@ -290,10 +359,10 @@ def motion_blur(x: Tensor, c: tuple[float, float], scale: float, g: torch.Genera
 
     The original calls ImageMagick's ``MotionBlurImage`` through Wand; we compute the same
     one-sided Gaussian streak (:func:`_motion`) in torch, batched, without ImageMagick, and
-    without its 8-bit round trip.
+    round to 8 bits as its PNG output does.
     """
     angle = _uniform((x.shape[0],), -45, 45, g)
-    return _motion(x, c[0] * scale, c[1] * scale, angle)
+    return _quantize(_motion(x, c[0] * scale, c[1] * scale, angle))
 
 
 def _clipped_zoom(x: Tensor, factor: float) -> Tensor:
@@ -365,33 +434,93 @@ def fog(x: Tensor, c: tuple[float, float], scale: float, g: torch.Generator) -> 
     return fogged * top / (top + strength)
 
 
-_FROST_RGB = (0.52, 0.58, 0.62)  # mean colour of frosted glass: pale, slightly blue
-_FROST_STD = 0.13
+FROST_PHOTOS = ("frost1.png", "frost2.png", "frost3.png", "frost4.jpg", "frost5.jpg")
+"""The authors' frost photographs the generators draw from (``randint(5)``: their list names a
+sixth, ``frost6.jpg``, which is never drawn), as shipped by imagecorruptions-imaug."""
+_FROST_PACKAGE = "imagecorruptions"
+_INSTALL_HINT = "pip install 'imagecorruptions-imaug==1.1.5'"
 
 
-def frost_texture(n: int, h: int, w: int, g: torch.Generator) -> Tensor:
-    """A procedural frost texture (n, 3, h, w) in [0, 1]: our stand-in for the six photographs
-    of frosted glass the original crops from (not redistributed here).
+def _opencv() -> Any:
+    """OpenCV, imported when a corruption needs it (frost's photos, spatter's water mask)."""
+    try:
+        import cv2
+    except ImportError as error:  # pragma: no cover - a base dependency
+        raise ImportError(
+            f"frost and spatter need OpenCV (cv2), which imagecorruptions-imaug brings in: "
+            f"{_INSTALL_HINT}"
+        ) from error
+    return cv2
 
-    Ice crystals are thin bright veins: the ridges ``(1 - |2 p - 1|)^4`` of a rough plasma
-    fractal ``p`` (decay 1.5, the fractal wraps at the next power of two of the image), over a
-    smoother fractal haze (decay 2.5). The sum is standardised per image and coloured to the
-    photographs' average, pale blue-grey (mean ~(0.52, 0.58, 0.62), std ~0.13).
+
+def frost_photo_path(name: str) -> Path:
+    """Where the installed imagecorruptions-imaug keeps frost photograph ``name``.
+
+    The package is located, not imported: importing it loads numba and scikit-image, which
+    reading five images does not need.
+
+    Raises:
+        FileNotFoundError: the package or the photograph is not installed.
     """
-    veins = (1 - (2 * _fractal(n, h, w, 1.5, g) - 1).abs()) ** 4
-    haze = _fractal(n, h, w, 2.5, g)
-    t = 0.7 * veins + 0.3 * haze
-    t = (t - t.mean((2, 3), keepdim=True)) / t.std((2, 3), keepdim=True).clamp_min(1e-6)
-    base = torch.tensor(_FROST_RGB).view(1, 3, 1, 1)
-    tint = torch.tensor((0.9, 1.0, 1.05)).view(1, 3, 1, 1)
-    return (base + _FROST_STD * tint * t).clamp(0, 1)
+    spec = importlib.util.find_spec(_FROST_PACKAGE)
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        path = Path(root) / "frost" / name
+        if path.is_file():
+            return path
+    where = f"it is not in {roots[0]}/frost" if roots else "that package is not installed"
+    raise FileNotFoundError(
+        f"frost needs the authors' frost photograph {name!r}, shipped by the package "
+        f"imagecorruptions-imaug, but {where}; install it with {_INSTALL_HINT}"
+    )
 
 
-def frost(x: Tensor, c: tuple[float, float], scale: float, g: torch.Generator) -> Tensor:
-    """Frost: ``image_weight * x + frost_weight * texture`` with :func:`frost_texture` (its
-    luma on grayscale), in place of the original's random crop of a frost photograph."""
-    texture = frost_texture(x.shape[0], x.shape[2], x.shape[3], g).to(x.device)
-    return c[0] * x + c[1] * (_gray(texture) if x.shape[1] == 1 else texture)
+@lru_cache(maxsize=32)
+def _frost_photo(index: int, factor: float) -> Tensor:
+    """Frost photograph ``index`` of :data:`FROST_PHOTOS` as RGB uint8 (3, H, W), resized by
+    ``factor`` as the generators do (OpenCV ``resize(fx=fy=factor)``, bilinear; no call at 1)."""
+    cv2 = _opencv()
+    path = frost_photo_path(FROST_PHOTOS[index])
+    bgr = cv2.imread(str(path))
+    if bgr is None:
+        raise FileNotFoundError(f"OpenCV could not read the frost photograph {path}")
+    if factor != 1.0:
+        bgr = cv2.resize(bgr, (0, 0), fx=factor, fy=factor)
+    return torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1])).permute(2, 0, 1).contiguous()
+
+
+def _frost_factor(index: int, factor: float, h: int, w: int) -> float:
+    """The photograph's resize factor: the table's, unless that leaves the photograph no larger
+    than the image (very wide or tall images), then the least factor that fits it."""
+    photo = _frost_photo(index, 1.0)
+    need = max((h + 1) / photo.shape[1], (w + 1) / photo.shape[2])
+    return factor if factor >= need else need * 1.01
+
+
+def frost_layer(n: int, h: int, w: int, factor: float, g: torch.Generator) -> Tensor:
+    """(n, 3, h, w) random crops of the authors' frost photographs in [0, 1].
+
+    Per image, as the generators: a photograph drawn uniformly from :data:`FROST_PHOTOS`,
+    resized by ``factor`` (CIFAR-10-C 0.2, Tiny-ImageNet-C 0.3, ImageNet-C 1, times the image's
+    scale), and a crop whose top-left corner is uniform in ``[0, side - size)`` (``randint``).
+    """
+    indices = torch.randint(len(FROST_PHOTOS), (n,), generator=g).tolist()
+    crops = []
+    for index in indices:
+        photo = _frost_photo(index, _frost_factor(index, factor, h, w))
+        top = int(torch.randint(photo.shape[1] - h, (1,), generator=g))
+        left = int(torch.randint(photo.shape[2] - w, (1,), generator=g))
+        crops.append(photo[:, top : top + h, left : left + w])
+    return torch.stack(crops).float() / 255
+
+
+def frost(x: Tensor, c: tuple[float, float, float], scale: float, g: torch.Generator) -> Tensor:
+    """Frost: ``image_weight * x + frost_weight * crop`` of a frost photograph
+    (:func:`frost_layer`, resized by the table's factor times ``scale``; its luma on
+    grayscale)."""
+    image_weight, frost_weight, factor = c
+    layer = frost_layer(x.shape[0], x.shape[2], x.shape[3], factor * scale, g).to(x.device)
+    return image_weight * x + frost_weight * (_gray(layer) if x.shape[1] == 1 else layer)
 
 
 def snow(x: Tensor, c: tuple[float, ...], scale: float, g: torch.Generator) -> Tensor:
@@ -401,13 +530,14 @@ def snow(x: Tensor, c: tuple[float, ...], scale: float, g: torch.Generator) -> T
 
     The original streaks the flakes with ImageMagick's motion blur (through Wand); we use the
     same one-sided Gaussian streak computed in torch (:func:`_motion`), with the original's
-    8-bit rounding of the layer before and after.
+    8-bit round trips of the layer: truncated before (``astype(np.uint8)``), rounded after
+    (ImageMagick's PNG).
     """
     mean, std, zoom, threshold, radius, sigma, weight = c
     n, _, h, w = x.shape
     flakes = mean + std * torch.randn((n, 1, h, w), generator=g)
     flakes = _clipped_zoom(flakes, float(zoom))
-    flakes = _quantize(torch.where(flakes < threshold, torch.zeros_like(flakes), flakes))
+    flakes = _truncate(torch.where(flakes < threshold, torch.zeros_like(flakes), flakes))
     angle = _uniform((n,), -135, -45, g)
     layer = _quantize(_motion(flakes, radius * scale, sigma * scale, angle))
     whiter = torch.maximum(x, _gray(x) * 1.5 + 0.5)
@@ -415,65 +545,56 @@ def snow(x: Tensor, c: tuple[float, ...], scale: float, g: torch.Generator) -> T
     return x + layer + layer.flip(-2, -1)
 
 
-def _edges(level: Tensor) -> Tensor:
-    """Edge map (N, 1, H, W) of 8-bit levels: Sobel |gx| + |gy| of at least 100 (between
-    Canny's thresholds 50 and 150; no hysteresis or thinning)."""
-    sobel = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-    kernels = torch.stack([sobel, sobel.T])[:, None]
-    grad = F.conv2d(_pad(level, 1, "reflect101"), kernels)
-    return (grad.abs().sum(1, keepdim=True) >= 100).float()
-
-
-def _equalize(level: Tensor) -> Tensor:
-    """Per-image histogram equalisation of 8-bit levels (N, 1, H, W), as OpenCV's."""
-    n = level.shape[0]
-    flat = level.reshape(n, -1).long().clamp(0, 255)
-    hist = torch.zeros(n, 256).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float))
-    cdf = hist.cumsum(1)
-    first = hist.gather(1, (hist > 0).float().argmax(1, keepdim=True))
-    total = flat.shape[1]
-    lut = torch.round((cdf - first) * 255 / (total - first).clamp_min(1)).clamp(0, 255)
-    return lut.gather(1, flat).reshape(level.shape)
+def _water_mask(level: np.ndarray) -> np.ndarray:
+    """Spatter's water-drop weights for one liquid layer of 8-bit levels (H, W), as the
+    generators compute them with OpenCV: Canny edges (thresholds 50 and 150), the Euclidean
+    distance to them (5x5 mask) truncated at 20 px, a 3x3 box blur truncated to 8 bits,
+    histogram equalisation, an emboss filter saturated to 8 bits, a second box blur, times the
+    levels. OpenCV itself, so the mask is the authors' exactly (a Sobel threshold in its place
+    marked 66 % of pixels as edges where Canny marks 26 %)."""
+    cv2 = _opencv()
+    background = 255 - cv2.Canny(level, 50, 150)
+    distance = cv2.distanceTransform(background, cv2.DIST_L2, 5)
+    distance = np.minimum(distance, 20).astype(np.float32)
+    distance = cv2.blur(distance, (3, 3)).astype(np.uint8)
+    distance = cv2.equalizeHist(distance)
+    emboss = np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], dtype=np.float32)
+    distance = cv2.filter2D(distance, cv2.CV_8U, emboss)
+    distance = cv2.blur(distance, (3, 3)).astype(np.float32)
+    return level.astype(np.float32) * distance
 
 
 def _water(x: Tensor, liquid: Tensor, intensity: float) -> Tensor:
-    """Spatter's water drops: pale turquoise, strongest inside drops and embossed at their
-    rims (edge map, distance to the edges up to 20 px, equalised and embossed)."""
-    level = torch.floor(liquid * 255)
-    edges = _edges(level)
-    distance = torch.full_like(level, 20.0)
-    reached = edges
-    for d in range(20):  # chessboard distance to the nearest edge, truncated at 20
-        distance = torch.where((reached > 0) & (distance == 20), float(d), distance)
-        reached = F.max_pool2d(reached, 3, stride=1, padding=1)
-    box = torch.full((1, 1, 3, 3), 1 / 9)
-    distance = torch.floor(F.conv2d(_pad(distance, 1, "reflect101"), box))
-    distance = _equalize(distance)
-    emboss = torch.tensor([[-2.0, -1.0, 0.0], [-1.0, 1.0, 1.0], [0.0, 1.0, 2.0]])[None, None]
-    distance = torch.round(F.conv2d(_pad(distance, 1, "reflect101"), emboss)).clamp(0, 255)
-    distance = F.conv2d(_pad(distance, 1, "reflect101"), box)
-    m = liquid * distance
+    """Spatter's water drops: pale turquoise, strongest inside drops and embossed at their rims
+    (:func:`_water_mask` per image, on the layer truncated to 8 bits as the generators do),
+    scaled so that the strongest point adds ``intensity`` times the colour."""
+    levels = (liquid[:, 0].double() * 255).clamp(0, 255).floor().to(torch.uint8).numpy()
+    m = torch.from_numpy(np.stack([_water_mask(level) for level in levels]))[:, None]
     m = intensity * m / m.amax((2, 3), keepdim=True).clamp_min(1e-12)
     turquoise = _colour((175 / 255, 238 / 255, 238 / 255), x)
-    return x + (m * turquoise).clamp(0, 1)
+    return x + (m.to(x.dtype) * turquoise).clamp(0, 1)
 
 
 def spatter(x: Tensor, c: tuple[float, ...], scale: float, g: torch.Generator) -> Tensor:
     """Spatter: a thresholded, blurred Gaussian field makes drops; severities 1-3 add water
-    (:func:`_water`), 4-5 cover the image with mud-brown blots.
+    (:func:`_water`), 4-5 cover the image with mud-brown blots (:func:`spatter_from_field`).
 
-    The original shapes water drops with OpenCV (Canny edges, a distance transform, histogram
-    equalisation, an emboss filter); we do the same steps in torch, with a Sobel threshold for
-    Canny and a chessboard distance for the Euclidean one, so drops differ in detail but not in
-    kind. Blur sigmas are times ``scale``.
+    The water drops are shaped with OpenCV as in the original (:func:`_water_mask`), one image
+    at a time; the rest runs on the batch. Blur sigmas are times ``scale``.
     """
-    mean, std, sigma, threshold, intensity, mud = c
     n, _, h, w = x.shape
-    liquid = _gaussian(mean + std * torch.randn((n, 1, h, w), generator=g), sigma * scale)
+    return spatter_from_field(x, torch.randn((n, 1, h, w), generator=g), c, scale)
+
+
+def spatter_from_field(x: Tensor, field: Tensor, c: tuple[float, ...], scale: float) -> Tensor:
+    """Spatter given its random field: standard normal draws (N, 1, H, W), which the original
+    draws as ``np.random.normal(loc=mean, scale=std)``; the rest is deterministic."""
+    mean, std, sigma, threshold, intensity, mud = c
+    liquid = _gaussian(mean + std * field.double(), sigma * scale)
     liquid = torch.where(liquid < threshold, torch.zeros_like(liquid), liquid)
     if not mud:
         return _water(x, liquid, intensity)
-    m = _gaussian((liquid > threshold).float(), intensity * scale)
+    m = _gaussian((liquid > threshold).double(), intensity * scale).to(x.dtype)
     m = torch.where(m < 0.8, torch.zeros_like(m), m)
     brown = _colour((63 / 255, 42 / 255, 20 / 255), x)
     return x * (1 - m) + brown * m
@@ -533,15 +654,37 @@ def jpeg_compression(x: Tensor, quality: int, scale: float, g: torch.Generator) 
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255
 
 
+_PIL_PRECISION = 22  # PIL's PRECISION_BITS for 8-bit resampling: 32 - 8 - 2
+
+
+@lru_cache(maxsize=64)
+def _pil_box_weights(n_in: int, n_out: int) -> Tensor:
+    """PIL's fixed-point BOX weights (n_out, n_in) as float64 integers: the normalised
+    weights times ``2**22``, rounded half up (``normalize_coeffs_8bpc``)."""
+    exact = _box_resize_matrix(n_in, n_out).double()
+    return torch.floor(exact * (1 << _PIL_PRECISION) + 0.5)
+
+
+def _pil_box_pass(levels: Tensor, n_out: int, axis: int) -> Tensor:
+    """One PIL resampling pass of 8-bit ``levels`` (float64 integers) along ``axis`` (-1 or
+    -2): integer sums plus half a unit, shifted right and clipped to 0-255, as PIL's
+    ``ImagingResampleHorizontal_8bpc`` / ``Vertical_8bpc``. Every sum is an integer below
+    2**53, so float64 is exact."""
+    weights = _pil_box_weights(levels.shape[axis], n_out)
+    total = levels @ weights.T if axis == -1 else weights @ levels
+    return torch.floor((total + (1 << (_PIL_PRECISION - 1))) / (1 << _PIL_PRECISION)).clamp(0, 255)
+
+
 def pixelate(x: Tensor, factor: float, scale: float, g: torch.Generator) -> Tensor:
-    """Pixelate: PIL BOX resampling down to ``int(side * factor)`` and back up (8-bit rounding
-    after each axis, as PIL's passes), as matrix products over the batch."""
+    """Pixelate: PIL BOX resampling down to ``int(side * factor)`` and back up, each resize
+    horizontal then vertical, in PIL's 8-bit fixed point (:func:`_pil_box_pass`), as matrix
+    products over the batch."""
     h, w = x.shape[-2:]
     small_h, small_w = max(1, int(h * factor)), max(1, int(w * factor))
-    y = _quantize(x @ _box_resize_matrix(w, small_w).T)
-    y = _quantize(_box_resize_matrix(h, small_h) @ y)
-    y = _quantize(y @ _box_resize_matrix(small_w, w).T)
-    return _quantize(_box_resize_matrix(small_h, h) @ y)
+    y = torch.round(x.double().clamp(0, 1) * 255)  # the originals resize an 8-bit image
+    y = _pil_box_pass(_pil_box_pass(y, small_w, -1), small_h, -2)
+    y = _pil_box_pass(_pil_box_pass(y, w, -1), h, -2)
+    return (y / 255).to(x.dtype)
 
 
 def _sample(x: Tensor, px: Tensor, py: Tensor, *, corners: bool) -> Tensor:
@@ -671,15 +814,16 @@ def _chunk_seed(seed: int, name: str, severity: int, chunk: int) -> int:
 
 
 def corrupt_split(split: Split, name: str, severity: int, *, constants: str, seed: int) -> Split:
-    """``split`` corrupted, stored as uint8 like CIFAR-10-C; image ``i`` depends only on
-    (``seed``, ``name``, ``severity``, ``i``, the images of its chunk of :data:`CHUNK`)."""
+    """``split`` corrupted, stored as uint8 like CIFAR-10-C: truncated, as the generators'
+    ``np.uint8(corruption(image))``. Image ``i`` depends only on (``seed``, ``name``,
+    ``severity``, ``i``, the images of its chunk of :data:`CHUNK`)."""
     _check(name, severity, constants)
     pieces = []
     for k, start in enumerate(range(0, len(split), CHUNK)):
         g = torch.Generator().manual_seed(_chunk_seed(seed, name, severity, k))
         x = Split.to_float(split.x[start : start + CHUNK])
         out = corrupt(x, name, severity, constants=constants, generator=g)
-        pieces.append(torch.round(out * 255).to(torch.uint8))
+        pieces.append(torch.round(_truncate(out) * 255).to(torch.uint8))
     return Split(torch.cat(pieces).to(split.x.device), split.y)
 
 
