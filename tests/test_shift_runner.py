@@ -210,3 +210,35 @@ def test_on_manifold_attack_and_fixed_sets_through_the_runner(tmp_path: Path) ->
     assert examples["x"].shape == examples["x_adv"].shape and examples["x"].shape[1:] == (1, 4, 4)
     assert (examples["y_adv"] != examples["y"]).all()  # each one fooled the model
     assert not np.array_equal(examples["x"], examples["x_adv"])
+
+
+def test_a_vae_cell_records_its_reconstruction_accuracy(tmp_path: Path) -> None:
+    """On data without a known generator the cell's ``vae`` section builds the VAE; the
+    manifold-sets summary records how the dense model does on its reconstructions, how many
+    of them it gets wrong (kept out of adv-on), and the model's own accuracy there."""
+    raw = _registered(
+        {"name": "digits", "train_limit": 300}, "tiny_mlp",
+        shifts=[{"name": "manifold-sets", "eps": 0.5, "step_size": 0.1, "steps": 5}],
+    )  # fmt: skip
+    raw["vae"] = {"latent_dim": 4, "epochs": 2, "classifier_epochs": 2}
+    raw["grid"] = {"compress": [{"name": "none"}, {"name": "magnitude", "sparsity": 0.9}]}
+    experiment = load_experiment(raw)
+    assert experiment.cells[0].config.vae_spec().latent_dim == 4
+    summary = run_experiment(experiment, tmp_path)
+    assert summary.ran == 2 and not summary.failed, summary.failed
+    runs = {r.config["compress"]["name"]: _by_key(r.metrics)
+            for r in ResultStore(tmp_path / STORE_NAME).runs()}  # fmt: skip
+    assert sorted(p.parent.name[:4] for p in tmp_path.rglob("vae.safetensors")) == ["vae-"]
+    for values in runs.values():
+        dense_recon = values[("vae_recon_accuracy", "manifold-sets", 0)]
+        errors = values[("adv_on_recon_errors", "manifold-sets", 0)]
+        assert 0.0 < dense_recon <= 1.0 and errors == round(errors) and errors >= 0
+        assert (
+            values[("recon_accuracy", "manifold-sets", 0)] == values[("clean_accuracy", "recon", 0)]
+        )
+        assert values[("adv_on_points", "manifold-sets", 0)] >= 0
+    # every cell of one baseline reports the same dense reconstruction accuracy
+    assert (runs["none"][("vae_recon_accuracy", "manifold-sets", 0)]
+            == runs["magnitude"][("vae_recon_accuracy", "manifold-sets", 0)])  # fmt: skip
+    assert (runs["none"][("recon_accuracy", "manifold-sets", 0)]
+            == runs["none"][("vae_recon_accuracy", "manifold-sets", 0)])  # fmt: skip

@@ -279,13 +279,14 @@ def _shift_metrics(
         splits = shifted_splits(cfg, shift, data, baseline, cache)
         ours = shift_scores(model, splits, spec.batch_size)
         dense = baseline_scores(cfg, shift, splits, baseline, cache)
+        sizes = {(s.shift, s.severity): len(s.split) for s in splits}
         metrics += [
             Metric("clean_accuracy", acc, shift=name, severity=severity)
             for (name, severity), acc in ours.items()
         ]
         metrics += [
             Metric(name, value, shift=shift.label())
-            for name, value in shift_summary(shift, ours, dense, clean).items()
+            for name, value in shift_summary(shift, ours, dense, clean, sizes).items()
         ]
         for s in splits if spec.attack_shifted else []:
             if not len(s.split):
@@ -394,9 +395,10 @@ def run_cell(cell: Cell, workdir: Path) -> CellResult:
 
 
 def _cell_manifold(cfg: CellConfig, data: DataSplits, cache: Path) -> ManifoldSource:
-    """The cell's generative model for on-manifold attacks, objectives and test sets, built
-    (or read from ``cache``) only when one of them first asks for it."""
-    return lambda: manifold_for(cfg.data, data, cfg.seed, cache / "manifold")
+    """The cell's generative model for on-manifold attacks, objectives and test sets (the
+    data's own generator, else the VAE of the cell's ``vae`` section), built (or read from
+    ``cache``) only when one of them first asks for it."""
+    return lambda: manifold_for(cfg.data, data, cfg.seed, cache / "manifold", cfg.vae_spec())
 
 
 def _environment(device: torch.device) -> dict[str, Any]:

@@ -18,6 +18,7 @@ grid:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import itertools
@@ -47,10 +48,12 @@ from robcomp.config import (
 )
 from robcomp.data import DATASETS
 from robcomp.data.shifts import SHIFTS
+from robcomp.evaluate.manifold import has_known_generator
 from robcomp.experiments.digest import by_content, content_of
 from robcomp.models import factory_for
 from robcomp.models.base import code_paths
 from robcomp.models.ecosystem import is_ecosystem
+from robcomp.models.generative import VAESpec
 from robcomp.registry import RegistryError
 from robcomp.train import OBJECTIVES, TrainConfig
 
@@ -226,6 +229,10 @@ class CellConfig:
             which more threads only slow down, else every core other processes leave free.
         resources: what a cell reserves on a Ray cluster and how often it is retried when its
             worker dies (:class:`Resources`); the local executor ignores it.
+        vae: the VAE (:class:`~robcomp.models.generative.VAESpec` fields) that on-manifold
+            attacks, objectives and test sets use on data without a known generator (every
+            data set but ``gaussians``, whose own generator is used); trained once per (data,
+            settings, seed) and cached. Part of the cell's identity only where it is used.
     """
 
     name: str = "experiment"
@@ -240,6 +247,7 @@ class CellConfig:
     device: str = field(default="auto", metadata=OPERATIONAL)
     threads: int | None = field(default=None, metadata=OPERATIONAL)
     resources: Resources = field(default_factory=Resources, metadata=OPERATIONAL)
+    vae: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.device != "auto":
@@ -273,7 +281,30 @@ class CellConfig:
         else:  # a suite without shifts keeps the identity it had before shifts existed
             for key in ("shifts", "attack_shifted", "shift_limit"):
                 out["evaluate"].pop(key)
+        # A cell that trains no VAE keeps the identity it had before the setting existed.
+        out.pop("vae")
+        if (spec := self.vae_spec()) is not None:
+            out["vae"] = dataclasses.asdict(spec)
         return _json_safe(by_content(out))
+
+    def uses_manifold(self) -> bool:
+        """Whether an attack, shift or training objective of the cell needs a generative
+        model of the data (an on-manifold component, Kwon & Lee 2021)."""
+        specs = [(ATTACKS, s) for s in self.evaluate.attack_specs()]
+        specs += [(SHIFTS, s) for s in self.evaluate.shifts]
+        specs += [(OBJECTIVES, self.train.objective)]
+        if self.finetune is not None:
+            specs.append((OBJECTIVES, self.finetune.objective))
+        if isinstance(self.compress, Mapping) and "objective" in self.compress:
+            specs.append((OBJECTIVES, self.compress["objective"]))
+        return any(_needs_manifold(registry, spec) for registry, spec in specs)
+
+    def vae_spec(self) -> VAESpec | None:
+        """The VAE the cell's on-manifold components use (:attr:`vae` with its defaults), or
+        None when it uses none: no component needs one, or the data has a known generator."""
+        if has_known_generator(self.data) or not self.uses_manifold():
+            return None
+        return build(VAESpec, self.vae, "vae")
 
     def cell_id(self) -> str:
         """Hash of the canonical configuration: the cell's identity in the store."""
@@ -283,6 +314,15 @@ class CellConfig:
         """Hash of what produces the trained baseline, shared by all compressed variants."""
         full = self.canonical()
         return config_hash({k: full[k] for k in ("data", "model", "train", "seed")})
+
+
+def _needs_manifold(registry: Any, spec: Mapping[str, Any] | str | None) -> bool:
+    name = spec if isinstance(spec, str) else (spec or {}).get("name")
+    return (
+        isinstance(name, str)
+        and name in registry
+        and bool(getattr(registry.get(name), "needs_manifold", False))
+    )
 
 
 def _resolved(registry: Any, spec: Mapping[str, Any] | str) -> Any:
