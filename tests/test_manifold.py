@@ -71,6 +71,14 @@ def test_vae_reconstruction_loss_falls_with_training(digits: DataSplits) -> None
     assert vae.decode(torch.zeros(2, 8)).shape == (2, 1, 8, 8) and vae.kind == "conv"
 
 
+def test_kl_warmup_ramps_the_weight_up_to_beta() -> None:
+    spec = VAESpec(beta=0.5, warmup=4)
+    assert [spec.kl_weight(e) for e in range(6)] == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    assert VAESpec(beta=0.5).kl_weight(0) == 0.5
+    with pytest.raises(ValueError, match="warmup"):
+        VAESpec(warmup=-1)
+
+
 def test_vae_cache_round_trip_loads_the_same_models(digits: DataSplits, tmp_path: Path) -> None:
     spec = VAESpec(epochs=2, classifier_epochs=2)
     vae = cached_vae(digits, spec, 0, tmp_path)

@@ -242,3 +242,19 @@ def test_a_vae_cell_records_its_reconstruction_accuracy(tmp_path: Path) -> None:
             == runs["magnitude"][("vae_recon_accuracy", "manifold-sets", 0)])  # fmt: skip
     assert (runs["none"][("recon_accuracy", "manifold-sets", 0)]
             == runs["none"][("vae_recon_accuracy", "manifold-sets", 0)])  # fmt: skip
+
+
+def test_a_cell_attacked_on_the_manifold_without_the_test_sets_records_reconstruction(
+    tmp_path: Path,
+) -> None:
+    raw = _registered(
+        {"name": "digits", "train_limit": 300}, "tiny_mlp",
+        attacks=[{"name": "on-manifold", "eps": 0.5, "step_size": 0.1, "steps": 3}],
+    )  # fmt: skip
+    raw["vae"] = {"latent_dim": 4, "epochs": 2, "classifier_epochs": 2}
+    summary = run_experiment(load_experiment(raw), tmp_path)
+    assert summary.ran == 1 and not summary.failed, summary.failed
+    (run,) = ResultStore(tmp_path / STORE_NAME).runs()
+    values = _by_key(run.metrics)
+    dense, ours = values[("vae_recon_accuracy", "", 0)], values[("recon_accuracy", "", 0)]
+    assert dense is not None and 0.0 < dense <= 1.0 and dense == ours  # the dense cell itself
