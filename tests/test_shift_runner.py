@@ -258,3 +258,29 @@ def test_a_cell_attacked_on_the_manifold_without_the_test_sets_records_reconstru
     values = _by_key(run.metrics)
     dense, ours = values[("vae_recon_accuracy", "", 0)], values[("recon_accuracy", "", 0)]
     assert dense is not None and 0.0 < dense <= 1.0 and dense == ours  # the dense cell itself
+
+
+def test_the_vae_section_is_part_of_the_identity_only_where_a_vae_is_used() -> None:
+    shifts = [{"name": "manifold-sets"}]
+    digits = _registered({"name": "digits"}, "tiny_mlp", shifts=shifts)
+    simulation = _registered({"name": "gaussians", "n": 2000}, "tiny_mlp", shifts=shifts)
+    plain = _registered({"name": "digits"}, "tiny_mlp")
+    ids = {}
+    for name, raw in (("digits", digits), ("simulation", simulation), ("plain", plain)):
+        for latent in (4, 8):
+            cfg = load_experiment({**raw, "vae": {"latent_dim": latent}}).cells[0].config
+            ids[name, latent] = cfg.cell_id()
+        canonical = cfg.canonical()
+        assert ("vae" in canonical) == (name == "digits")
+    assert canonical_vae(digits) == {**canonical_vae(digits), "latent_dim": 32}  # the default
+    assert ids["digits", 4] != ids["digits", 8]
+    assert ids["simulation", 4] == ids["simulation", 8]  # its own generator: no VAE
+    assert ids["plain", 4] == ids["plain", 8]
+    # the test sets' definition changed with the same fields: a revision keeps old cells apart
+    shift = load_experiment(simulation).cells[0].config.canonical()["evaluate"]["shifts"][0]
+    assert shift["revision"] == 2
+
+
+def canonical_vae(raw: dict[str, Any]) -> dict[str, Any]:
+    vae: dict[str, Any] = load_experiment(raw).cells[0].config.canonical()["vae"]
+    return vae

@@ -204,6 +204,8 @@ class ManifoldSets:
     uses_baseline: ClassVar[bool] = True
     needs_manifold: ClassVar[bool] = True
     summary_uses_sizes: ClassVar[bool] = True
+    # 2: adv-on leaves out points misclassified on their reconstruction; the recon split.
+    revision: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         self.on_attack()  # the attack's own checks name the bad field

@@ -52,6 +52,7 @@ def shift_key(cfg: CellConfig, shift: Any) -> str:
     parts: dict[str, Any] = {
         "data": cfg.canonical()["data"],
         "shift": {"name": type(shift).__name__, **identity_dict(shift)},
+        **({"revision": shift.revision} if getattr(shift, "revision", None) else {}),
         "seed": cfg.seed,
         "shift_limit": cfg.evaluate.shift_limit,
     }

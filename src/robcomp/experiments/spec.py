@@ -326,13 +326,21 @@ def _needs_manifold(registry: Any, spec: Mapping[str, Any] | str | None) -> bool
 
 
 def _resolved(registry: Any, spec: Mapping[str, Any] | str) -> Any:
-    """``{"name": ..., **every field}`` of a registered component; the spec as given when it
-    cannot be built on its own (e.g. an objective that needs a teacher bound at run time)."""
+    """``{"name": ..., **every field}`` of a registered component, with its ``revision`` if
+    it has one (a component whose results changed with the same fields says so by raising
+    it, so its cells are new ones); the spec as given when it cannot be built on its own
+    (e.g. an objective that needs a teacher bound at run time)."""
     name = spec if isinstance(spec, str) else spec.get("name")
     try:
-        return {"name": name, **identity_dict(build_component(registry, spec, "hash"))}
+        component = build_component(registry, spec, "hash")
     except (ConfigError, RegistryError, TypeError, ValueError):
         return to_dict(spec)
+    revision = getattr(component, "revision", None)
+    return {
+        "name": name,
+        **identity_dict(component),
+        **({"revision": revision} if revision else {}),
+    }
 
 
 def _json_safe(obj: Any) -> Any:
