@@ -279,6 +279,8 @@ def test_the_vae_section_is_part_of_the_identity_only_where_a_vae_is_used() -> N
     # the test sets' definition changed with the same fields: a revision keeps old cells apart
     shift = load_experiment(simulation).cells[0].config.canonical()["evaluate"]["shifts"][0]
     assert shift["revision"] == 2
+    with pytest.raises(ConfigError, match="latent_dim"):  # checked where no VAE is used, too
+        load_experiment({**plain, "vae": {"latent_dim": 0}})
 
 
 def canonical_vae(raw: dict[str, Any]) -> dict[str, Any]:

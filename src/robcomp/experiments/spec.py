@@ -382,6 +382,7 @@ def validate(cfg: CellConfig, where: str) -> None:
             raise ConfigError(f"{where}: evaluate.attacks[{i}]: {message}")
     for i, shift in enumerate(cfg.evaluate.shifts):
         build_component(SHIFTS, shift, f"{where}: evaluate.shifts[{i}]")
+    build(VAESpec, cfg.vae, f"{where}: vae")  # checked even where no component uses it
     try:
         with code_paths(cfg.model.code_path):
             factory = factory_for(cfg.model.name)
