@@ -17,6 +17,7 @@ from robcomp.config import ConfigError
 from robcomp.data.base import DataSplits, Split
 from robcomp.data.shifts import SHIFTS, ShiftContext, ShiftedSplit
 from robcomp.experiments import STORE_NAME, Metric, ResultStore, load_experiment, run_experiment
+from robcomp.experiments.cache import compressed_key
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,6 +282,22 @@ def test_the_vae_section_is_part_of_the_identity_only_where_a_vae_is_used() -> N
     assert shift["revision"] == 2
     with pytest.raises(ConfigError, match="latent_dim"):  # checked where no VAE is used, too
         load_experiment({**plain, "vae": {"latent_dim": 0}})
+    # MC-AT(on) fine-tuning draws from the VAE: the compressed model is keyed by it; the
+    # baseline, trained with plain cross-entropy, is shared
+    on = {"name": "mc-at-on", "eta": 0.3}
+    compress = {"name": "proximal-l0", "sparsity": 0.5, "objective": on}
+    cells = [
+        load_experiment({**plain, "compress": compress, "vae": {"latent_dim": k}}).cells[0].config
+        for k in (4, 8)
+    ]
+    assert cells[0].baseline_key() == cells[1].baseline_key()
+    assert compressed_key(cells[0]) != compressed_key(cells[1])
+    trained = [
+        load_experiment({**plain, "train": {**plain["train"], "objective": on},
+                         "vae": {"latent_dim": k}}).cells[0].config
+        for k in (4, 8)
+    ]  # fmt: skip
+    assert trained[0].baseline_key() != trained[1].baseline_key()
 
 
 def canonical_vae(raw: dict[str, Any]) -> dict[str, Any]:

@@ -311,9 +311,13 @@ class CellConfig:
         return config_hash(self.canonical())
 
     def baseline_key(self) -> str:
-        """Hash of what produces the trained baseline, shared by all compressed variants."""
+        """Hash of what produces the trained baseline, shared by all compressed variants (and
+        the cell's VAE if its training objective is an on-manifold one)."""
         full = self.canonical()
-        return config_hash({k: full[k] for k in ("data", "model", "train", "seed")})
+        parts = {k: full[k] for k in ("data", "model", "train", "seed")}
+        if "vae" in full and _needs_manifold(OBJECTIVES, self.train.objective):
+            parts["vae"] = full["vae"]
+        return config_hash(parts)
 
 
 def _needs_manifold(registry: Any, spec: Mapping[str, Any] | str | None) -> bool:
