@@ -19,11 +19,12 @@ from robcomp.attacks.manifold import (
 )
 from robcomp.compress import COMPRESSORS
 from robcomp.data import get
-from robcomp.data.base import DataSplits
+from robcomp.data.base import DataSplits, Split
 from robcomp.data.builtin import GAUSSIAN_COVS, GAUSSIAN_MEANS
 from robcomp.data.shifts import SHIFTS, ShiftContext
 from robcomp.evaluate import ThreatModelViolation, accuracy, attack_batch, evaluate_attack
 from robcomp.evaluate.adversarial import check_latent_threat_model
+from robcomp.evaluate.manifold import on_manifold_set
 from robcomp.models import create
 from robcomp.models.generative import (
     GaussianManifold,
@@ -68,6 +69,14 @@ def test_vae_reconstruction_loss_falls_with_training(digits: DataSplits) -> None
             losses.append(float(vae.loss(x, torch.Generator().manual_seed(0))[0]))
     assert losses[1] < 0.8 * losses[0]
     assert vae.decode(torch.zeros(2, 8)).shape == (2, 1, 8, 8) and vae.kind == "conv"
+
+
+def test_kl_warmup_ramps_the_weight_up_to_beta() -> None:
+    spec = VAESpec(beta=0.5, warmup=4)
+    assert [spec.kl_weight(e) for e in range(6)] == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    assert VAESpec(beta=0.5).kl_weight(0) == 0.5
+    with pytest.raises(ValueError, match="warmup"):
+        VAESpec(warmup=-1)
 
 
 def test_vae_cache_round_trip_loads_the_same_models(digits: DataSplits, tmp_path: Path) -> None:
@@ -211,14 +220,59 @@ def test_manifold_sets_hold_examples_that_fool_the_baseline(
     assert [(s.shift, s.severity, s.family) for s in splits] == [
         ("adv-on", 0, "manifold"),
         ("adv-off", 0, "manifold"),
+        ("recon", 0, "manifold"),
     ]
-    on, off = splits[0].split, splits[1].split
+    on, off, recon = (s.split for s in splits)
     assert len(on) > 0 and len(off) > 0
     assert accuracy(baseline, on) == 0.0 and accuracy(baseline, off) == 0.0
     # adv-on points keep their true class by the Bayes rule of the true latents
     manifold = GaussianManifold(n=SPEC["n"])
     assert (bayes_class(manifold.encode(on.x)) == on.y).all()
-    assert shift.summary({("adv-on", 0): 0.5}, {}, (0.9, 0.95)) == {"combined_accuracy": 0.7}
+    # recon: every test point through the (here exactly inverted) generator
+    x, y = gaussians.test.head(400).tensors()
+    assert torch.equal(recon.y, y) and torch.allclose(recon.x, x, atol=1e-4)
+    sizes = {("adv-on", 0): 7, ("recon", 0): 400}
+    summary = shift.summary(
+        {("adv-on", 0): 0.5, ("recon", 0): 0.9}, {("recon", 0): 0.95}, (0.9, 0.95), sizes
+    )
+    assert summary == pytest.approx({
+        "combined_accuracy": 0.7, "adv_on_points": 7.0, "vae_recon_accuracy": 0.95,
+        "adv_on_recon_errors": 20.0, "recon_accuracy": 0.9,
+    })  # fmt: skip
+
+
+class _ShiftedDecoder:
+    """A toy manifold on (B, 2) inputs: the latent is the input, the decoder moves the first
+    coordinate down by 0.3, every latent keeps its class."""
+
+    def encode(self, x: Tensor) -> Tensor:
+        return x.detach().clone()
+
+    def decode(self, z: Tensor) -> Tensor:
+        return torch.stack([z[:, 0] - 0.3, z[:, 1]], dim=1).clamp(0.0, 1.0)
+
+    def keeps_class(self, z: Tensor, y: Tensor) -> Tensor:
+        return torch.ones(len(z), dtype=torch.bool)
+
+    def label(self) -> str:
+        return "shifted-decoder"
+
+
+def test_adv_on_leaves_out_points_the_decoder_alone_misclassifies() -> None:
+    """Point 0 (x0 = 0.7) is class 1 (x0 > 0.5) but its reconstruction (0.4) is not: the
+    decoder, not the latent step, fools the model, so it must not enter adv-on (the old rule
+    kept it: the attack only pushes it further). Point 1 (x0 = 0.9) reconstructs right (0.6)
+    and a latent step of 0.3 flips it: a true adv-on example. Point 2 stays right."""
+    model = nn.Linear(2, 2)
+    with torch.no_grad():  # logit of class 1 minus class 0 = 20 * (x0 - 0.5)
+        model.weight.copy_(torch.tensor([[0.0, 0.0], [20.0, 0.0]]))
+        model.bias.copy_(torch.tensor([0.0, -10.0]))
+    x = torch.tensor([[0.7, 0.5], [0.9, 0.5], [1.0, 0.5]])
+    y = torch.tensor([1, 1, 1])
+    attack = OnManifold(eps=0.15, step_size=0.05, steps=5).bind(_ShiftedDecoder())
+    assert attack.perturb(model, x, y).kept.tolist() == [True, True, False]  # old adv-on
+    on = on_manifold_set(model, attack, Split(x, y))
+    assert len(on) == 1 and torch.allclose(on.x, torch.tensor([[0.45, 0.5]]))
 
 
 # --- objectives -----------------------------------------------------------------------------------

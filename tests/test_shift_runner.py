@@ -17,6 +17,7 @@ from robcomp.config import ConfigError
 from robcomp.data.base import DataSplits, Split
 from robcomp.data.shifts import SHIFTS, ShiftContext, ShiftedSplit
 from robcomp.experiments import STORE_NAME, Metric, ResultStore, load_experiment, run_experiment
+from robcomp.experiments.cache import compressed_key
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -210,3 +211,95 @@ def test_on_manifold_attack_and_fixed_sets_through_the_runner(tmp_path: Path) ->
     assert examples["x"].shape == examples["x_adv"].shape and examples["x"].shape[1:] == (1, 4, 4)
     assert (examples["y_adv"] != examples["y"]).all()  # each one fooled the model
     assert not np.array_equal(examples["x"], examples["x_adv"])
+
+
+def test_a_vae_cell_records_its_reconstruction_accuracy(tmp_path: Path) -> None:
+    """On data without a known generator the cell's ``vae`` section builds the VAE; the
+    manifold-sets summary records how the dense model does on its reconstructions, how many
+    of them it gets wrong (kept out of adv-on), and the model's own accuracy there."""
+    raw = _registered(
+        {"name": "digits", "train_limit": 300}, "tiny_mlp",
+        shifts=[{"name": "manifold-sets", "eps": 0.5, "step_size": 0.1, "steps": 5}],
+    )  # fmt: skip
+    raw["vae"] = {"latent_dim": 4, "epochs": 2, "classifier_epochs": 2}
+    raw["grid"] = {"compress": [{"name": "none"}, {"name": "magnitude", "sparsity": 0.9}]}
+    experiment = load_experiment(raw)
+    assert experiment.cells[0].config.vae_spec().latent_dim == 4
+    summary = run_experiment(experiment, tmp_path)
+    assert summary.ran == 2 and not summary.failed, summary.failed
+    runs = {r.config["compress"]["name"]: _by_key(r.metrics)
+            for r in ResultStore(tmp_path / STORE_NAME).runs()}  # fmt: skip
+    assert sorted(p.parent.name[:4] for p in tmp_path.rglob("vae.safetensors")) == ["vae-"]
+    for values in runs.values():
+        dense_recon = values[("vae_recon_accuracy", "manifold-sets", 0)]
+        errors = values[("adv_on_recon_errors", "manifold-sets", 0)]
+        assert 0.0 < dense_recon <= 1.0 and errors == round(errors) and errors >= 0
+        assert (
+            values[("recon_accuracy", "manifold-sets", 0)] == values[("clean_accuracy", "recon", 0)]
+        )
+        assert values[("adv_on_points", "manifold-sets", 0)] >= 0
+    # every cell of one baseline reports the same dense reconstruction accuracy
+    assert (runs["none"][("vae_recon_accuracy", "manifold-sets", 0)]
+            == runs["magnitude"][("vae_recon_accuracy", "manifold-sets", 0)])  # fmt: skip
+    assert (runs["none"][("recon_accuracy", "manifold-sets", 0)]
+            == runs["none"][("vae_recon_accuracy", "manifold-sets", 0)])  # fmt: skip
+
+
+def test_a_cell_attacked_on_the_manifold_without_the_test_sets_records_reconstruction(
+    tmp_path: Path,
+) -> None:
+    raw = _registered(
+        {"name": "digits", "train_limit": 300}, "tiny_mlp",
+        attacks=[{"name": "on-manifold", "eps": 0.5, "step_size": 0.1, "steps": 3}],
+    )  # fmt: skip
+    raw["vae"] = {"latent_dim": 4, "epochs": 2, "classifier_epochs": 2}
+    summary = run_experiment(load_experiment(raw), tmp_path)
+    assert summary.ran == 1 and not summary.failed, summary.failed
+    (run,) = ResultStore(tmp_path / STORE_NAME).runs()
+    values = _by_key(run.metrics)
+    dense, ours = values[("vae_recon_accuracy", "", 0)], values[("recon_accuracy", "", 0)]
+    assert dense is not None and 0.0 < dense <= 1.0 and dense == ours  # the dense cell itself
+
+
+def test_the_vae_section_is_part_of_the_identity_only_where_a_vae_is_used() -> None:
+    shifts = [{"name": "manifold-sets"}]
+    digits = _registered({"name": "digits"}, "tiny_mlp", shifts=shifts)
+    simulation = _registered({"name": "gaussians", "n": 2000}, "tiny_mlp", shifts=shifts)
+    plain = _registered({"name": "digits"}, "tiny_mlp")
+    ids = {}
+    for name, raw in (("digits", digits), ("simulation", simulation), ("plain", plain)):
+        for latent in (4, 8):
+            cfg = load_experiment({**raw, "vae": {"latent_dim": latent}}).cells[0].config
+            ids[name, latent] = cfg.cell_id()
+        canonical = cfg.canonical()
+        assert ("vae" in canonical) == (name == "digits")
+    assert canonical_vae(digits) == {**canonical_vae(digits), "latent_dim": 32}  # the default
+    assert ids["digits", 4] != ids["digits", 8]
+    assert ids["simulation", 4] == ids["simulation", 8]  # its own generator: no VAE
+    assert ids["plain", 4] == ids["plain", 8]
+    # the test sets' definition changed with the same fields: a revision keeps old cells apart
+    shift = load_experiment(simulation).cells[0].config.canonical()["evaluate"]["shifts"][0]
+    assert shift["revision"] == 2
+    with pytest.raises(ConfigError, match="latent_dim"):  # checked where no VAE is used, too
+        load_experiment({**plain, "vae": {"latent_dim": 0}})
+    # MC-AT(on) fine-tuning draws from the VAE: the compressed model is keyed by it; the
+    # baseline, trained with plain cross-entropy, is shared
+    on = {"name": "mc-at-on", "eta": 0.3}
+    compress = {"name": "proximal-l0", "sparsity": 0.5, "objective": on}
+    cells = [
+        load_experiment({**plain, "compress": compress, "vae": {"latent_dim": k}}).cells[0].config
+        for k in (4, 8)
+    ]
+    assert cells[0].baseline_key() == cells[1].baseline_key()
+    assert compressed_key(cells[0]) != compressed_key(cells[1])
+    trained = [
+        load_experiment({**plain, "train": {**plain["train"], "objective": on},
+                         "vae": {"latent_dim": k}}).cells[0].config
+        for k in (4, 8)
+    ]  # fmt: skip
+    assert trained[0].baseline_key() != trained[1].baseline_key()
+
+
+def canonical_vae(raw: dict[str, Any]) -> dict[str, Any]:
+    vae: dict[str, Any] = load_experiment(raw).cells[0].config.canonical()["vae"]
+    return vae

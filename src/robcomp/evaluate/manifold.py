@@ -6,7 +6,10 @@ The paper scores every compressed model on two test sets built **once, against t
 model**: ``adv-on``, the on-manifold examples that fooled it and kept their class
 (Definition 1), and ``adv-off``, the L-inf PGD examples that fooled it. They are a shift
 (``manifold-sets``): the runner builds them with the cell's baseline and scores each model's
-clean accuracy on them, like any shifted split.
+clean accuracy on them, like any shifted split. A third split, ``recon``, holds the
+reconstructions ``decode(encode(x))`` of the same test points: the accuracy there is what the
+generative model alone costs, with no latent step. A point the dense model already gets wrong
+on its reconstruction never enters adv-on (the decoder, not the attack, fooled it).
 
 Example, an experiment file's evaluation suite on the simulation:
 
@@ -21,6 +24,7 @@ evaluate:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +55,15 @@ from robcomp.progress import track
 logger = logging.getLogger(__name__)
 
 
+KNOWN_GENERATORS = ("gaussians",)
+"""Data sets whose generator :func:`manifold_for` knows (no VAE is trained for them)."""
+
+
+def has_known_generator(data_spec: Mapping[str, Any]) -> bool:
+    """Whether the data of ``data_spec`` (a cell's ``data`` section) has a known generator."""
+    return data_spec.get("name") in KNOWN_GENERATORS
+
+
 def manifold_for(
     data_spec: Mapping[str, Any],
     data: DataSplits,
@@ -74,7 +87,7 @@ def manifold_for(
         cache_dir: folder of trained generative models, or None.
         spec: the VAE to train (``VAESpec()`` by default).
     """
-    if data_spec.get("name") == "gaussians" and spec is None:
+    if has_known_generator(data_spec) and spec is None:
         return GaussianManifold(
             n=int(data_spec.get("n", 70000)), encoder_seed=int(data_spec.get("encoder_seed", 0))
         )
@@ -101,15 +114,34 @@ def _collect(model: nn.Module, split: Split, batch_size: int, description: str, 
     return Split(torch.cat(xs), torch.cat(ys))
 
 
+@torch.no_grad()
+def reconstruct(manifold: Manifold, x: Tensor) -> Tensor:
+    """``decode(encode(x))`` clipped to [0, 1]: the point with no latent perturbation."""
+    return manifold.decode(manifold.encode(x)).clamp(0.0, 1.0)
+
+
+def reconstruction_split(manifold: Manifold, split: Split, batch_size: int = 256) -> Split:
+    """The reconstructions ``decode(encode(x))`` of every point of ``split``, true labels."""
+    xs = [reconstruct(manifold, x) for x, _ in split.batches(batch_size)]
+    if not xs:
+        return Split(split.x[:0].float(), split.y[:0])
+    return Split(torch.cat(xs), split.y)
+
+
 def on_manifold_set(
     model: nn.Module, attack: OnManifold, split: Split, batch_size: int = 256
 ) -> Split:
     """The adv-on set: the on-manifold examples of ``split`` that fool ``model`` and keep their
-    class (Definition 1), with their true labels."""
+    class (Definition 1), with their true labels, among the points ``model`` classifies right
+    on their reconstruction ``decode(encode(x))``. A point it gets wrong there is fooled by the
+    generative model with no latent step at all, so it says nothing about the attack."""
+    manifold = attack.manifold()
 
     def run(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         outcome = attack.perturb(model, x, y)
-        return outcome.x_adv, outcome.kept
+        with torch.no_grad():
+            reconstructs = model(reconstruct(manifold, x)).argmax(1) == y
+        return outcome.x_adv, outcome.kept & reconstructs
 
     return _collect(model, split, batch_size, f"adv-on {attack.label()}", run)
 
@@ -131,9 +163,15 @@ def off_manifold_set(model: nn.Module, attack: PGD, split: Split, batch_size: in
 class ManifoldSets:
     """The fixed on- and off-manifold adversarial test sets of Kwon & Lee 2021 (Sec. 5, Table 2),
     built once against the cell's dense baseline (``uses_baseline``) from the test split:
-    ``adv-on`` (latent PGD, filtered by Definition 1) and ``adv-off`` (L-inf PGD from a random
-    start, the examples that fooled the baseline). Every model is then scored on them; the
-    summary adds the paper's combination, the mean of clean and adv-on accuracy.
+    ``adv-on`` (latent PGD, filtered by Definition 1, among the points the baseline classifies
+    right on their reconstruction) and ``adv-off`` (L-inf PGD from a random start, the examples
+    that fooled the baseline), with ``recon``, the reconstructions ``decode(encode(x))`` of the
+    same points. Every model is then scored on the three. The summary adds the paper's
+    combination (the mean of clean and adv-on accuracy), ``vae_recon_accuracy`` (the dense
+    baseline's accuracy on ``recon``: how well the generative model reconstructs, in the
+    classifier's eyes; on the simulation the generator is inverted exactly), ``recon_accuracy``
+    (the model's own), ``adv_on_recon_errors`` (the points the baseline gets wrong on ``recon``,
+    kept out of adv-on) and ``adv_on_points`` (the size of adv-on).
 
     The generative model is the active one (:func:`~robcomp.attacks.manifold.using_manifold`)
     if the runner provides one, else :func:`manifold_for` with the context's cache folder.
@@ -147,7 +185,8 @@ class ManifoldSets:
         off_step: its step size (HAR 0.01).
         off_steps: its iterations (HAR 7).
         limit: use the first ``limit`` test points only (None: all).
-        vae: VAESpec fields of the generative model on data without a known generator.
+        vae: VAESpec fields of the generative model on data without a known generator,
+            when the shift runs outside the runner (a cell's runs use the cell's ``vae``).
         seed: seeds PGD's random start.
     """
 
@@ -164,6 +203,9 @@ class ManifoldSets:
 
     uses_baseline: ClassVar[bool] = True
     needs_manifold: ClassVar[bool] = True
+    summary_uses_sizes: ClassVar[bool] = True
+    # 2: adv-on leaves out points misclassified on their reconstruction; the recon split.
+    revision: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         self.on_attack()  # the attack's own checks name the bad field
@@ -200,15 +242,18 @@ class ManifoldSets:
         test = data.test.head(self.limit)
         on = on_manifold_set(context.baseline, self.on_attack().bind(manifold), test)
         off = off_manifold_set(context.baseline, self.off_attack(), test)
+        recon = reconstruction_split(manifold, test)
         logger.info(
-            "manifold-sets: %d adv-on and %d adv-off of %d test points",
+            "manifold-sets: %d adv-on and %d adv-off of %d test points (%s)",
             len(on),
             len(off),
             len(test),
+            manifold.label(),
         )
         return [
             ShiftedSplit("adv-on", 0, on, family="manifold"),
             ShiftedSplit("adv-off", 0, off, family="manifold"),
+            ShiftedSplit("recon", 0, recon, family="manifold"),
         ]
 
     def summary(
@@ -216,12 +261,28 @@ class ManifoldSets:
         model_acc: Mapping[tuple[str, int], float],
         baseline_acc: Mapping[tuple[str, int], float],
         clean: tuple[float, float],
+        sizes: Mapping[tuple[str, int], int],
     ) -> dict[str, float]:
-        """``combined_accuracy``: the mean of clean and adv-on accuracy (the paper's
-        "Combination (Original & Adv-On)")."""
-        del baseline_acc
+        """``combined_accuracy``, the mean of clean and adv-on accuracy (the paper's
+        "Combination (Original & Adv-On)"); ``vae_recon_accuracy`` and ``recon_accuracy``,
+        the baseline's and the model's accuracy on the reconstructions; ``adv_on_recon_errors``,
+        how many reconstructions the baseline gets wrong (kept out of adv-on); and
+        ``adv_on_points``, the size of adv-on. ``sizes`` counts the points of each split."""
+        out: dict[str, float] = {}
         on = model_acc.get(("adv-on", 0))
-        return {} if on is None else {"combined_accuracy": (clean[0] + on) / 2}
+        if on is not None and not math.isnan(on):
+            out["combined_accuracy"] = (clean[0] + on) / 2
+        if ("adv-on", 0) in sizes:
+            out["adv_on_points"] = float(sizes[("adv-on", 0)])
+        dense_recon, n_recon = baseline_acc.get(("recon", 0)), sizes.get(("recon", 0), 0)
+        if dense_recon is not None and n_recon:
+            out["vae_recon_accuracy"] = dense_recon
+            # accuracy is (correct / n), so this count is exact
+            out["adv_on_recon_errors"] = float(round(n_recon * (1.0 - dense_recon)))
+        ours_recon = model_acc.get(("recon", 0))
+        if ours_recon is not None and n_recon:
+            out["recon_accuracy"] = ours_recon
+        return out
 
 
 def manifold_examples(

@@ -53,11 +53,17 @@ class NotRebuildable(Exception):
 
 
 def compressed_key(cfg: CellConfig) -> str:
-    """Hash of what produces a cell's compressed, fine-tuned model."""
+    """Hash of what produces a cell's compressed, fine-tuned model (with the cell's VAE, which
+    an on-manifold training objective draws its examples from)."""
     full = cfg.canonical()
-    return config_hash(
-        {"baseline": cfg.baseline_key(), "compress": full["compress"], "finetune": full["finetune"]}
-    )
+    parts = {
+        "baseline": cfg.baseline_key(),
+        "compress": full["compress"],
+        "finetune": full["finetune"],
+    }
+    if "vae" in full:
+        parts["vae"] = full["vae"]
+    return config_hash(parts)
 
 
 def compressed_model(

@@ -25,7 +25,13 @@ from torch import nn
 
 from robcomp import data as datasets
 from robcomp.attacks import Attack
-from robcomp.attacks.manifold import ManifoldSource, is_latent, using_manifold
+from robcomp.attacks.manifold import (
+    ManifoldSource,
+    is_latent,
+    needs_manifold,
+    resolve_manifold,
+    using_manifold,
+)
 from robcomp.compress import COMPRESSORS, Record, finalize, latency, measure
 from robcomp.compress.efficiency import count_macs
 from robcomp.config import build_component, to_dict
@@ -41,7 +47,7 @@ from robcomp.evaluate.bpda import (
     twin_agreements,
 )
 from robcomp.evaluate.diagnostics import Flag, diagnose, probe_threat_model, summarize
-from robcomp.evaluate.manifold import manifold_examples, manifold_for
+from robcomp.evaluate.manifold import manifold_examples, manifold_for, reconstruction_split
 from robcomp.experiments.cache import compressed_model, own_callables
 from robcomp.experiments.shifts import baseline_scores, build_shifts, shifted_splits
 from robcomp.experiments.shifts import scores as shift_scores
@@ -286,13 +292,14 @@ def _shift_metrics(
         splits = shifted_splits(cfg, shift, data, baseline, cache)
         ours = shift_scores(model, splits, spec.batch_size)
         dense = baseline_scores(cfg, shift, splits, baseline, cache)
+        sizes = {(s.shift, s.severity): len(s.split) for s in splits}
         metrics += [
             Metric("clean_accuracy", acc, shift=name, severity=severity)
             for (name, severity), acc in ours.items()
         ]
         metrics += [
             Metric(name, value, shift=shift.label())
-            for name, value in shift_summary(shift, ours, dense, clean).items()
+            for name, value in shift_summary(shift, ours, dense, clean, sizes).items()
         ]
         for s in splits if spec.attack_shifted else []:
             if not len(s.split):
@@ -320,6 +327,24 @@ def _save_manifold_examples(
     examples = manifold_examples(model, attack, data.test.head(cfg.evaluate.limit or 200))
     if examples is not None:
         np.savez(folder / "manifold_examples.npz", classes=np.array(data.classes), **examples)
+
+
+def _reconstruction_metrics(
+    cfg: CellConfig, model: nn.Module, data: DataSplits, baseline: nn.Module
+) -> list[Metric]:
+    """How the dense baseline (``vae_recon_accuracy``) and the model (``recon_accuracy``)
+    classify the test points' reconstructions ``decode(encode(x))``, for a cell whose
+    on-manifold components use a generative model but have no ``manifold-sets`` shift to
+    report it (that shift records both, on its own test points)."""
+    shifts = build_shifts(cfg) if cfg.evaluate.shifts else []
+    if not cfg.uses_manifold() or any(needs_manifold(s) for s in shifts):
+        return []
+    recon = reconstruction_split(resolve_manifold(None, "reconstruction accuracy"), data.test)
+    batch = cfg.evaluate.batch_size
+    return [
+        Metric("vae_recon_accuracy", accuracy(baseline, recon, batch)),
+        Metric("recon_accuracy", accuracy(model, recon, batch)),
+    ]
 
 
 def _route_info(worst: WorstCase) -> dict[str, Any]:
@@ -401,9 +426,10 @@ def run_cell(cell: Cell, workdir: Path) -> CellResult:
 
 
 def _cell_manifold(cfg: CellConfig, data: DataSplits, cache: Path) -> ManifoldSource:
-    """The cell's generative model for on-manifold attacks, objectives and test sets, built
-    (or read from ``cache``) only when one of them first asks for it."""
-    return lambda: manifold_for(cfg.data, data, cfg.seed, cache / "manifold")
+    """The cell's generative model for on-manifold attacks, objectives and test sets (the
+    data's own generator, else the VAE of the cell's ``vae`` section), built (or read from
+    ``cache``) only when one of them first asks for it."""
+    return lambda: manifold_for(cfg.data, data, cfg.seed, cache / "manifold", cfg.vae_spec())
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -492,6 +518,7 @@ def _run_cell(cell: Cell, workdir: Path) -> CellResult:
             shift_metrics, shifts = _shift_metrics(
                 cfg, attacked, data, baseline, workdir / "cache", evaluation.clean_accuracy
             )
+            shift_metrics += _reconstruction_metrics(cfg, attacked, data, baseline)
         flag_metrics, flags = _diagnostics(cfg, attacked, data, evaluation)
         worst_metrics, worst_case = record_worst_case(evaluation.results, folder)
         metrics = (

@@ -2,8 +2,9 @@
 
 A grid of ten compressed variants of one baseline shifts its test data once: the arrays of a
 shift live under ``OUT/cache/shift-<key>.safetensors`` with the key a hash of the cell's
-canonical data section, the shift's fields (defaults filled in), the seed, ``shift_limit`` and,
-for a shift built against the dense baseline (an on-manifold test set), the baseline's key. The
+canonical data section, the shift's fields (defaults filled in), the seed, ``shift_limit``,
+for a shift built against the dense baseline (an on-manifold test set) the baseline's key, and
+for a shift made through the cell's VAE its settings. The
 dense baseline's accuracies on those splits, which normalise mCE, are kept beside them per
 baseline, so they too are computed once.
 
@@ -51,11 +52,14 @@ def shift_key(cfg: CellConfig, shift: Any) -> str:
     parts: dict[str, Any] = {
         "data": cfg.canonical()["data"],
         "shift": {"name": type(shift).__name__, **identity_dict(shift)},
+        **({"revision": shift.revision} if getattr(shift, "revision", None) else {}),
         "seed": cfg.seed,
         "shift_limit": cfg.evaluate.shift_limit,
     }
     if uses_baseline(shift):
         parts["baseline"] = cfg.baseline_key()
+    if getattr(shift, "needs_manifold", False) and "vae" in (canonical := cfg.canonical()):
+        parts["vae"] = canonical["vae"]  # the adv-on set is made through the VAE
     return config_hash(parts)
 
 

@@ -19,6 +19,7 @@ grid:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import difflib
 import inspect
 import itertools
@@ -51,11 +52,13 @@ from robcomp.config import (
 )
 from robcomp.data import DATASETS
 from robcomp.data.shifts import SHIFTS
+from robcomp.evaluate.manifold import has_known_generator
 from robcomp.experiments.digest import by_content, content_of
 from robcomp.models import factory_for
 from robcomp.models.base import code_paths
 from robcomp.models.checkpoint import SPEC, WEIGHTS
 from robcomp.models.ecosystem import is_ecosystem
+from robcomp.models.generative import VAESpec
 from robcomp.registry import RegistryError
 from robcomp.train import OBJECTIVES, TrainConfig
 
@@ -231,6 +234,10 @@ class CellConfig:
             which more threads only slow down, else every core other processes leave free.
         resources: what a cell reserves on a Ray cluster and how often it is retried when its
             worker dies (:class:`Resources`); the local executor ignores it.
+        vae: the VAE (:class:`~robcomp.models.generative.VAESpec` fields) that on-manifold
+            attacks, objectives and test sets use on data without a known generator (every
+            data set but ``gaussians``, whose own generator is used); trained once per (data,
+            settings, seed) and cached. Part of the cell's identity only where it is used.
     """
 
     name: str = "experiment"
@@ -245,6 +252,7 @@ class CellConfig:
     device: str = field(default="auto", metadata=OPERATIONAL)
     threads: int | None = field(default=None, metadata=OPERATIONAL)
     resources: Resources = field(default_factory=Resources, metadata=OPERATIONAL)
+    vae: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.device != "auto":
@@ -278,26 +286,70 @@ class CellConfig:
         else:  # a suite without shifts keeps the identity it had before shifts existed
             for key in ("shifts", "attack_shifted", "shift_limit"):
                 out["evaluate"].pop(key)
+        # A cell that trains no VAE keeps the identity it had before the setting existed.
+        out.pop("vae")
+        if (spec := self.vae_spec()) is not None:
+            out["vae"] = dataclasses.asdict(spec)
         return _json_safe(by_content(out))
+
+    def uses_manifold(self) -> bool:
+        """Whether an attack, shift or training objective of the cell needs a generative
+        model of the data (an on-manifold component, Kwon & Lee 2021)."""
+        specs = [(ATTACKS, s) for s in self.evaluate.attack_specs()]
+        specs += [(SHIFTS, s) for s in self.evaluate.shifts]
+        specs += [(OBJECTIVES, self.train.objective)]
+        if self.finetune is not None:
+            specs.append((OBJECTIVES, self.finetune.objective))
+        if isinstance(self.compress, Mapping) and "objective" in self.compress:
+            specs.append((OBJECTIVES, self.compress["objective"]))
+        return any(_needs_manifold(registry, spec) for registry, spec in specs)
+
+    def vae_spec(self) -> VAESpec | None:
+        """The VAE the cell's on-manifold components use (:attr:`vae` with its defaults), or
+        None when it uses none: no component needs one, or the data has a known generator."""
+        if has_known_generator(self.data) or not self.uses_manifold():
+            return None
+        return build(VAESpec, self.vae, "vae")
 
     def cell_id(self) -> str:
         """Hash of the canonical configuration: the cell's identity in the store."""
         return config_hash(self.canonical())
 
     def baseline_key(self) -> str:
-        """Hash of what produces the trained baseline, shared by all compressed variants."""
+        """Hash of what produces the trained baseline, shared by all compressed variants (and
+        the cell's VAE if its training objective is an on-manifold one)."""
         full = self.canonical()
-        return config_hash({k: full[k] for k in ("data", "model", "train", "seed")})
+        parts = {k: full[k] for k in ("data", "model", "train", "seed")}
+        if "vae" in full and _needs_manifold(OBJECTIVES, self.train.objective):
+            parts["vae"] = full["vae"]
+        return config_hash(parts)
+
+
+def _needs_manifold(registry: Any, spec: Mapping[str, Any] | str | None) -> bool:
+    name = spec if isinstance(spec, str) else (spec or {}).get("name")
+    return (
+        isinstance(name, str)
+        and name in registry
+        and bool(getattr(registry.get(name), "needs_manifold", False))
+    )
 
 
 def _resolved(registry: Any, spec: Mapping[str, Any] | str) -> Any:
-    """``{"name": ..., **every field}`` of a registered component; the spec as given when it
-    cannot be built on its own (e.g. an objective that needs a teacher bound at run time)."""
+    """``{"name": ..., **every field}`` of a registered component, with its ``revision`` if
+    it has one (a component whose results changed with the same fields says so by raising
+    it, so its cells are new ones); the spec as given when it cannot be built on its own
+    (e.g. an objective that needs a teacher bound at run time)."""
     name = spec if isinstance(spec, str) else spec.get("name")
     try:
-        return {"name": name, **identity_dict(build_component(registry, spec, "hash"))}
+        component = build_component(registry, spec, "hash")
     except (ConfigError, RegistryError, TypeError, ValueError):
         return to_dict(spec)
+    revision = getattr(component, "revision", None)
+    return {
+        "name": name,
+        **identity_dict(component),
+        **({"revision": revision} if revision else {}),
+    }
 
 
 def _json_safe(obj: Any) -> Any:
@@ -339,6 +391,7 @@ def validate(cfg: CellConfig, where: str) -> None:
             raise ConfigError(f"{where}: evaluate.attacks[{i}]: {message}")
     for i, shift in enumerate(cfg.evaluate.shifts):
         build_component(SHIFTS, shift, f"{where}: evaluate.shifts[{i}]")
+    build(VAESpec, cfg.vae, f"{where}: vae")  # checked even where no component uses it
     try:
         with code_paths(cfg.model.code_path):
             factory = factory_for(cfg.model.name)

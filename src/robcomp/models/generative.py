@@ -72,6 +72,12 @@ class Manifold(Protocol):
 class VAESpec:
     """How to build and train the VAE and its latent classifier (small and fast by default).
 
+    The defaults (latent 32, KL weight 0.25) are the kwon2021-onmanifold preset's: they
+    reconstruct MNIST and Fashion-MNIST well enough that its classifier keeps at least 95 % of
+    its clean accuracy on ``decode(encode(x))`` (``bench/vae.py``), where latent 8 with the
+    full KL term did not. The authors' code (sanglee/MC-ATON) uses a larger conv VAE (latent
+    128) trained on all training images.
+
     Attributes:
         latent_dim: size of the latent code.
         kind: ``conv`` (2-D conv for NCHW images, 1-D conv for NCL signals), ``mlp``, or ``auto``
@@ -80,18 +86,23 @@ class VAESpec:
         epochs: VAE training epochs.
         batch_size: batch size of both trainings.
         lr: Adam learning rate of both trainings.
-        beta: weight of the KL term (1 is the VAE of Kingma & Welling 2014).
+        beta: weight of the KL term (1 is the VAE of Kingma & Welling 2014; below 1 the
+            decoder keeps more detail, which a classifier of the reconstructions needs).
+        warmup: epochs over which the KL weight rises linearly from ``beta / warmup`` to
+            ``beta`` (0: ``beta`` from the start); lets the decoder use the code before the
+            KL term closes it (Bowman et al. 2016).
         classifier_epochs: latent classifier training epochs.
         limit: train on the first ``limit`` training points only (None: all).
     """
 
-    latent_dim: int = 8
+    latent_dim: int = 32
     kind: VAEKind = "auto"
     hidden: int = 128
     epochs: int = 30
     batch_size: int = 128
     lr: float = 1e-3
-    beta: float = 1.0
+    beta: float = 0.25
+    warmup: int = 0
     classifier_epochs: int = 30
     limit: int | None = None
 
@@ -107,6 +118,12 @@ class VAESpec:
             raise ValueError(f"vae.kind must be one of auto, mlp, conv; got {self.kind!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"vae.limit must be >= 1 or null, got {self.limit}")
+        if self.warmup < 0:
+            raise ValueError(f"vae.warmup must be >= 0, got {self.warmup}")
+
+    def kl_weight(self, epoch: int) -> float:
+        """The KL weight in (0-based) ``epoch``: ``beta``, ramped up over ``warmup`` epochs."""
+        return self.beta * min(1.0, (epoch + 1) / self.warmup) if self.warmup else self.beta
 
 
 def resolve_kind(kind: VAEKind, in_shape: tuple[int, ...]) -> Literal["mlp", "conv"]:
@@ -226,11 +243,12 @@ def train_vae(data: DataSplits, spec: VAESpec, seed: int) -> VAE:
     noise = torch.Generator(device=data.device).manual_seed(seed + 1)
     vae.train()
     with track(f"vae {kind} z={spec.latent_dim}", spec.epochs) as advance:
-        for _ in range(spec.epochs):
+        for epoch in range(spec.epochs):
+            beta = spec.kl_weight(epoch)
             for x, _ in split.batches(spec.batch_size, shuffle=True, generator=g):
                 recon, kl = vae.loss(x, noise)
                 optimizer.zero_grad(set_to_none=True)
-                (recon + spec.beta * kl).backward()
+                (recon + beta * kl).backward()
                 optimizer.step()
             advance()
     return _frozen(vae)  # type: ignore[return-value]

@@ -93,9 +93,16 @@ def shift_summary(
     model: Mapping[tuple[str, int], float],
     baseline: Mapping[tuple[str, int], float],
     clean: tuple[float, float],
+    sizes: Mapping[tuple[str, int], int] | None = None,
 ) -> dict[str, float]:
     """The shift's own summary of per-split accuracies (``{(shift, severity): accuracy}``) of
     the model and of the dense baseline, with both models' clean accuracies ``clean`` =
-    (model, baseline); ``{}`` for a shift without one. A shift defines it as ``summary``."""
+    (model, baseline); ``{}`` for a shift without one. A shift defines it as ``summary``; one
+    that also counts points says ``summary_uses_sizes = True`` and is given ``sizes``, the
+    number of points of each split."""
     method = getattr(shift, "summary", None)
-    return dict(method(model, baseline, clean)) if method is not None else {}
+    if method is None:
+        return {}
+    if getattr(shift, "summary_uses_sizes", False):
+        return dict(method(model, baseline, clean, dict(sizes or {})))
+    return dict(method(model, baseline, clean))
