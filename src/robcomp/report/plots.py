@@ -371,6 +371,32 @@ def domain_matrix(
     return sources, targets, {k: _mean(v) for k, v in values.items()}
 
 
+def _accuracy_panel(
+    ax: Any,
+    matrix: Any,
+    sources: list[str],
+    targets: list[str],
+    title: str,
+    *,
+    first_column: bool,
+) -> None:
+    """One source x target accuracy matrix, every entry written in %, a source scored on
+    itself (same name on both axes) in bold; NaN entries (not measured) stay blank."""
+    ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            if not np.isnan(value):
+                color = "black" if value > 0.6 else "white"
+                own = sources[i] == targets[j]
+                ax.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=8,
+                        color=color, fontweight="bold" if own else "normal")  # fmt: skip
+    ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(sources)), sources, fontsize=8)
+    ax.set_xlabel("target")
+    ax.set_ylabel("source" if first_column else "")
+    ax.set_title(title, fontsize=9)
+
+
 def plot_domain_heatmap(
     rows: list[dict[str, Any]], shifts: list[dict[str, Any]], path: Path
 ) -> Path | None:
@@ -392,19 +418,7 @@ def plot_domain_heatmap(
     fig, axes = plt.subplots(nrows, cols, figsize=(size[0] * cols, size[1] * nrows), squeeze=False)
     for ax, label, (sources, targets, acc) in zip(axes.flat, labels, grids):
         matrix = [[acc.get((s, t), float("nan")) for t in targets] for s in sources]
-        ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        for i, s in enumerate(sources):
-            for j, t in enumerate(targets):
-                if (s, t) in acc:
-                    value = acc[(s, t)]
-                    color = "black" if value > 0.6 else "white"
-                    ax.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=8,
-                            color=color, fontweight="bold" if s == t else "normal")  # fmt: skip
-        ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(range(len(sources)), sources, fontsize=8)
-        ax.set_xlabel("target")
-        ax.set_ylabel("source" if ax in axes[:, 0] else "")
-        ax.set_title(label, fontsize=9)
+        _accuracy_panel(ax, matrix, sources, targets, label, first_column=ax in axes[:, 0])
     for ax in list(axes.flat)[len(labels) :]:
         ax.axis("off")
     # every cell is annotated, so no colour bar
@@ -639,19 +653,7 @@ def plot_transfer_heatmap(
     size = (1.1 * width + 1.6 + 0.07 * longest, 0.6 * height + 1.6 + 0.05 * longest)
     fig, axes = plt.subplots(nrows, cols, figsize=(size[0] * cols, size[1] * nrows), squeeze=False)
     for ax, (panel, (sources, targets, matrix)) in zip(axes.flat, matrices.items()):
-        ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        for i, row in enumerate(matrix):
-            for j, value in enumerate(row):
-                if not np.isnan(value):
-                    color = "black" if value > 0.6 else "white"
-                    own = i == j and sources[i] == targets[j]  # a source scored on itself
-                    ax.text(j, i, f"{100 * value:.1f}", ha="center", va="center", fontsize=8,
-                            color=color, fontweight="bold" if own else "normal")  # fmt: skip
-        ax.set_xticks(range(len(targets)), targets, rotation=30, ha="right", fontsize=8)
-        ax.set_yticks(range(len(sources)), sources, fontsize=8)
-        ax.set_xlabel("target")
-        ax.set_ylabel("source" if ax in axes[:, 0] else "")
-        ax.set_title(panel, fontsize=9)
+        _accuracy_panel(ax, matrix, sources, targets, panel, first_column=ax in axes[:, 0])
     for ax in list(axes.flat)[len(matrices) :]:
         ax.axis("off")
     # every cell is annotated, so no colour bar
