@@ -359,15 +359,20 @@ def test_pretrained_weights_bring_imagenet_statistics_unless_the_file_sets_them(
 # --- real data ---------------------------------------------------------------------------------
 
 
-def test_real_mnist_model_scores_usps_and_mnist_m(robcomp_data: Path) -> None:
-    from robcomp.evaluate.clean import accuracy
-    from robcomp.train import TrainConfig, fit
-
+def _mnist_source(robcomp_data: Path) -> tuple[dict[str, Any], Any]:
+    """5,000 real MNIST training images as the source domain (skips without USPS)."""
     if not (robcomp_data / "domains" / "usps.npz").is_file():
         pytest.skip("no domains/usps.npz under ROBCOMP_DATA")
     spec = {"name": "domain", "source": {"name": "mnist", "root": str(robcomp_data)},
             "train_limit": 5000}  # fmt: skip
-    source = datasets.get(spec)
+    return spec, datasets.get(spec)
+
+
+def test_real_mnist_model_scores_usps_and_mnist_m(robcomp_data: Path) -> None:
+    from robcomp.evaluate.clean import accuracy
+    from robcomp.train import TrainConfig, fit
+
+    spec, source = _mnist_source(robcomp_data)
     torch.manual_seed(0)
     model = create("tiny_mlp", 10, source.in_shape, mean=source.mean, std=source.std)
     fit(model, source, TrainConfig(epochs=3, lr=1e-3, optimizer="adam", batch_size=64), seed=0)
@@ -391,11 +396,7 @@ def test_real_lenet5_transfers_from_mnist_to_usps(robcomp_data: Path) -> None:
     from robcomp.evaluate.clean import accuracy
     from robcomp.train import TrainConfig, fit
 
-    if not (robcomp_data / "domains" / "usps.npz").is_file():
-        pytest.skip("no domains/usps.npz under ROBCOMP_DATA")
-    spec = {"name": "domain", "source": {"name": "mnist", "root": str(robcomp_data)},
-            "train_limit": 5000}  # fmt: skip
-    source = datasets.get(spec)
+    spec, source = _mnist_source(robcomp_data)
     torch.manual_seed(0)
     model = create("lenet5", 10, source.in_shape, mean=source.mean, std=source.std)
     cfg = TrainConfig(epochs=3, lr=0.05, batch_size=64, schedule="cosine", weight_decay=5e-4)
