@@ -14,9 +14,17 @@ What it measures (issue: attacks and trustworthy evaluation, item 9):
   random start) plus a forward pass, so it is slower by construction; it is there because it
   is the implementation AutoAttack numbers come from.
 - ``curve``: the robust-accuracy-vs-eps curve (10 eps, 0.5/255 ... 5/255, L∞) from ONE
-  minimal-norm run (FMN, L∞, ``FMN_STEPS`` iterations) against 10 per-eps PGD-20 runs on the
-  same points: ``curve_cost_ratio`` = seconds of the 10 PGD runs / seconds of the FMN run, and
-  ``curve_max_gap_points`` = the largest gap between the two curves, in accuracy points.
+  minimal-norm run (FMN, L∞, ``fmn_steps`` iterations, then ``minimal_norms``' boundary search
+  of ``CURVE_SEARCH_STEPS`` forward passes) against 10 per-eps PGD-20 runs on the same points:
+  ``curve_cost_ratio`` = seconds of the 10 PGD runs / seconds of the FMN run with its search,
+  and ``curve_max_gap_points`` = the most the curve lies *above* PGD's robust accuracy at any
+  eps, in accuracy points (0 if never): the curve is an upper bound on robust accuracy, so a
+  curve below PGD-20 is the tighter bound, not an error (``curve_max_abs_gap_points`` counts
+  both directions; ``points_pgd_breaks_curve_misses`` and ``points_curve_breaks_pgd_misses``
+  count points per eps, without the cancellation of the two). The same FMN run without the
+  search is kept for comparison (``*_without_search``). ``--curve-check MODEL START`` repeats
+  the part on another pretrained model (resnet20, resnet32) and the 128 test images from
+  ``START``, stored under ``curve_checks`` without headline keys.
 - ``cascade``: our standard AutoAttack (``Cascade(eps=8/255)``, the defaults: APGD-CE, APGD-T,
   FAB-T, Square with the reference's standard settings) against the official
   ``AutoAttack(version="standard").run_standard_evaluation`` on the same points.
@@ -98,10 +106,13 @@ CIFAR_MEAN, CIFAR_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # so a grid of whole /255 steps would compare mostly zeros.
 CURVE_EPS = [i / 2 / 255 for i in range(1, 11)]
 CURVE_PGD_STEPS = 20
+# Binary-search steps that pull FMN's examples back to the boundary (minimal_norms' default).
+CURVE_SEARCH_STEPS = 10
 PEERS = ("torchattacks_pgd", "foolbox_pgd", "official_apgd_ce")
 OUT = Path(__file__).parent / "results" / "attacks.json"
 PARTS = ("speed", "curve", "cascade", "apgd")
 APGD_EPS = 1 / 255
+PRETRAINED = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
 
 Timings = dict[str, list[float]]
 
@@ -117,8 +128,9 @@ class Sizes:
     points: int = 128  # points of the curve and the cascades
     # 10 PGD-20 runs cost 200 gradient passes, so FMN must stay under 40 iterations to be 5x
     # cheaper. On these 128 points with Foolbox's default step (1.0), FMN-30, -35, -40 and -50
-    # all gave curves within 2.3 points of PGD-20's on this grid (FMN-20: 6.3 points at 1/255);
-    # a step of 10 (the FMN authors' advice for L∞, which helps on digits) was 16-20 points off.
+    # all gave curves within 2.3 points of PGD-20's on this grid before the boundary search
+    # (FMN-20: 6.3 points at 1/255); a step of 10 (the FMN authors' advice for L∞, which helps
+    # on digits) was 16-20 points off.
     fmn_steps: int = 35
     apgd_points: int = 500  # real images of the APGD comparison, as in the issue's measurement
     apgd_steps: int = 100
@@ -166,14 +178,14 @@ def load_data(root: str | None, n: int) -> tuple[Tensor, Tensor, bool]:
     return torch.rand(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g), False
 
 
-def build_models(root: str | None, real: bool) -> dict[str, Classifier]:
+def build_models(
+    root: str | None, real: bool, names: tuple[str, ...] = ("resnet20", "resnet18")
+) -> dict[str, Classifier]:
     torch.manual_seed(0)
-    models = {
-        name: create(name, 10, (3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD)
-        for name in ("resnet20", "resnet18")
-    }
-    if real and root:
-        load_weights(models["resnet20"], Path(root, "models", "resnet20-12fca82f.th"))
+    models = {name: create(name, 10, (3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD) for name in names}
+    for name, file in PRETRAINED.items():
+        if real and root and name in models:
+            load_weights(models[name], Path(root, "models", file))
     for model in models.values():
         # Frozen once, for every implementation alike (the peers freeze nothing themselves).
         model.eval().requires_grad_(False)
@@ -246,40 +258,85 @@ def speed(model: nn.Module, x: Tensor, batch: int, steps: int, rounds: int) -> d
 
 def robust_accuracy(model: nn.Module, x_adv: Tensor, x: Tensor, y: Tensor) -> float:
     """Share of points classified correctly both clean and attacked (as evaluate_attack counts)."""
+    return float(robust_points(model, x_adv, x, y).float().mean())
+
+
+def robust_points(model: nn.Module, x_adv: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """Which points are classified correctly both clean and attacked."""
     with torch.no_grad():
-        robust = (model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)
-    return float(robust.float().mean())
+        return (model(x).argmax(1) == y) & (model(x_adv).argmax(1) == y)
 
 
 def curve(model: nn.Module, x: Tensor, y: Tensor, fmn_steps: int) -> dict[str, Any]:
-    pgd_curve: list[float] = []
-    norms: list[Tensor] = []
+    pgd_robust: list[Tensor] = []
+    norms: dict[str, Tensor] = {}
 
     def pgd_runs(eps_values: list[float]) -> None:
         for eps in eps_values:
             x_adv = PGD(eps=eps, steps=CURVE_PGD_STEPS)(model, x, y)
-            pgd_curve.append(robust_accuracy(model, x_adv, x, y))
+            pgd_robust.append(robust_points(model, x_adv, x, y))
+
+    samples: dict[str, int] = {}
+    seen = [0]
+
+    def count(module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        seen[0] += len(inputs[0])
+
+    def fmn_run(name: str, search_steps: int) -> Callable[[], None]:
+        def run() -> None:
+            seen[0] = 0
+            norms[name] = minimal_norms(model, fmn, x, y, boundary_search_steps=search_steps)
+            samples[name] = seen[0]
+
+        return run
 
     fmn = ATTACKS.get("fmn")(eps=float("inf"), norm="linf", steps=fmn_steps)
-    with attack_mode(model):
-        # FMN runs between the two halves of the PGD runs, so load drift hits both sides.
-        per_eps = timed_once(lambda: pgd_runs(CURVE_EPS[:5]))
-        single = timed_once(lambda: norms.append(minimal_norms(model, fmn, x, y)))
-        per_eps += timed_once(lambda: pgd_runs(CURVE_EPS[5:]))
-    fmn_curve = robust_curve(norms[0], CURVE_EPS)
+    hook = model.register_forward_pre_hook(count)
+    try:
+        with attack_mode(model):
+            # The FMN runs sit between the two halves of the PGD runs: load drift hits both sides.
+            per_eps = timed_once(lambda: pgd_runs(CURVE_EPS[:5]))
+            plain = timed_once(fmn_run("plain", 0))
+            single = timed_once(fmn_run("searched", CURVE_SEARCH_STEPS))
+            per_eps += timed_once(lambda: pgd_runs(CURVE_EPS[5:]))
+    finally:
+        hook.remove()
+    pgd_curve = [float(r.float().mean()) for r in pgd_robust]
+    fmn_curve = robust_curve(norms["searched"], CURVE_EPS)
+    plain_curve = robust_curve(norms["plain"], CURVE_EPS)
+    # Per point: broken by PGD but robust on the curve, and the reverse (no cancellation).
+    curve_robust = [norms["searched"] > eps for eps in CURVE_EPS]
+    missed = [int((c & ~p).sum()) for c, p in zip(curve_robust, pgd_robust, strict=True)]
+    extra = [int((p & ~c).sum()) for c, p in zip(curve_robust, pgd_robust, strict=True)]
+    gaps = [100 * (a - b) for a, b in zip(fmn_curve, pgd_curve, strict=True)]
+    plain_gaps = [100 * (a - b) for a, b in zip(plain_curve, pgd_curve, strict=True)]
     return {
         "n": len(x),
         "eps_x255": [round(e * 255, 2) for e in CURVE_EPS],
         "pgd": f"pgd{CURVE_PGD_STEPS}-linf, step 2.5 eps / {CURVE_PGD_STEPS}, random start",
         "fmn": f"{fmn.label()}, max_stepsize {fmn.max_stepsize}",
+        "boundary_search_steps": CURVE_SEARCH_STEPS,
         "pgd_curve": pgd_curve,
         "fmn_curve": fmn_curve,
-        # Positive: FMN finds fewer adversarials than PGD at that eps.
-        "fmn_minus_pgd_points": [round(100 * (a - b), 2) for a, b in zip(fmn_curve, pgd_curve)],
+        "fmn_curve_without_search": plain_curve,
+        # Positive: the curve finds fewer adversarials than PGD at that eps.
+        "fmn_minus_pgd_points": [round(g, 2) for g in gaps],
+        "fmn_without_search_minus_pgd_points": [round(g, 2) for g in plain_gaps],
+        "points_pgd_breaks_curve_misses": missed,
+        "points_curve_breaks_pgd_misses": extra,
         "per_eps_pgd_s": per_eps,
         "one_fmn_run_s": single,
+        "one_fmn_run_without_search_s": plain,
+        # Images through the model, which the machine's load does not move: FMN's each with a
+        # backward pass, the search's forward only.
+        "fmn_samples_without_search": samples["plain"],
+        "search_samples": samples["searched"] - samples["plain"],
         "curve_cost_ratio": per_eps / single,
-        "curve_max_gap_points": 100 * max(abs(a - b) for a, b in zip(fmn_curve, pgd_curve)),
+        # How far the one-run curve overstates robust accuracy relative to per-eps PGD: the
+        # error that matters for an upper bound. Below PGD, the curve is the tighter bound.
+        "curve_max_gap_points": max(0.0, *gaps),
+        "curve_max_gap_points_without_search": max(0.0, *plain_gaps),
+        "curve_max_abs_gap_points": max(abs(g) for g in gaps),
     }
 
 
@@ -386,13 +443,25 @@ def main() -> None:
         default=list(PARTS),
         help="run only these parts; their keys update the existing results file",
     )
+    parser.add_argument(
+        "--curve-check",
+        nargs=2,
+        metavar=("MODEL", "START"),
+        help="run the curve part on another pretrained model (resnet20, resnet32) and the test "
+        "images from index START on, stored under curve_checks.MODEL@START (no headline keys)",
+    )
     args = parser.parse_args()
+    if args.curve_check and (args.curve_check[0] not in PRETRAINED or args.only != ["curve"]):
+        parser.error(f"--curve-check needs --only curve and a model in {sorted(PRETRAINED)}")
     sizes = QUICK if args.quick else Sizes()
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
     wall_start = time.perf_counter()
     root = os.environ.get("ROBCOMP_DATA")
-    report = run_parts(set(args.only), sizes, root)
+    if args.curve_check:
+        report = curve_check(sizes, root, args.curve_check[0], int(args.curve_check[1]))
+    else:
+        report = run_parts(set(args.only), sizes, root)
     context: dict[str, Any] = {
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -400,13 +469,21 @@ def main() -> None:
         "load_end": os.getloadavg(),
         "wall_s": time.perf_counter() - wall_start,
     }
+    old = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    # Curve checks on other models accumulate, one --curve-check run each.
+    new_checks = report.pop("curve_checks", {})
+    for value in new_checks.values():
+        value["run"] = context
+    checks = {**old.get("curve_checks", {}), **new_checks}
     if set(args.only) == set(PARTS):
         report = {"eps": EPS, **context, **report}
     else:  # the other parts' numbers stay, each part carries the context it ran in
         for value in report.values():
             if isinstance(value, dict):
                 value["run"] = context
-        report = {**(json.loads(OUT.read_text()) if OUT.is_file() else {}), **report}
+        report = {**old, **report}
+    if checks:
+        report["curve_checks"] = checks
     if not args.quick:
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text(json.dumps(report, indent=2) + "\n")
@@ -447,6 +524,18 @@ def run_parts(parts: set[str], sizes: Sizes, root: str | None) -> dict[str, Any]
         for key in ("apgd_speedup_vs_official", "apgd_gap_points"):
             report[key] = report["apgd"][key]
     return report
+
+
+def curve_check(sizes: Sizes, root: str | None, name: str, start: int) -> dict[str, Any]:
+    """The curve part on another pretrained model and other test images (real data only)."""
+    x, y, real = load_data(root, start + sizes.points)
+    if not real:
+        raise SystemExit("--curve-check needs the real images and weights (set ROBCOMP_DATA)")
+    model = build_models(root, real, (name,))[name]
+    result = curve(model, x[start:], y[start:], sizes.fmn_steps)
+    result["model"], result["first_image"] = name, start
+    print(f"curve check: {json.dumps(result, indent=1)}", flush=True)
+    return {"curve_checks": {f"{name}@{start}": result}}
 
 
 if __name__ == "__main__":

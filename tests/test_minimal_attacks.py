@@ -23,7 +23,12 @@ from robcomp.attacks import ATTACKS, PGD
 from robcomp.attacks.minimal import DDN, FMN, MinimalNormAttack, _l2_fmn, clip_to_ball
 from robcomp.attacks.norms import get_norm
 from robcomp.evaluate import attack_batch, attack_mode, check_threat_model
-from robcomp.evaluate.curves import average_minimal_perturbation, minimal_norms, robust_curve
+from robcomp.evaluate.curves import (
+    average_minimal_perturbation,
+    minimal_norms,
+    robust_curve,
+    shrink_to_boundary,
+)
 
 Model = tuple[nn.Module, Tensor, Tensor]
 
@@ -225,6 +230,10 @@ def test_fgsm_l1_is_one_sparse_step(trained: Model) -> None:
 
 
 # --- cross-checks against maintained implementations other than the wrapped one --------------
+# These compare the attacks themselves, so the curve's boundary search is off (RAW): it would
+# shrink ours past DeepFool's overshoot, for instance, and the other library's points are not
+# searched.
+RAW = {"boundary_search_steps": 0}
 
 
 def _library_norms(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, norm: str) -> Tensor:
@@ -243,9 +252,8 @@ def test_cw_matches_torchattacks_cw(trained: Model) -> None:
     torchattacks = pytest.importorskip("torchattacks")
     model, x, y = trained
     x, y = x[:64], y[:64]
-    ours = minimal_norms(
-        model, build("cw", {"binary_search_steps": 5, "steps": 100, "initial_const": 0.1}), x, y
-    )
+    attack = build("cw", {"binary_search_steps": 5, "steps": 100, "initial_const": 0.1})
+    ours = minimal_norms(model, attack, x, y, **RAW)
     with attack_mode(model):
         x_ta = torchattacks.CW(model, c=1, kappa=0, steps=100, lr=0.01)(x, y)
     theirs = _library_norms(model, x, y, x_ta, "l2")
@@ -262,7 +270,7 @@ def test_deepfool_matches_torchattacks_deepfool(trained: Model) -> None:
     measured median relative difference 0.03%, maximum 0.43% (76 points)."""
     torchattacks = pytest.importorskip("torchattacks")
     model, x, y = trained
-    ours = minimal_norms(model, build("deepfool", {"norm": "l2"}), x, y)
+    ours = minimal_norms(model, build("deepfool", {"norm": "l2"}), x, y, **RAW)
     with attack_mode(model):
         # 10 steps: torchattacks loops over samples, and the points it breaks at all it breaks
         # within a few steps (ours keep their 50).
@@ -281,7 +289,7 @@ def test_ead_matches_torchattacks_eadl1(trained: Model) -> None:
     torchattacks = pytest.importorskip("torchattacks")
     model, x, y = trained
     x, y = x[:64], y[:64]
-    ours = minimal_norms(model, build("ead", {"binary_search_steps": 9, "steps": 100}), x, y)
+    ours = minimal_norms(model, build("ead", {"binary_search_steps": 9, "steps": 100}), x, y, **RAW)
     with attack_mode(model):
         x_ta = torchattacks.EADL1(
             model, kappa=0, lr=0.01, binary_search_steps=9, max_iterations=100, beta=0.01
@@ -370,6 +378,85 @@ def test_minimal_norms_conventions(trained: Model) -> None:
     assert bool((norms[~correct] == 0).all()) and bool(torch.isinf(norms[correct]).all())
     assert robust_curve(norms, [0.0, 100.0]) == pytest.approx([accuracy(model, x, y)] * 2)
     assert math.isnan(average_minimal_perturbation(norms))
+
+
+@dataclass(frozen=True)
+class _Overshoots:
+    """Returns each point's exact minimal perturbation on a linear model, times ``factor``: an
+    attack that stopped deep inside the adversarial region, as FMN does on a small budget when
+    its radius can no longer shrink fast enough (``1 - gamma_k`` per step)."""
+
+    delta: Tensor
+    norm: str
+    factor: float = 3.0
+
+    def label(self) -> str:
+        return "overshoot"
+
+    def minimal(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return (x + self.factor * self.delta).clamp(0.0, 1.0)
+
+
+def _linear_model_and_exact_minimal(norm: str) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor]:
+    """A 4-class linear model on 48 features, points near the middle of the box, and each point's
+    exact minimal perturbation: towards the closest class boundary ``z_y = z_j``, at distance
+    ``(z_y - z_j) / ||w_y - w_j||_dual`` (the box never binds, even at 3x that perturbation)."""
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(48, 4, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(4, 48, generator=g))
+    model = nn.Sequential(nn.Flatten(), linear).eval()
+    x = 0.45 + 0.1 * torch.rand(32, 1, 48, generator=g)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(dim=1)
+    diff = linear.weight.detach()[y][:, None, :] - linear.weight.detach()[None]  # (B, K, D)
+    dual = diff.abs().sum(-1) if norm == "linf" else diff.norm(dim=-1)
+    margin = logits.gather(1, y[:, None]) - logits
+    distance = torch.where(margin > 0, margin / dual.clamp_min(1e-12), math.inf)
+    exact, closest = distance.min(dim=1)
+    w = diff[torch.arange(len(x)), closest]
+    direction = -w.sign() if norm == "linf" else -w / w.norm(dim=1, keepdim=True)
+    delta = (exact[:, None] * direction).reshape(x.shape)
+    assert float((x + 3 * delta).min()) > 0.0 and float((x + 3 * delta).max()) < 1.0
+    return model, x, y, exact, delta
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_minimal_norms_pull_an_overshooting_attack_back_to_the_boundary(norm: str) -> None:
+    """The curve does not inherit an attack's overshoot (on the old code every norm was 3x the
+    exact one), and never reports less than the exact minimal norm: each counts a point it saw
+    misclassified."""
+    model, x, y, exact, delta = _linear_model_and_exact_minimal(norm)
+    norms = minimal_norms(model, _Overshoots(delta, norm), x, y)
+    assert bool((norms >= exact * (1 - 1e-4)).all()), "below the exact minimal norm"
+    assert bool((norms <= exact * (1 + 1e-2)).all()), f"max ratio {float((norms / exact).max())}"
+    raw = minimal_norms(model, _Overshoots(delta, norm), x, y, boundary_search_steps=0)
+    assert torch.allclose(raw, 3 * exact, rtol=1e-4)
+
+
+def test_shrink_to_boundary_returns_only_checked_adversarial_points(trained: Model) -> None:
+    """On a CNN (where the clipping path may leave and re-enter the adversarial region), FMN's
+    examples come back adversarial, no longer, and unchanged where there was nothing to shrink."""
+    model, x, y = trained
+    x, y = x[:64], y[:64]
+    with attack_mode(model):
+        x_min = FMN(norm="linf", steps=10).minimal(model, x, y)
+        shrunk = shrink_to_boundary(model, x, y, x_min, "linf", steps=10)
+        with torch.no_grad():
+            correct = model(x).argmax(dim=1) == y
+            before = model(x_min).argmax(dim=1) != y
+            after = model(shrunk).argmax(dim=1) != y
+    searched = correct & before
+    assert int(searched.sum()) >= 32
+    assert bool(after[searched].all())
+    assert torch.equal(shrunk[~searched], x_min[~searched])
+    lengths = get_norm("linf").measure
+    assert bool((lengths(shrunk - x) <= lengths(x_min - x) + 1e-7).all())
+    assert bool((lengths(shrunk - x)[searched] < lengths(x_min - x)[searched]).any())
+    assert float(shrunk.min()) >= 0.0 and float(shrunk.max()) <= 1.0
+    with pytest.raises(ValueError, match="boundary_search_steps"):
+        minimal_norms(model, FMN(), x, y, boundary_search_steps=-1)
 
 
 def test_robust_curve_and_average_perturbation() -> None:
