@@ -273,10 +273,15 @@ def test_proximal_l0_prunes_the_har_cnn_chain(waves: DataSplits) -> None:
     torch.manual_seed(0)
     model = create("har_cnn", 3, waves.in_shape).eval()
     train = TrainConfig(epochs=1, batch_size=32, lr=0.01, select="last")
-    pruned, record = ProximalL0(sparsity=0.5, train=train)(model, waves)
+    # per layer: half of every conv's 32, 64, 128 filters
+    pruned, record = ProximalL0(sparsity=0.5, allocation="layer", train=train)(model, waves)
     convs = [m for m in pruned.modules() if isinstance(m, torch.nn.Conv1d)]
-    assert [c.out_channels for c in convs] == [16, 32, 64]  # half of 32, 64, 128
+    assert [c.out_channels for c in convs] == [16, 32, 64]
     assert record.macs < count_macs(model, waves.in_shape)
+    # global (the paper's rate): half of the chain's weights, wherever the threshold puts them
+    pruned, record = ProximalL0(sparsity=0.5, train=train)(model, waves)
+    assert 0.5 <= record.details["weight_sparsity"] < 0.6
+    assert record.params < 0.55 * sum(p.numel() for p in model.parameters())
     # resnet18_1d: tests/test_proximal.py (torchvision-layout ResNets)
 
 
