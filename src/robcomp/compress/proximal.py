@@ -447,6 +447,11 @@ class ProximalL0:
     def label(self) -> str:
         return f"proximal-l0-{self.sparsity:g}"
 
+    def check(self, model: nn.Module, data: DataSplits) -> None:
+        """Raise a ValueError naming the supported models if ``model``'s filters cannot be
+        grouped (see :func:`plan_channels`); works on the meta device."""
+        plan_channels(model)
+
     def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]:
         start = time.perf_counter()
         new = finalize(copy.deepcopy(model))  # earlier masks become plain zeros
