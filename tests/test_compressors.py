@@ -329,6 +329,65 @@ def test_int8_keeps_accuracy_twin_agrees_and_is_a_quarter(
         qmodel.train()
 
 
+class _FlattensAMap(nn.Module):
+    """Conv-Pool-Conv-Flatten-Linear, LeNet-style: the classifier reads a 4x4 map, not 1x1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 8, 3)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.max_pool2d(self.conv1(x).relu(), 2)  # (B, 4, 6, 6)
+        return self.fc(self.conv2(x).relu().flatten(1))  # (B, 8 * 4 * 4) -> (B, 10)
+
+
+def test_int8_runs_models_that_flatten_a_feature_map() -> None:
+    """oneDNN's int8 convolutions return channels-last maps; the ``view`` that flatten was
+    exported as raised on them ("view size is not compatible") for any map over 1x1."""
+    data = _fake_data((1, 14, 14), n=32)
+    torch.manual_seed(0)
+    model = _FlattensAMap().eval()
+    qmodel, record = Int8PTQ(compile=False, calibration_batches=2, batch_size=16)(model, data)
+    x, _ = data.test.tensors()
+    with torch.no_grad():
+        out, fp32 = qmodel(x), model(x)
+    assert out.shape == (32, 10)
+    assert record.details["twin_agreement_calibration"] == 1.0
+    assert twin_agreement(qmodel, x) == 1.0
+    # int8 rounding, not a scrambled channel order: the logits stay near the float model's
+    assert (out - fp32).abs().max() < 0.1 * fp32.abs().max()
+
+
+class _ResidualAdd(nn.Module):
+    """conv-ReLU6, then conv + identity (a MobileNetV2 block): int8 lowering fuses the add into
+    the second convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0, self.conv1 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.relu6(self.conv0(x))  # (B, 4, H, W); ReLU6 as in MobileNetV2
+        x = self.conv1(x) + x  # (B, 4, H, W)
+        return self.fc(x.mean((2, 3)))  # (B, 10)
+
+
+def test_int8_answers_an_empty_batch() -> None:
+    """Square calls the model on empty batches; oneDNN's conv with a fused residual add raised
+    "accum tensor must be contiguous" on them."""
+    data = _fake_data((1, 6, 6), n=16)
+    torch.manual_seed(0)
+    qmodel, _ = Int8PTQ(compile=False, calibration_batches=1, batch_size=8)(
+        _ResidualAdd().eval(), data
+    )
+    assert any("binary" in str(n.target) for n in qmodel.int8.graph.nodes)  # the fused add
+    with torch.no_grad():
+        assert qmodel(torch.zeros(0, 1, 6, 6)).shape == (0, 10)
+        assert qmodel(torch.zeros(3, 1, 6, 6)).shape == (3, 10)
+
+
 def test_int8_compiled_runs_the_same_int8_model(trained_cnn: nn.Module, digits: DataSplits) -> None:
     qmodel, _ = Int8PTQ(compile=True, calibration_batches=2)(trained_cnn, digits)
     eager = QuantizedModel(qmodel.int8, qmodel.twin, qmodel.reference, compiled=False)

@@ -35,6 +35,12 @@ class Compressor(Protocol):
     distilled student) may define ``skeleton(model, data) -> nn.Module``, an untrained model of
     the structure it returns: the experiment runner loads cached weights into it instead of
     compressing again.
+
+    A compressor that handles only some models may define ``check(model, data) -> None``,
+    raising a ValueError that names what it supports when it cannot compress ``model`` on
+    ``data``. The experiment runner calls it before any cell runs, on the model built on the
+    meta device (shapes, no weights), so such a combination is refused when the file loads
+    rather than failing after training.
     """
 
     def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]: ...

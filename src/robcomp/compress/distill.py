@@ -25,7 +25,14 @@ from robcomp.compress.efficiency import count_params
 from robcomp.compress.prune import record_for
 from robcomp.config import build_component, nested_field
 from robcomp.data.base import DataSplits
-from robcomp.models import create, load_checkpoint, load_weights
+from robcomp.models import (
+    MODELS,
+    builds_from_files,
+    create,
+    factory_for,
+    load_checkpoint,
+    load_weights,
+)
 from robcomp.train.distill import MEMORY, registered_teacher
 from robcomp.train.loop import TrainConfig, fit
 from robcomp.train.objectives import OBJECTIVES
@@ -130,6 +137,21 @@ class DistillTo:
             else:
                 load_weights(student, source)
         return student
+
+    def check(self, model: nn.Module, data: DataSplits) -> None:
+        """Raise a ValueError if the student cannot take ``data``'s inputs (a registered
+        student is built on the meta device: shapes only, no weights)."""
+        if self.student not in MODELS or builds_from_files(factory_for(self.student)):
+            return  # the user's code, or a model that reads files: checked when it is built
+        channels = data.in_shape[0]
+        try:
+            with torch.device("meta"):
+                create(
+                    self.student, data.num_classes, data.in_shape,
+                    mean=(0.0,) * channels, std=(1.0,) * channels, **self.student_options,
+                )  # fmt: skip
+        except (ValueError, TypeError, RuntimeError) as err:
+            raise ValueError(f"distill: student {self.student!r}: {err}") from None
 
     def skeleton(self, model: nn.Module, data: DataSplits) -> nn.Module:
         """The untrained student this compressor would return for ``model``: the structure a

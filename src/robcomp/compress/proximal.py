@@ -612,6 +612,11 @@ class ProximalL0:
         suffix = "-layer" if self.allocation == "layer" else ""
         return f"proximal-l0-{self.sparsity:g}{suffix}"
 
+    def check(self, model: nn.Module, data: DataSplits) -> None:
+        """Raise a ValueError naming the supported models if ``model``'s filters cannot be
+        grouped (see :func:`plan_channels`); works on the meta device."""
+        plan_channels(model)
+
     def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]:
         start = time.perf_counter()
         new = finalize(copy.deepcopy(model))  # earlier masks become plain zeros

@@ -249,10 +249,17 @@ def evaluate_without_gradients(
     return result, worst
 
 
-def black_box_for(attack: Attack, queries: int, seed: int) -> Attack | None:
+def black_box_for(
+    attack: Attack, queries: int, seed: int, in_shape: tuple[int, ...]
+) -> Attack | None:
     """The gradient-free attack that joins BPDA and transfer at ``attack``'s threat model:
-    Square (Andriushchenko et al. 2020) with ``queries`` queries; None for norms it lacks."""
-    if attack.norm not in ("linf", "l2"):
+    Square (Andriushchenko et al. 2020) with ``queries`` queries.
+
+    None for norms Square lacks, and for inputs that are not images (``in_shape`` other than
+    ``(C, H, W)``, e.g. 1-D signals): its perturbations are squares over two spatial axes.
+    Such models are then attacked through BPDA and transfer only.
+    """
+    if attack.norm not in ("linf", "l2") or len(in_shape) != 3:
         return None
     return Square(eps=attack.eps, norm=attack.norm, queries=queries, seed=seed)  # type: ignore[arg-type]
 

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch import nn
 
 from robcomp import data as datasets
-from robcomp.config import ConfigError, canonical_json
+from robcomp.compress import COMPRESSORS
+from robcomp.config import ConfigError, build_component, canonical_json
 from robcomp.data import DataError, DatasetNotFound, DataSplits
 from robcomp.experiments.executors import CACHE, Executor, LocalExecutor
 from robcomp.experiments.leases import LEASE_SECONDS, Leases
 from robcomp.experiments.runner import CellResult, run_cell
-from robcomp.experiments.spec import Cell, Experiment, ModelSpec
+from robcomp.experiments.spec import Cell, CellConfig, Experiment, ModelSpec
 from robcomp.experiments.store import STORE_NAME, ResultStore
 from robcomp.experiments.transfer import TransferSummary, run_transfer
 from robcomp.models import MODELS, builds_from_files, checkpoint_trust, create, factory_for
@@ -168,11 +170,14 @@ def preflight(cells: Sequence[Cell], where: str) -> None:
     """Load and check each distinct dataset of ``cells`` once, so a missing file, a wrong key
     or NaN pixels are one message before any cell runs instead of one failure per cell; then
     build each distinct registered model for its data on the meta device (no memory, no
-    compute), so a bad option value or an input shape the model cannot take fails here too.
+    compute), so a bad option value or an input shape the model cannot take fails here too,
+    and ask each compressor whether it can compress that model (its optional ``check``), so a
+    combination it does not support is refused here rather than after training.
     A model that reads checkpoints while it builds (an ensemble) is built for real, once: that
     is also the check that its files exist, load and are trusted."""
     loaded: dict[str, DataSplits] = {}
-    built: set[str] = set()
+    built: dict[str, nn.Module | None] = {}
+    checked: set[str] = set()
     for cell in cells:
         cfg = cell.config
         key = canonical_json(cfg.data)
@@ -183,23 +188,45 @@ def preflight(cells: Sequence[Cell], where: str) -> None:
                 raise type(err)(f"{where}: data: {err}") from None
         model_key = canonical_json([cfg.model, key, cfg.trust_code])
         if model_key not in built:
-            built.add(model_key)
             with checkpoint_trust(cfg.trust_code):  # as run_cell will load its checkpoints
-                _check_model(cfg.model, loaded[key], where)
+                built[model_key] = _check_model(cfg.model, loaded[key], where)
+        compress_key = canonical_json([model_key, cfg.compress])
+        if compress_key not in checked:
+            checked.add(compress_key)
+            _check_compressor(cfg, built[model_key], loaded[key], where)
 
 
-def _check_model(spec: ModelSpec, data: DataSplits, where: str) -> None:
-    # A module:callable is the user's own code, which may not run on the meta device.
+def _check_model(spec: ModelSpec, data: DataSplits, where: str) -> nn.Module | None:
+    """The model built for ``data`` (on the meta device unless it reads files), or None for
+    a ``module:callable``: the user's own code, which may not run on the meta device."""
     if spec.name not in MODELS:
-        return
+        return None
     channels = data.in_shape[0]
     device = "cpu" if builds_from_files(factory_for(spec.name)) else "meta"
     try:
         with torch.device(device):
-            create(
+            return create(
                 spec.name, data.num_classes, data.in_shape,
                 mean=spec.mean or (0.0,) * channels, std=spec.std or (1.0,) * channels,
                 **spec.options,
             )  # fmt: skip
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:
         raise ConfigError(f"{where}: model {spec.name!r} on {data.summary()}: {err}") from None
+
+
+def _check_compressor(
+    cfg: CellConfig, model: nn.Module | None, data: DataSplits, where: str
+) -> None:
+    """Refuse, in one line, a compressor that says it cannot compress ``model`` on ``data``."""
+    compressor = build_component(COMPRESSORS, cfg.compress, f"{where}: compress")
+    check = getattr(compressor, "check", None)
+    if model is None or check is None:
+        return
+    try:
+        check(model, data)
+    except ValueError as err:
+        name = cfg.compress.get("name")
+        raise ConfigError(
+            f"{where}: compress {name!r} cannot compress model {cfg.model.name!r} on "
+            f"{data.summary()}: {err}"
+        ) from None

@@ -252,7 +252,9 @@ def _attack_suite(
         else:
             result, worst = evaluate_without_gradients(
                 model, model.twin, attack, points, surrogate=surrogate,
-                black_box=black_box_for(attack, spec.black_box_queries, cfg.seed),
+                black_box=black_box_for(
+                    attack, spec.black_box_queries, cfg.seed, tuple(points.x.shape[1:])
+                ),
                 batch_size=spec.batch_size, cache=cache,
             )  # fmt: skip
             out.routes[f"{result.attack}@{result.eps:.4g}"] = _route_info(worst)

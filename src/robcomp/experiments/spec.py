@@ -99,7 +99,8 @@ class EvaluateSpec:
         diagnostics: run the gradient-masking checklist and store its flags.
         diagnostics_points: how many test points the checklist uses.
         black_box_queries: query budget of the Square attack that joins BPDA and transfer for
-            models without gradients (int8); 5000 is AutoAttack's full budget.
+            models without gradients (int8); 5000 is AutoAttack's full budget. Square attacks
+            images only: on 1-D signals BPDA and transfer run without it.
         latency_batch_sizes: time one forward pass on batches of these sizes (1 = Marshall's
             Algorithm 4, N = Algorithm 5); empty to skip.
         latency_repeats: timed passes per batch size (the median is stored).
