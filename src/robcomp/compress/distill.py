@@ -29,6 +29,7 @@ from robcomp.models import (
     MODELS,
     builds_from_files,
     create,
+    create_to_check,
     factory_for,
     load_checkpoint,
     load_weights,
@@ -143,13 +144,8 @@ class DistillTo:
         student is built on the meta device: shapes only, no weights)."""
         if self.student not in MODELS or builds_from_files(factory_for(self.student)):
             return  # the user's code, or a model that reads files: checked when it is built
-        channels = data.in_shape[0]
         try:
-            with torch.device("meta"):
-                create(
-                    self.student, data.num_classes, data.in_shape,
-                    mean=(0.0,) * channels, std=(1.0,) * channels, **self.student_options,
-                )  # fmt: skip
+            create_to_check(self.student, data.num_classes, data.in_shape, **self.student_options)
         except (ValueError, TypeError, RuntimeError) as err:
             raise ValueError(f"distill: student {self.student!r}: {err}") from None
 

@@ -8,7 +8,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 from torch import nn
 
@@ -22,7 +21,7 @@ from robcomp.experiments.runner import CellResult, run_cell
 from robcomp.experiments.spec import Cell, CellConfig, Experiment, ModelSpec
 from robcomp.experiments.store import STORE_NAME, ResultStore
 from robcomp.experiments.transfer import TransferSummary, run_transfer
-from robcomp.models import MODELS, builds_from_files, checkpoint_trust, create, factory_for
+from robcomp.models import MODELS, checkpoint_trust, create_to_check
 from robcomp.progress import track
 
 log = logging.getLogger(__name__)
@@ -201,15 +200,11 @@ def _check_model(spec: ModelSpec, data: DataSplits, where: str) -> nn.Module | N
     a ``module:callable``: the user's own code, which may not run on the meta device."""
     if spec.name not in MODELS:
         return None
-    channels = data.in_shape[0]
-    device = "cpu" if builds_from_files(factory_for(spec.name)) else "meta"
     try:
-        with torch.device(device):
-            return create(
-                spec.name, data.num_classes, data.in_shape,
-                mean=spec.mean or (0.0,) * channels, std=spec.std or (1.0,) * channels,
-                **spec.options,
-            )  # fmt: skip
+        return create_to_check(
+            spec.name, data.num_classes, data.in_shape,
+            mean=spec.mean or None, std=spec.std or None, **spec.options,
+        )  # fmt: skip
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as err:
         raise ConfigError(f"{where}: model {spec.name!r} on {data.summary()}: {err}") from None
 

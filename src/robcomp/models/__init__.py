@@ -8,6 +8,7 @@ from robcomp.models.base import (
     UntrustedCodeError,
     code_trust,
     create,
+    create_to_check,
     factory_for,
 )
 from robcomp.models.capabilities import (
@@ -39,6 +40,7 @@ __all__ = [
     "checkpoint_trust",
     "code_trust",
     "create",
+    "create_to_check",
     "factory_for",
     "input_statistics",
     "load_checkpoint",

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robcomp.models.capabilities import builds_from_files
 from robcomp.models.ecosystem import ecosystem_factory, is_ecosystem
 from robcomp.registry import Registry
 
@@ -217,3 +218,15 @@ def create(
         factory_for(name), name, num_classes=num_classes, in_shape=tuple(in_shape), **kwargs
     )
     return Classifier(net, Normalize(mean, std))
+
+
+def create_to_check(
+    name: str, num_classes: int, in_shape: Sequence[int], **kwargs: Any
+) -> Classifier:
+    """:func:`create` only to check that the model builds for ``in_shape`` with these options:
+    on the meta device (shapes only: no memory, no compute), or for real when its factory
+    reads checkpoint files while it builds (there are no values on the meta device, and
+    building it is the check that the files load, are trusted and fit)."""
+    device = "cpu" if builds_from_files(factory_for(name)) else "meta"
+    with torch.device(device):
+        return create(name, num_classes, in_shape, **kwargs)
