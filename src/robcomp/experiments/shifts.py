@@ -17,14 +17,12 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from robcomp.config import build_component, config_hash, identity_dict
@@ -32,7 +30,7 @@ from robcomp.data.base import DataSplits, Split
 from robcomp.data.shifts import SHIFTS, ShiftContext, ShiftedSplit, uses_baseline
 from robcomp.evaluate import accuracy
 from robcomp.experiments.spec import CellConfig
-from robcomp.models import model_device
+from robcomp.models import model_device, save_tensors
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +83,11 @@ def shifted_splits(
 def _save(path: Path, splits: Sequence[ShiftedSplit]) -> None:
     tensors, meta = {}, []
     for i, s in enumerate(splits):
-        # Contiguous copies: safetensors refuses tensors sharing memory (severities share their
-        # labels) and strided views (a corruption may return a permuted one, e.g. jpeg).
-        tensors[f"x{i}"] = s.split.x.detach().cpu().contiguous().clone()
-        tensors[f"y{i}"] = s.split.y.detach().cpu().contiguous().clone()
+        # save_tensors copies: severities share their labels, a corruption may return a
+        # strided view (jpeg), and safetensors refuses both.
+        tensors[f"x{i}"], tensors[f"y{i}"] = s.split.x, s.split.y
         meta.append({"shift": s.shift, "severity": s.severity, "family": s.family})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written to a temporary file and renamed: a killed run never leaves half a file behind.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp, metadata={"splits": json.dumps(meta)})
-    os.replace(tmp, path)
+    save_tensors(path, tensors, {"splits": json.dumps(meta)})
 
 
 def _load(path: Path) -> list[ShiftedSplit]:

@@ -20,13 +20,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from robcomp.attacks import Attack
@@ -38,7 +36,13 @@ from robcomp.experiments.runner import cell_model, cell_threads
 from robcomp.experiments.spec import Cell, Experiment, Transfer, TransferSource
 from robcomp.experiments.store import Metric, ResultStore
 from robcomp.experiments.threads import intra_op_threads
-from robcomp.models import GradientFree, checkpoint_trust, load_checkpoint, model_device
+from robcomp.models import (
+    GradientFree,
+    checkpoint_trust,
+    load_checkpoint,
+    model_device,
+    save_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +150,7 @@ class _Work:
             examples.check(entry.attack, f"{path.name}")  # a file is checked like a fresh craft
         else:
             examples = self._craft(entry, points)
-            _save(path, examples)
+            save_tensors(path, {"x": examples.x, "x_adv": examples.x_adv, "y": examples.y})
         self.examples[key] = examples
         return examples
 
@@ -193,17 +197,3 @@ def _points_digest(x: torch.Tensor, y: torch.Tensor) -> str:
         sha.update(str((tuple(t.shape), t.dtype)).encode())
         sha.update(t.contiguous().numpy().tobytes())
     return sha.hexdigest()
-
-
-def _save(path: Path, examples: TransferExamples) -> None:
-    """Write aside, then rename into place: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        tensors = {"x": examples.x, "x_adv": examples.x_adv, "y": examples.y}
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

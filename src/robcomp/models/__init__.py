@@ -28,6 +28,7 @@ from robcomp.models.checkpoint import (
     load_weights,
     read_state_dict,
     save_checkpoint,
+    save_tensors,
 )
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "reads_files",
     "resolve_device",
     "save_checkpoint",
+    "save_tensors",
     "self_normalizing",
     "statistics_for",
 ]

@@ -47,6 +47,26 @@ def checkpoint_trust(trust: Trust) -> Iterator[None]:
         _CHECKPOINT_TRUST.reset(token)
 
 
+def save_tensors(
+    path: str | Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``tensors`` to the safetensors file ``path`` atomically: written aside in the same
+    folder and renamed into place, so a concurrent reader or a killed run never sees half a
+    file. Tensors are saved as contiguous CPU copies (safetensors refuses strided views and
+    tensors that share memory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata=dict(metadata) if metadata is not None else None)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def save_checkpoint(model: nn.Module, folder: str | Path, spec: Mapping[str, Any]) -> Path:
     """Write ``model.safetensors`` and ``spec.json`` into ``folder`` atomically.
 

@@ -24,15 +24,13 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -43,6 +41,7 @@ from robcomp.data.builtin import (
     gaussian_encoder,
     gaussian_latents,
 )
+from robcomp.models.checkpoint import save_tensors
 from robcomp.progress import track
 
 logger = logging.getLogger(__name__)
@@ -309,12 +308,8 @@ def cache_key(data: DataSplits, spec: VAESpec, seed: int) -> str:
 
 
 def _save(module: nn.Module, path: Path, meta: Mapping[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        weights = Path(tmp, path.name)
-        save_file(state, str(weights), metadata={"meta": json.dumps(dict(meta), sort_keys=True)})
-        os.replace(weights, path)  # atomic: a concurrent reader sees the old file or the new
+    # atomic: a concurrent reader sees the old file or the new
+    save_tensors(path, module.state_dict(), {"meta": json.dumps(dict(meta), sort_keys=True)})
 
 
 def _load(module: nn.Module, path: Path, device: torch.device) -> nn.Module:
