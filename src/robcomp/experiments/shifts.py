@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from robcomp.attacks.manifold import needs_manifold
 from robcomp.config import build_component, config_hash, identity_dict
 from robcomp.data.base import DataSplits, Split
 from robcomp.data.shifts import SHIFTS, ShiftContext, ShiftedSplit, uses_baseline
@@ -56,7 +57,7 @@ def shift_key(cfg: CellConfig, shift: Any) -> str:
     }
     if uses_baseline(shift):
         parts["baseline"] = cfg.baseline_key()
-    if getattr(shift, "needs_manifold", False) and "vae" in (canonical := cfg.canonical()):
+    if needs_manifold(shift) and "vae" in (canonical := cfg.canonical()):
         parts["vae"] = canonical["vae"]  # the adv-on set is made through the VAE
     return config_hash(parts)
 

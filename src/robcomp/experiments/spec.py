@@ -35,7 +35,7 @@ import torch
 
 from robcomp.attacks import ATTACKS, Attack
 from robcomp.attacks.base import missing_library
-from robcomp.attacks.manifold import is_latent
+from robcomp.attacks.manifold import is_latent, needs_manifold
 from robcomp.attacks.presets import preset_attacks
 from robcomp.compress import COMPRESSORS
 from robcomp.config import (
@@ -328,11 +328,7 @@ class CellConfig:
 
 def _needs_manifold(registry: Any, spec: Mapping[str, Any] | str | None) -> bool:
     name = spec if isinstance(spec, str) else (spec or {}).get("name")
-    return (
-        isinstance(name, str)
-        and name in registry
-        and bool(getattr(registry.get(name), "needs_manifold", False))
-    )
+    return isinstance(name, str) and name in registry and needs_manifold(registry.get(name))
 
 
 def _resolved(registry: Any, spec: Mapping[str, Any] | str) -> Any:
