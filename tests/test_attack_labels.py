@@ -10,7 +10,7 @@ import pytest
 
 from robcomp.attacks import ATTACKS
 from robcomp.attacks.presets import preset_attacks, preset_names
-from robcomp.config import ConfigError
+from robcomp.config import ConfigError, fields_of
 from robcomp.experiments.spec import EvaluateSpec
 
 STRINGS = ("linf", "l2", "l1", "standard", "rand", "custom", "logits", "crossentropy", "EN", "L1")
@@ -44,8 +44,10 @@ def _candidates(value: Any) -> list[Any]:
 
 
 def _settings(name: str) -> list[str]:
+    """The configuration fields (a run-time field, such as a generative model, is none)."""
     cls = ATTACKS.get(name)
-    return [f.name for f in dataclasses.fields(cls) if f.init and f.name != "eps"]
+    assert isinstance(cls, type)
+    return [name for name in fields_of(cls) if name != "eps"]
 
 
 CASES = [(name, setting) for name in ATTACKS.names() for setting in _settings(name)]

@@ -15,14 +15,14 @@ from robcomp.attacks.manifold import (
     ManifoldMissing,
     OnManifold,
     latent_pgd,
-    using_manifold,
+    with_manifold,
 )
 from robcomp.compress import COMPRESSORS
 from robcomp.data import get
 from robcomp.data.base import DataSplits, Split
 from robcomp.data.builtin import GAUSSIAN_COVS, GAUSSIAN_MEANS
-from robcomp.data.shifts import SHIFTS, ShiftContext
-from robcomp.evaluate import ThreatModelViolation, accuracy, attack_batch, evaluate_attack
+from robcomp.data.shifts import ShiftContext
+from robcomp.evaluate import SHIFTS, ThreatModelViolation, accuracy, attack_batch, evaluate_attack
 from robcomp.evaluate.adversarial import check_latent_threat_model
 from robcomp.evaluate.manifold import on_manifold_set
 from robcomp.models import create
@@ -143,12 +143,11 @@ def test_attack_stays_in_the_latent_ball_and_keeps_only_valid_points(
 def test_points_not_kept_count_as_robust_in_the_evaluator(
     gaussians: DataSplits, manifold: GaussianManifold, baseline: nn.Module
 ) -> None:
-    attack = OnManifold(eps=0.1, step_size=0.03, steps=10)
-    with using_manifold(manifold):
-        result = evaluate_attack(baseline, attack, gaussians.test)
-        x, y = gaussians.test.tensors()
-        correct = baseline(x).argmax(1) == y
-        kept = attack.bind(manifold).perturb(baseline, x[correct], y[correct]).kept
+    attack = with_manifold(OnManifold(eps=0.1, step_size=0.03, steps=10), manifold)
+    result = evaluate_attack(baseline, attack, gaussians.test)
+    x, y = gaussians.test.tensors()
+    correct = baseline(x).argmax(1) == y
+    kept = attack.perturb(baseline, x[correct], y[correct]).kept
     assert result.norm == "latent-linf" and result.eps == 0.1
     expected = (int(correct.sum()) - int(kept.sum())) / len(y)
     assert result.robust_accuracy == pytest.approx(expected)
@@ -203,7 +202,7 @@ def test_evaluator_rejects_a_latent_ball_violation(
 def test_an_unbound_attack_says_how_to_bind(gaussians: DataSplits, baseline: nn.Module) -> None:
     x, y = gaussians.test.tensors()
     attack = ATTACKS.get("on-manifold")(eps=0.1)
-    with pytest.raises(ManifoldMissing, match="using_manifold"):
+    with pytest.raises(ManifoldMissing, match="with_manifold"):
         attack(baseline, x[:4], y[:4])
     assert attack.label() == "on-manifold7"
     assert OnManifold(eps=0.1, reanchor=True).label() == "on-manifold7-reanchor"
@@ -314,8 +313,7 @@ def test_mc_at_dual_needs_a_manifold_and_trains_on_both(
     dual = OBJECTIVES.get("mc-at-dual")(eta=0.1, on_step=0.03, on_steps=10)
     with pytest.raises(ManifoldMissing):
         dual(baseline, x[:8], y[:8])
-    with using_manifold(manifold):
-        out = dual(baseline, x, y)
+    out = with_manifold(dual, manifold)(baseline, x, y)
     assert 0 < float(out["on_selected"]) < 1 and float(out["adv_accuracy"]) < 0.5
 
 
@@ -336,8 +334,7 @@ def test_mc_at_on_keeps_more_adv_on_accuracy_at_high_sparsity(
     scores = {}
     for name, objective in (("regular", {"name": "ce"}), ("on", {"name": "mc-at-on", **latent})):
         compressor = COMPRESSORS.get("proximal-l0")(sparsity=0.9, objective=objective, train=train)
-        with using_manifold(manifold):
-            model, _ = compressor(baseline, gaussians)
+        model, _ = with_manifold(compressor, manifold)(baseline, gaussians)
         scores[name] = (accuracy(model, gaussians.test), accuracy(model, on.split))
     assert len(on.split) >= 30
     (clean_regular, on_regular), (clean_on, on_on) = scores["regular"], scores["on"]

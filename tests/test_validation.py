@@ -20,7 +20,7 @@ from robcomp.cli import app
 from robcomp.compress import COMPRESSORS
 from robcomp.config import ConfigError
 from robcomp.data import DATASETS
-from robcomp.data.shifts import SHIFTS
+from robcomp.evaluate import SHIFTS
 from robcomp.experiments import load_experiment
 from robcomp.experiments.store import RunRow
 from robcomp.models import MODELS

@@ -41,8 +41,7 @@ from robcomp.attacks.cascade import Cascade, CascadeResult
 from robcomp.compress import COMPRESSORS, Record
 from robcomp.config import ConfigError, build, build_component, parse_override, to_dict
 from robcomp.data.base import DataSplits, Split, check_inputs, check_splits
-from robcomp.data.shifts import SHIFTS
-from robcomp.evaluate import AttackResult, evaluate_attack
+from robcomp.evaluate import SHIFTS, AttackResult, evaluate_attack
 from robcomp.experiments.runner import (
     _diagnostics,
     _efficiency_metrics,
@@ -57,7 +56,7 @@ from robcomp.experiments.spec import CellConfig
 from robcomp.experiments.store import Metric
 from robcomp.experiments.worst import record_worst_case
 from robcomp.models import Classifier, GradientFree, Normalize, model_device
-from robcomp.registry import Registry
+from robcomp.registry import Lookup
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +249,7 @@ def _top_level(text: str) -> list[str]:
     return [*parts, text[start:]]
 
 
-def _registered_spec(obj: Any, registry: Registry[Any], where: str) -> dict[str, Any]:
+def _registered_spec(obj: Any, registry: Lookup[object], where: str) -> dict[str, Any]:
     """The spec that rebuilds a registered component object."""
     for name in registry.names():
         if registry.get(name) is type(obj):

@@ -580,11 +580,14 @@ def list_(
     from robcomp.attacks.presets import preset_names
     from robcomp.compress import COMPRESSORS
     from robcomp.data import DATASETS
-    from robcomp.data.shifts import SHIFTS
+    from robcomp.evaluate import SHIFTS
     from robcomp.models import MODELS
+    from robcomp.registry import Lookup
     from robcomp.train import OBJECTIVES
 
-    registries = (DATASETS, MODELS, ATTACKS, COMPRESSORS, OBJECTIVES, SHIFTS)
+    registries: tuple[Lookup[object], ...] = (
+        DATASETS, MODELS, ATTACKS, COMPRESSORS, OBJECTIVES, SHIFTS,
+    )  # fmt: skip
     names = {k: r.names() for k, r in zip(KINDS, registries)} | {
         "presets": preset_names(),
         "configs": list(shipped_configs()),

@@ -15,6 +15,9 @@ Two rules hold for every component:
   switch, timing repeats, devices, threads). :func:`identity_dict` leaves such fields out, so
   cell ids and cache keys do not change with them. Mark a new field of that kind with
   ``field(default=..., metadata=OPERATIONAL)``.
+- **Run-time fields are not configuration.** A field declared with :func:`runtime_field` holds
+  an object the pipeline hands a component when it runs (an on-manifold attack's generative
+  model): it is no YAML key, and :func:`to_dict` and :func:`identity_dict` leave it out.
 - **A field added later keeps old ids.** A field declared with ``metadata=absent_at(value)``
   is left out of :func:`identity_dict` when it holds ``value``, the setting that reproduces
   what the component did before the field existed, so cells and caches from then keep their
@@ -32,14 +35,14 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from robcomp.registry import Registry, RegistryError
+from robcomp.registry import Lookup, RegistryError
 
 T = TypeVar("T")
 
@@ -47,6 +50,27 @@ _FRACTION = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
 
 # Field metadata of a setting that does not change results; see the module docstring.
 OPERATIONAL: Mapping[str, Any] = MappingProxyType({"operational": True})
+
+
+def runtime_field(*, was: str | None = None) -> Any:
+    """A keyword-only ``None``-default field for an object the pipeline binds at run time
+    (with :func:`dataclasses.replace`): left out of comparisons, ``repr``, YAML, :func:`to_dict`
+    and the identity, so a bound component is the same configuration as an unbound one.
+
+    Args:
+        was: the private field that held the object before it was passed explicitly (always
+            ``None`` in a configuration); the identity keeps ``{was: None}`` so that cells
+            from then keep their ids.
+    """
+    metadata = MappingProxyType({"runtime": True, "was": was})
+    return dataclasses.field(
+        default=None, kw_only=True, repr=False, compare=False, metadata=metadata
+    )
+
+
+def is_runtime(f: dataclasses.Field[Any]) -> bool:
+    """Whether a dataclass field was declared with :func:`runtime_field`."""
+    return bool(f.metadata.get("runtime", False))
 
 
 def absent_at(value: Any) -> Mapping[str, Any]:
@@ -152,8 +176,8 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
 
 
 def fields_of(cls: type) -> dict[str, dataclasses.Field[Any]]:
-    """The init fields of a dataclass, by name."""
-    return {f.name: f for f in dataclasses.fields(cls) if f.init}
+    """The configuration fields of a dataclass (init fields, not bound at run time), by name."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.init and not is_runtime(f)}
 
 
 def _field_default(f: dataclasses.Field[Any]) -> Any:
@@ -237,24 +261,35 @@ def build(cls: type[T], values: Mapping[str, Any], where: str, *, base: Any = No
         raise ConfigError(f"{where}: {err}") from None
 
 
-def build_component(registry: Registry[Any], spec: Mapping[str, Any] | str, where: str) -> Any:
-    """Build a registered component from ``{"name": ..., **fields}`` (or just a name)."""
+def build_component(
+    registry: Lookup[Callable[..., T]], spec: Mapping[str, Any] | str, where: str
+) -> T:
+    """Build a registered component from ``{"name": ..., **fields}`` (or just a name).
+
+    The registered factory must be a dataclass (its fields are the options checked here)."""
     if isinstance(spec, str):
         spec = {"name": spec}
     if not isinstance(spec, Mapping) or "name" not in spec:
         raise ConfigError(f"{where}: expected a mapping with a 'name' key, got {spec!r}")
     options = {k: v for k, v in spec.items() if k != "name"}
     try:
-        cls = registry.get(spec["name"])
+        factory = registry.get(spec["name"])
     except RegistryError as err:
         raise ConfigError(f"{where}.name: {err}") from None
-    return build(cls, options, where)
+    if not (isinstance(factory, type) and dataclasses.is_dataclass(factory)):
+        raise ConfigError(f"{where}: {registry.kind} {spec['name']!r} is not a dataclass")  # a bug
+    # a dataclass registered as a factory of T builds a T
+    return typing.cast(T, build(factory, options, where))
 
 
 def to_dict(obj: Any) -> Any:
     """A plain, JSON-ready view of dataclasses, tuples and mappings."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {
+            f.name: to_dict(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not is_runtime(f)
+        }
     if isinstance(obj, Mapping):
         return {str(k): to_dict(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
@@ -277,11 +312,12 @@ def _absent(f: dataclasses.Field[Any], value: Any) -> bool:
 def identity_dict(obj: Any) -> Any:
     """:func:`to_dict` without operational fields: what a configuration's results depend on."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = dataclasses.fields(obj)
         return {
             f.name: identity_dict(getattr(obj, f.name))
-            for f in dataclasses.fields(obj)
-            if not is_operational(f) and not _absent(f, getattr(obj, f.name))
-        }
+            for f in fields
+            if not is_operational(f) and not is_runtime(f) and not _absent(f, getattr(obj, f.name))
+        } | {f.metadata["was"]: None for f in fields if is_runtime(f) and f.metadata["was"]}
     if isinstance(obj, Mapping):
         return {str(k): identity_dict(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):

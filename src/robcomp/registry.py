@@ -6,9 +6,10 @@ import difflib
 import fnmatch
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 
 class RegistryError(KeyError):
@@ -18,8 +19,26 @@ class RegistryError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class Lookup(Protocol[T_co]):
+    """The read side of a :class:`Registry`, for code that only looks names up: a registry of
+    attack classes is a ``Lookup[Callable[..., Attack]]`` and also a ``Lookup[object]``."""
+
+    @property
+    def kind(self) -> str: ...
+
+    def get(self, name: str) -> T_co: ...
+
+    def names(self, pattern: str = "*") -> list[str]: ...
+
+    def __contains__(self, name: object) -> bool: ...
+
+
 class Registry(Generic[T]):
     """Maps explicit names to components (classes or factory functions).
+
+    A registry may extend another (``extends``): a layer adds its own components to a lower
+    layer's kind without registering into that layer's registry. Lookups, listings and
+    duplicate checks see both; :meth:`add` writes only to this one.
 
     Example:
         >>> ATTACKS: Registry[type] = Registry("attack")
@@ -29,8 +48,9 @@ class Registry(Generic[T]):
         True
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, extends: Registry[T] | None = None) -> None:
         self.kind = kind
+        self.extends = extends
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -45,9 +65,9 @@ class Registry(Generic[T]):
     def add(self, name: str, item: T) -> None:
         if not name or name != name.strip():
             raise RegistryError(f"invalid {self.kind} name {name!r}")
-        if name in self._items:
+        if name in self:
             raise RegistryError(
-                f"{self.kind} {name!r} is already registered (by {self._items[name]!r}); "
+                f"{self.kind} {name!r} is already registered (by {self.get(name)!r}); "
                 "pick another name"
             )
         self._items[name] = item
@@ -67,25 +87,27 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """Return the component registered as ``name``; an unknown name suggests the closest."""
-        try:
+        if name in self._items:
             return self._items[name]
-        except KeyError:
-            raise RegistryError(self.unknown_message(name)) from None
+        if self.extends is not None and name in self.extends:
+            return self.extends.get(name)
+        raise RegistryError(self.unknown_message(name))
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, list(self._items), n=3, cutoff=0.5)
+        close = difflib.get_close_matches(name, self.names(), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         return f"unknown {self.kind} {name!r}.{hint} Available: {', '.join(self.names())}"
 
     def names(self, pattern: str = "*") -> list[str]:
         """Registered names matching a shell-style ``pattern``, sorted."""
-        return sorted(n for n in self._items if fnmatch.fnmatch(n, pattern))
+        inherited = self.extends.names(pattern) if self.extends is not None else []
+        return sorted({*inherited, *(n for n in self._items if fnmatch.fnmatch(n, pattern))})
 
     def __contains__(self, name: object) -> bool:
-        return name in self._items
+        return name in self._items or (self.extends is not None and name in self.extends)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.names())

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
 from robcomp.registry import Registry
-
-ATTACKS: Registry[Any] = Registry("attack")
 
 
 @runtime_checkable
@@ -39,6 +38,11 @@ class Attack(Protocol):
     def label(self) -> str:
         """A short name for tables, e.g. ``pgd10-linf``."""
         ...
+
+
+# An attack class (a frozen dataclass) or a function building one from its fields.
+AttackFactory = Callable[..., Attack]
+ATTACKS: Registry[AttackFactory] = Registry("attack")
 
 
 def check_eps(eps: float, attack: str, *, unbounded: bool = False) -> None:

@@ -165,7 +165,9 @@ class Cascade:
 
     def _custom_member(self, name: str) -> Attack:
         cls = ATTACKS.get(name)
-        fields = {f.name for f in dataclasses.fields(cls) if f.init}
+        fields: set[str] = set()
+        if dataclasses.is_dataclass(cls):
+            fields = {f.name for f in dataclasses.fields(cls) if f.init}
         options = {"eps": self.eps, "norm": self.norm, "seed": self.seed}
         options = {k: v for k, v in options.items() if k in fields}
         attack: Attack = cls(**options, **CUSTOM_SETTINGS.get(name, {}))

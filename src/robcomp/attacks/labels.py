@@ -14,6 +14,8 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
+from robcomp.config import is_runtime
+
 # Settings common enough to earn a short prefix (``-r5`` rather than ``-restarts=5``); the
 # APGD labels used ``-r`` and ``-eot`` before this rule, so their default forms are unchanged.
 ABBREVIATIONS = {
@@ -62,7 +64,7 @@ def settings_label(attack: Any, short: str, shown: Iterable[str] = ()) -> str:
     skip = {"eps", *shown}
     parts = [short]
     for field in dataclasses.fields(attack):
-        if not field.init or field.name in skip:
+        if not field.init or is_runtime(field) or field.name in skip:
             continue
         value = getattr(attack, field.name)
         default = _default(field)

@@ -9,20 +9,18 @@ counts only if it also keeps its true class on the manifold (Definition 1). The 
 exactly that (``threat = "latent"``): the latent ball, that ``x_adv`` is the decoding of the
 reported latent, and that points not kept are returned unchanged.
 
-The generative model (a :class:`~robcomp.models.generative.Manifold`) is bound at run time,
-either explicitly (``attack.bind(manifold)``) or for a whole block of code with
-:func:`using_manifold` (how the runner provides it to attacks, shifts and to objectives built
-deep inside a compressor): the component stays a plain, hashable, YAML-writable config.
+The generative model (a :class:`~robcomp.models.generative.Manifold`) is passed explicitly: a
+component that needs one declares ``needs_manifold`` and a ``manifold`` run-time field
+(:func:`~robcomp.config.runtime_field`), and :func:`with_manifold` returns a copy holding it. The
+experiment pipeline builds the cell's generative model (lazily, once) and binds it to every
+component that takes one; the component stays a plain, hashable, YAML-writable config.
 """
 
 from __future__ import annotations
 
-import contextvars
 import dataclasses
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -30,47 +28,10 @@ from torch.nn import functional as F
 
 from robcomp.attacks.base import ATTACKS, check_eps, check_positive
 from robcomp.attacks.labels import settings_label
+from robcomp.config import is_runtime, runtime_field
 from robcomp.models.generative import Manifold
 
-ManifoldSource = Manifold | Callable[[], Manifold]
-
-
-class _Active:
-    """A manifold for a block of code; a factory is called once, on first use (so a cell whose
-    components never ask for a manifold never trains a VAE)."""
-
-    def __init__(self, source: ManifoldSource) -> None:
-        self.source = source
-        self.built: Manifold | None = source if _is_manifold(source) else None  # type: ignore[assignment]
-
-    def get(self) -> Manifold:
-        if self.built is None:
-            self.built = self.source()  # type: ignore[operator]
-        return self.built
-
-
-def _is_manifold(obj: Any) -> bool:
-    return all(callable(getattr(obj, name, None)) for name in ("encode", "decode", "keeps_class"))
-
-
-_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("manifold", default=None)
-
-
-@contextmanager
-def using_manifold(source: ManifoldSource) -> Iterator[None]:
-    """Provide ``source`` (a manifold, or a no-argument factory of one, called at most once, on
-    first use) to every on-manifold component that runs inside the block without its own."""
-    token = _ACTIVE.set(_Active(source))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
-
-def active_manifold() -> Manifold | None:
-    """The manifold provided by the innermost :func:`using_manifold`, or None."""
-    active = _ACTIVE.get()
-    return None if active is None else active.get()
+C = TypeVar("C")
 
 
 def is_latent(attack: Any) -> bool:
@@ -84,20 +45,37 @@ def needs_manifold(component: Any) -> bool:
     return bool(getattr(component, "needs_manifold", False))
 
 
+def takes_manifold(component: Any) -> bool:
+    """Whether ``component`` is a dataclass instance with a ``manifold`` run-time field (it can
+    be handed a generative model by :func:`with_manifold`)."""
+    if not dataclasses.is_dataclass(component) or isinstance(component, type):
+        return False
+    return any(f.name == "manifold" and is_runtime(f) for f in dataclasses.fields(component))
+
+
+def with_manifold(component: C, manifold: Manifold | None) -> C:
+    """A copy of ``component`` holding ``manifold`` if it takes one (on-manifold attacks,
+    objectives and shifts; compressors that train with a configurable objective); else
+    ``component`` itself. ``manifold`` None returns ``component`` unchanged."""
+    if manifold is None or not takes_manifold(component):
+        return component
+    bound: C = dataclasses.replace(component, manifold=manifold)  # type: ignore[type-var]
+    return bound
+
+
 class ManifoldMissing(RuntimeError):
     """An on-manifold component ran without a generative model."""
 
 
-def resolve_manifold(bound: Manifold | None, who: str) -> Manifold:
-    """``bound`` if set, else the active manifold; raise a clear error if neither."""
-    manifold = bound if bound is not None else active_manifold()
-    if manifold is None:
+def require_manifold(bound: Manifold | None, who: str) -> Manifold:
+    """``bound``, or a clear error saying how to pass one."""
+    if bound is None:
         raise ManifoldMissing(
-            f"{who} needs a generative model of the data: bind one with .bind(manifold) or run "
-            "inside robcomp.attacks.manifold.using_manifold(...) (the experiment runner does; "
-            "see robcomp.evaluate.manifold.manifold_for)"
+            f"{who} needs a generative model of the data: pass one with "
+            "robcomp.attacks.manifold.with_manifold(component, manifold) (the experiment "
+            "pipeline does; robcomp.evaluate.manifold_for builds the one a cell uses)"
         )
-    return manifold
+    return bound
 
 
 @dataclass(frozen=True)
@@ -182,7 +160,7 @@ class OnManifold:
     default accumulates the steps as the paper's PGD does. The paper's settings: simulation
     eps 0.3, step 0.01, 7 steps; HAR eps 0.003, step 0.0003, 7 steps.
 
-    Bind the generative model with :meth:`bind` or :func:`using_manifold`.
+    Pass the generative model with :func:`with_manifold` (or :meth:`bind`).
 
     Attributes:
         eps: the latent L-inf radius (the paper's eta), in latent units (not pixels).
@@ -191,6 +169,7 @@ class OnManifold:
         reanchor: re-anchor at ``z`` every step, as the reference code.
         seed: unused (the attack draws nothing at random); kept so that training code that
             re-seeds attacks per batch treats it like the others.
+        manifold: the generative model, bound at run time (not configuration).
     """
 
     eps: float
@@ -198,7 +177,7 @@ class OnManifold:
     steps: int = 7
     reanchor: bool = False
     seed: int = 0
-    _manifold: Manifold | None = field(default=None, init=False, repr=False, compare=False)
+    manifold: Manifold | None = runtime_field(was="_manifold")
 
     uses_gradients: ClassVar[bool] = True
     needs_manifold: ClassVar[bool] = True
@@ -217,17 +196,15 @@ class OnManifold:
 
     def bind(self, manifold: Manifold) -> OnManifold:
         """A copy of this attack that uses ``manifold``."""
-        bound = dataclasses.replace(self)
-        object.__setattr__(bound, "_manifold", manifold)
-        return bound
+        return dataclasses.replace(self, manifold=manifold)
 
-    def manifold(self) -> Manifold:
-        """The bound manifold, else the active one (:func:`using_manifold`)."""
-        return resolve_manifold(self._manifold, "the on-manifold attack")
+    def generative_model(self) -> Manifold:
+        """The bound manifold; :class:`ManifoldMissing` if none was passed."""
+        return require_manifold(self.manifold, "the on-manifold attack")
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> LatentOutcome:
         """The attack with its latents and its selection, for the evaluator's checks."""
-        manifold = self.manifold()
+        manifold = self.generative_model()
         z = manifold.encode(x).detach()
         z_adv = latent_pgd(
             model, manifold, z, y, eps=self.eps, step=self.step_size, steps=self.steps,

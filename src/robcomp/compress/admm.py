@@ -31,12 +31,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
+from robcomp.attacks.manifold import with_manifold
 from robcomp.compress.base import COMPRESSORS, Record
 from robcomp.compress.efficiency import execution_order, prunable_layers, select_layers
 from robcomp.compress.prune import check_sparsity, record_for
-from robcomp.config import build, build_component
+from robcomp.config import build, build_component, runtime_field
 from robcomp.data.base import DataSplits
 from robcomp.data.transforms import AugmentName
+from robcomp.models.generative import Manifold
 from robcomp.train.loop import Callback, TrainConfig, fit
 from robcomp.train.objectives import OBJECTIVES, Objective, ProgressAware
 
@@ -322,6 +324,8 @@ class ADMMPruning:
         objective: the training objective ``{"name": ..., **fields}`` (PGD-AT, eps 8/255, step
             2/255, 10 steps by default, as the reference).
         seed: seeds shuffling, the objective's randomness and retraining.
+        manifold: the data's generative model for an on-manifold objective, bound at run
+            time (not configuration).
     """
 
     sparsity: float | dict[str, float] | None = None
@@ -343,6 +347,7 @@ class ADMMPruning:
     include_first_last: bool = True
     objective: dict[str, Any] = field(default_factory=_default_objective)
     seed: int = 0
+    manifold: Manifold | None = runtime_field()
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -475,7 +480,8 @@ class ADMMPruning:
         periods = _Periods(self, state)
         history = fit(
             model, data, self.admm_config(), seed=self.seed, description="admm",
-            objective=ADMMPenalty(self.build_objective(), state), callbacks=[periods],
+            objective=ADMMPenalty(with_manifold(self.build_objective(), self.manifold), state),
+            callbacks=[periods],
             lr_schedule=lambda epoch, _step, _steps: admm_lr_factor(epoch, self.period),
         )  # fmt: skip
         return list(history.epochs), periods.records
@@ -490,7 +496,10 @@ class ADMMPruning:
         for layer in layers:  # hard pruning: W itself (not W + U) projected onto the final S
             mask = projection_mask(layer.weight, self.pattern, layer.amount)
             prune.custom_from_mask(layer.module, "weight", mask)
-        history = fit(new, data, self.retrain_config(), seed=self.seed, description="admm retrain")
+        history = fit(
+            new, data, self.retrain_config(), seed=self.seed, description="admm retrain",
+            manifold=self.manifold,
+        )  # fmt: skip
         new.eval()
         seconds = time.perf_counter() - start
         return new, record_for(

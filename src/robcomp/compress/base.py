@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -10,8 +11,6 @@ from torch import nn
 from robcomp.compress.efficiency import Efficiency
 from robcomp.data.base import DataSplits
 from robcomp.registry import Registry
-
-COMPRESSORS: Registry[Any] = Registry("compressor")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,3 +45,8 @@ class Compressor(Protocol):
     def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]: ...
 
     def label(self) -> str: ...
+
+
+# A compressor class (a frozen dataclass) or a function building one from its fields.
+CompressorFactory = Callable[..., Compressor]
+COMPRESSORS: Registry[CompressorFactory] = Registry("compressor")

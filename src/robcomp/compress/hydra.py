@@ -36,8 +36,9 @@ from torch.nn.utils import parametrize, prune
 from robcomp.compress.base import COMPRESSORS, Record
 from robcomp.compress.efficiency import prunable_layers, select_layers
 from robcomp.compress.prune import check_sparsity, finalize, record_for
-from robcomp.config import build, build_component, nested_field
+from robcomp.config import build, build_component, nested_field, runtime_field
 from robcomp.data.base import DataSplits
+from robcomp.models.generative import Manifold
 from robcomp.train import OBJECTIVES, TrainConfig, fit
 
 Method = Literal["hydra", "lwm"]
@@ -214,6 +215,8 @@ class Hydra:
         freeze_bn: keep BatchNorm's affine parameters fixed during the score stage (the
             reference's ``--freeze-bn``; off by default, so they train with the scores).
         seed: seeds both stages (the fine-tune stage with ``seed + 1``).
+        manifold: the data's generative model for an on-manifold objective, bound at run
+            time (not configuration).
     """
 
     sparsity: float
@@ -224,6 +227,7 @@ class Hydra:
     include_first_last: bool = True
     freeze_bn: bool = False
     seed: int = 0
+    manifold: Manifold | None = runtime_field()
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity, "hydra")
@@ -252,12 +256,22 @@ class Hydra:
         if self.method == "hydra":
             _set_trainable(new, scores=True, weights=False, batch_norm=not self.freeze_bn)
             histories["prune"] = fit(
-                new, data, self.prune, seed=self.seed, description="hydra: scores"
+                new,
+                data,
+                self.prune,
+                seed=self.seed,
+                description="hydra: scores",
+                manifold=self.manifold,
             ).as_dict()
         overlap = _lwm_overlap(layers)
         _set_trainable(new, scores=False, weights=True, batch_norm=True)
         histories["finetune"] = fit(
-            new, data, self.finetune, seed=self.seed + 1, description=f"{self.method}: weights"
+            new,
+            data,
+            self.finetune,
+            seed=self.seed + 1,
+            description=f"{self.method}: weights",
+            manifold=self.manifold,
         ).as_dict()
         kept = _export(layers)
         for name, param in new.named_parameters():

@@ -75,9 +75,10 @@ from robcomp.compress.hydra import (
 )
 from robcomp.compress.prune import finalize, record_for
 from robcomp.compress.structured import PruningUnit, plan_filters
-from robcomp.config import absent_at, nested_field
+from robcomp.config import absent_at, nested_field, runtime_field
 from robcomp.data.base import DataSplits
 from robcomp.models.base import Classifier
+from robcomp.models.generative import Manifold
 from robcomp.models.resnet_cifar import BasicBlock, CifarResNet, PadShortcut
 from robcomp.train import Callback, TrainConfig, fit
 
@@ -587,6 +588,8 @@ class ProximalL0:
             consistently (option-A ResNets' padding shortcuts) the zeros stay, masked, and the
             record says why (``removed``). False keeps the masked dense model.
         seed: seeds training.
+        manifold: the data's generative model for an on-manifold objective, bound at run
+            time (not configuration).
     """
 
     sparsity: float
@@ -595,6 +598,7 @@ class ProximalL0:
     objective: dict[str, Any] = field(default_factory=lambda: {"name": "ce"})
     remove: bool = True
     seed: int = 0
+    manifold: Manifold | None = runtime_field()
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity, "proximal-l0")
@@ -626,6 +630,7 @@ class ProximalL0:
         history = fit(
             new, data, self.train, seed=self.seed, description=self.label(),
             callbacks=[ProximalStep(groups, self.sparsity, self.allocation)],
+            manifold=self.manifold,
         )  # fmt: skip
         keeps = project(groups, self.sparsity, self.allocation)
         removed_weights = weight_sparsity(groups, keeps)  # before the layers shrink

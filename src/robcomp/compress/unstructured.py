@@ -20,8 +20,9 @@ from torch.nn.utils import prune
 from robcomp.compress.base import COMPRESSORS, Record
 from robcomp.compress.efficiency import count_nonzero, prunable_layers, select_layers
 from robcomp.compress.prune import check_sparsity, record_for
-from robcomp.config import build
+from robcomp.config import build, runtime_field
 from robcomp.data.base import DataSplits
+from robcomp.models.generative import Manifold
 from robcomp.train import TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,8 @@ class GradualPruning:
         scope: ``global`` or ``layer``.
         include_first_last: also prune the first and last layers.
         seed: seeds fine-tuning.
+        manifold: the data's generative model for an on-manifold objective, bound at run
+            time (not configuration).
     """
 
     sparsity: float
@@ -148,6 +151,7 @@ class GradualPruning:
     scope: Scope = "global"
     include_first_last: bool = True
     seed: int = 0
+    manifold: Manifold | None = runtime_field()
 
     def __post_init__(self) -> None:
         check_sparsity(self.sparsity, "gradual")
@@ -172,7 +176,10 @@ class GradualPruning:
             if target <= 0.0:
                 continue
             _prune_to(targets, target, self.scope, prune.L1Unstructured)
-            fit(new, data, self.train, seed=self.seed + step, description=f"gradual {step}")
+            fit(
+                new, data, self.train, seed=self.seed + step, description=f"gradual {step}",
+                manifold=self.manifold,
+            )  # fmt: skip
             zeros, total = _zeros(targets)
             reached.append(zeros / total)
             log.info("gradual pruning step %d: sparsity %.4f", step, zeros / total)

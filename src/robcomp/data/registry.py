@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from robcomp.data.base import Dataset
 from robcomp.registry import Registry
 
-DATASETS: Registry[Any] = Registry("dataset")
+# Dataset classes (frozen dataclasses whose fields are the options).
+DATASETS: Registry[type[Dataset]] = Registry("dataset")

@@ -12,8 +12,10 @@ from robcomp.evaluate.adversarial import (
 )
 from robcomp.evaluate.clean import accuracy, predict
 from robcomp.evaluate.manifold import ManifoldSets, manifold_for
+from robcomp.evaluate.shifts import SHIFTS
 
 __all__ = [
+    "SHIFTS",
     "AttackOutcome",
     "AttackResult",
     "ManifoldSets",

@@ -87,7 +87,7 @@ def check_latent_threat_model(
     L-inf perturbation (0 where not kept)."""
     label = f"{where}: " if where else ""
     check_threat_model(x, outcome.x_adv, float("inf"), "linf", where)  # shape, finite, [0, 1]
-    manifold = attack.manifold()
+    manifold = attack.generative_model()
     with torch.no_grad():
         z = manifold.encode(x)
         if outcome.z.shape != z.shape or not torch.allclose(outcome.z, z, rtol=1e-4, atol=1e-5):

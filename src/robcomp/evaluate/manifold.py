@@ -34,12 +34,13 @@ import torch
 from torch import Tensor, nn
 
 from robcomp.attacks.base import check_eps, check_positive
-from robcomp.attacks.manifold import OnManifold, active_manifold
+from robcomp.attacks.manifold import OnManifold
 from robcomp.attacks.pgd import PGD
-from robcomp.config import build
+from robcomp.config import build, runtime_field
 from robcomp.data.base import DataSplits, Split
-from robcomp.data.shifts.base import SHIFTS, ShiftContext, ShiftedSplit
+from robcomp.data.shifts.base import ShiftContext, ShiftedSplit
 from robcomp.evaluate.adversarial import attack_mode
+from robcomp.evaluate.shifts import SHIFTS
 from robcomp.models.generative import (
     GaussianManifold,
     Manifold,
@@ -135,7 +136,7 @@ def on_manifold_set(
     class (Definition 1), with their true labels, among the points ``model`` classifies right
     on their reconstruction ``decode(encode(x))``. A point it gets wrong there is fooled by the
     generative model with no latent step at all, so it says nothing about the attack."""
-    manifold = attack.manifold()
+    manifold = attack.generative_model()
 
     def run(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         outcome = attack.perturb(model, x, y)
@@ -173,8 +174,9 @@ class ManifoldSets:
     (the model's own), ``adv_on_recon_errors`` (the points the baseline gets wrong on ``recon``,
     kept out of adv-on) and ``adv_on_points`` (the size of adv-on).
 
-    The generative model is the active one (:func:`~robcomp.attacks.manifold.using_manifold`)
-    if the runner provides one, else :func:`manifold_for` with the context's cache folder.
+    The generative model is the one passed with :func:`~robcomp.attacks.manifold.with_manifold`
+    (the experiment pipeline passes the cell's), else :func:`manifold_for` with the context's
+    cache folder.
 
     Attributes:
         eps: latent L-inf radius of the on-manifold attack (eta; simulation 0.3, HAR 0.003).
@@ -188,6 +190,7 @@ class ManifoldSets:
         vae: VAESpec fields of the generative model on data without a known generator,
             when the shift runs outside the runner (a cell's runs use the cell's ``vae``).
         seed: seeds PGD's random start.
+        manifold: the generative model, bound at run time (not configuration).
     """
 
     eps: float = 0.3
@@ -200,6 +203,7 @@ class ManifoldSets:
     limit: int | None = None
     vae: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    manifold: Manifold | None = runtime_field()
 
     uses_baseline: ClassVar[bool] = True
     needs_manifold: ClassVar[bool] = True
@@ -236,9 +240,11 @@ class ManifoldSets:
             raise ValueError(
                 "manifold-sets builds its test sets against the dense baseline; got none"
             )
-        manifold = active_manifold() or manifold_for(
-            context.data_spec, data, context.seed, context.cache, self.vae_spec()
-        )
+        manifold = self.manifold
+        if manifold is None:  # outside the pipeline: the data's generator, else a VAE
+            manifold = manifold_for(
+                context.data_spec, data, context.seed, context.cache, self.vae_spec()
+            )
         test = data.test.head(self.limit)
         on = on_manifold_set(context.baseline, self.on_attack().bind(manifold), test)
         off = off_manifold_set(context.baseline, self.off_attack(), test)

@@ -25,13 +25,7 @@ from torch import nn
 
 from robcomp import data as datasets
 from robcomp.attacks import Attack
-from robcomp.attacks.manifold import (
-    ManifoldSource,
-    is_latent,
-    needs_manifold,
-    resolve_manifold,
-    using_manifold,
-)
+from robcomp.attacks.manifold import is_latent, needs_manifold, require_manifold, with_manifold
 from robcomp.compress import COMPRESSORS, Record, finalize, latency, measure
 from robcomp.compress.efficiency import count_macs
 from robcomp.config import build_component, to_dict
@@ -71,6 +65,7 @@ from robcomp.models import (
     statistics_for,
 )
 from robcomp.models.base import code_origin, code_paths
+from robcomp.models.generative import LazyManifold, Manifold
 from robcomp.train import fit
 
 log = logging.getLogger(__name__)
@@ -144,10 +139,10 @@ def _missing_statistics(weights: str, channels: int) -> NoReturn:
 
 
 def trained_baseline(
-    cfg: CellConfig, data: DataSplits, cache: Path
+    cfg: CellConfig, data: DataSplits, cache: Path, manifold: Manifold | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The trained uncompressed model, from the cache when an earlier cell produced it, on the
-    data's device."""
+    data's device (``manifold``: the generative model of an on-manifold objective)."""
     folder = cache / f"baseline-{cfg.baseline_key()}"
     if (folder / "history.json").is_file():
         # Its spec came from the cell's own model config, so the callables that names are trusted.
@@ -156,7 +151,9 @@ def trained_baseline(
         return model.to(data.device), json.loads((folder / "history.json").read_text())
     model, spec = build_model(cfg, data)
     model.to(data.device)
-    history = fit(model, data, cfg.train, seed=cfg.seed, description="train baseline")
+    history = fit(
+        model, data, cfg.train, seed=cfg.seed, description="train baseline", manifold=manifold
+    )
     save_checkpoint(model, folder, spec)
     info = {"history": history.as_dict(), "test_accuracy": accuracy(model, data.test)}
     # history.json is written last: its presence marks a complete cache entry.
@@ -222,7 +219,11 @@ class Evaluation:
 
 
 def _evaluate(
-    cfg: CellConfig, model: nn.Module, data: DataSplits, surrogate: nn.Module
+    cfg: CellConfig,
+    model: nn.Module,
+    data: DataSplits,
+    surrogate: nn.Module,
+    manifold: Manifold | None = None,
 ) -> Evaluation:
     """Clean accuracy, then every attack of the suite on the first ``limit`` test points.
 
@@ -232,21 +233,25 @@ def _evaluate(
     """
     spec = cfg.evaluate
     clean = accuracy(model, data.test, spec.batch_size)
-    out = _attack_suite(cfg, model, data.test.head(spec.limit), surrogate)
+    out = _attack_suite(cfg, model, data.test.head(spec.limit), surrogate, manifold)
     out.metrics.insert(0, Metric("clean_accuracy", clean))
     out.clean_accuracy = clean
     return out
 
 
 def _attack_suite(
-    cfg: CellConfig, model: nn.Module, points: Split, surrogate: nn.Module
+    cfg: CellConfig,
+    model: nn.Module,
+    points: Split,
+    surrogate: nn.Module,
+    manifold: Manifold | None = None,
 ) -> Evaluation:
     """Every attack of the suite on ``points`` (the test split's first ``limit``, or a
-    shifted split's)."""
+    shifted split's); on-manifold attacks get ``manifold``."""
     spec = cfg.evaluate
     out = Evaluation()
     cache: dict[tuple[str, str, float], RouteOutcome] = {}
-    for attack in spec.build_attacks():
+    for attack in (with_manifold(a, manifold) for a in spec.build_attacks()):
         if not (attack.uses_gradients and isinstance(model, GradientFree)):
             result = evaluate_attack(model, attack, points, spec.batch_size)
         else:
@@ -275,6 +280,7 @@ def _shift_metrics(
     baseline: nn.Module,
     cache: Path,
     clean_accuracy: float,
+    manifold: Manifold | None = None,
 ) -> tuple[list[Metric], dict[str, Any]]:
     """Clean accuracy on every shifted split of the suite (and the attacks with
     ``attack_shifted``), each shift's summary against the dense baseline (mCE), and the
@@ -290,7 +296,7 @@ def _shift_metrics(
     )
     clean = (clean_accuracy, accuracy(baseline, data.test, spec.batch_size))
     info: dict[str, Any] = {}
-    for shift in build_shifts(cfg):
+    for shift in (with_manifold(s, manifold) for s in build_shifts(cfg)):
         splits = shifted_splits(cfg, shift, data, baseline, cache)
         ours = shift_scores(model, splits, spec.batch_size)
         dense = baseline_scores(cfg, shift, splits, baseline, cache)
@@ -307,7 +313,7 @@ def _shift_metrics(
             if not len(s.split):
                 continue
             points = s.split.head(spec.limit).to(data.device)
-            suite = _attack_suite(cfg, model, points, surrogate=baseline)
+            suite = _attack_suite(cfg, model, points, surrogate=baseline, manifold=manifold)
             metrics += [replace(m, shift=s.shift, severity=s.severity) for m in suite.metrics]
         info[shift.label()] = [
             {"shift": s.shift, "severity": s.severity, "family": s.family, "n": len(s.split),
@@ -319,20 +325,25 @@ def _shift_metrics(
 
 
 def _save_manifold_examples(
-    cfg: CellConfig, model: nn.Module, data: DataSplits, folder: Path
+    cfg: CellConfig, model: nn.Module, data: DataSplits, folder: Path, manifold: Manifold | None
 ) -> None:
     """A few on-manifold adversarials of the suite's first latent-space attack beside their
     originals, for the report's figure (``manifold_examples.npz``)."""
     attack = next((a for a in cfg.evaluate.build_attacks() if is_latent(a)), None)
     if attack is None:
         return
-    examples = manifold_examples(model, attack, data.test.head(cfg.evaluate.limit or 200))
+    points = data.test.head(cfg.evaluate.limit or 200)
+    examples = manifold_examples(model, with_manifold(attack, manifold), points)
     if examples is not None:
         np.savez(folder / "manifold_examples.npz", classes=np.array(data.classes), **examples)
 
 
 def _reconstruction_metrics(
-    cfg: CellConfig, model: nn.Module, data: DataSplits, baseline: nn.Module
+    cfg: CellConfig,
+    model: nn.Module,
+    data: DataSplits,
+    baseline: nn.Module,
+    manifold: Manifold | None,
 ) -> list[Metric]:
     """How the dense baseline (``vae_recon_accuracy``) and the model (``recon_accuracy``)
     classify the test points' reconstructions ``decode(encode(x))``, for a cell whose
@@ -341,7 +352,7 @@ def _reconstruction_metrics(
     shifts = build_shifts(cfg) if cfg.evaluate.shifts else []
     if not cfg.uses_manifold() or any(needs_manifold(s) for s in shifts):
         return []
-    recon = reconstruction_split(resolve_manifold(None, "reconstruction accuracy"), data.test)
+    recon = reconstruction_split(require_manifold(manifold, "reconstruction accuracy"), data.test)
     batch = cfg.evaluate.batch_size
     return [
         Metric("vae_recon_accuracy", accuracy(baseline, recon, batch)),
@@ -402,15 +413,23 @@ def _diagnostics(
 
 
 def compress_and_finetune(
-    cfg: CellConfig, compressor: Any, baseline: nn.Module, data: DataSplits
+    cfg: CellConfig,
+    compressor: Any,
+    baseline: nn.Module,
+    data: DataSplits,
+    manifold: Manifold | None = None,
 ) -> tuple[nn.Module, Record, Any]:
     """Compress the baseline and fine-tune the result; returns (model, record, fine-tuning
-    history, or the reason it was skipped, or None)."""
-    model, record = compressor(baseline, data)
+    history, or the reason it was skipped, or None). ``manifold`` goes to the compressor's
+    and the fine-tuning's objectives that need one."""
+    model, record = with_manifold(compressor, manifold)(baseline, data)
     finetune, skipped = None, None
     if cfg.finetune is not None and cfg.finetune.epochs > 0:
         if not isinstance(model, GradientFree):
-            finetune = fit(model, data, cfg.finetune, seed=cfg.seed, description="fine-tune")
+            finetune = fit(
+                model, data, cfg.finetune, seed=cfg.seed, description="fine-tune",
+                manifold=manifold,
+            )  # fmt: skip
         else:
             skipped = f"{compressor.label()} models cannot be trained; fine-tune skipped"
             log.info(skipped)
@@ -427,11 +446,13 @@ def run_cell(cell: Cell, workdir: Path) -> CellResult:
         return _run_cell(cell, workdir)
 
 
-def _cell_manifold(cfg: CellConfig, data: DataSplits, cache: Path) -> ManifoldSource:
+def _cell_manifold(cfg: CellConfig, data: DataSplits, cache: Path) -> Manifold:
     """The cell's generative model for on-manifold attacks, objectives and test sets (the
     data's own generator, else the VAE of the cell's ``vae`` section), built (or read from
-    ``cache``) only when one of them first asks for it."""
-    return lambda: manifold_for(cfg.data, data, cfg.seed, cache / "manifold", cfg.vae_spec())
+    ``cache``) only when one of them first uses it, so a cell that needs none builds none."""
+    return LazyManifold(
+        lambda: manifold_for(cfg.data, data, cfg.seed, cache / "manifold", cfg.vae_spec())
+    )
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -465,13 +486,13 @@ def cell_model(cfg: CellConfig, cache: Path) -> tuple[nn.Module, DataSplits]:
     seed. Call it inside the cell's :func:`checkpoint_trust` and threads, as :func:`run_cell`.
     """
     data = datasets.get(cfg.data, seed=cfg.seed).to(resolve_device(cfg.device))
-    with using_manifold(_cell_manifold(cfg, data, cache)):
-        baseline, _ = trained_baseline(cfg, data, cache)
-        compressor = build_component(COMPRESSORS, cfg.compress, "compress")
-        model, _, _ = compressed_model(
-            cfg, compressor, baseline, data, cache,
-            produce=lambda: compress_and_finetune(cfg, compressor, baseline, data),
-        )  # fmt: skip
+    manifold = _cell_manifold(cfg, data, cache)
+    baseline, _ = trained_baseline(cfg, data, cache, manifold)
+    compressor = build_component(COMPRESSORS, cfg.compress, "compress")
+    model, _, _ = compressed_model(
+        cfg, compressor, baseline, data, cache,
+        produce=lambda: compress_and_finetune(cfg, compressor, baseline, data, manifold),
+    )  # fmt: skip
     model = _place(model, data.device)
     attacked = model.eager() if isinstance(model, GradientFree) else model
     return attacked, data.to(model_device(attacked))
@@ -502,25 +523,25 @@ def _run_cell(cell: Cell, workdir: Path) -> CellResult:
         data = datasets.get(cfg.data, seed=cfg.seed).to(resolve_device(cfg.device))
         macs = None if cfg.threads is not None else _macs_per_image(cfg, data)
         torch.set_num_threads(choose_threads(cfg.threads, macs))
-        with using_manifold(_cell_manifold(cfg, data, workdir / "cache")):
-            baseline, baseline_info = trained_baseline(cfg, data, workdir / "cache")
-            compressor = build_component(COMPRESSORS, cfg.compress, "compress")
-            model, record, finetune = compressed_model(
-                cfg, compressor, baseline, data, workdir / "cache",
-                produce=lambda: compress_and_finetune(cfg, compressor, baseline, data),
-            )  # fmt: skip
-            model = _place(model, data.device)
-            # Attacks call the model on many batch shapes; an int8 model would compile each.
-            attacked = model.eager() if isinstance(model, GradientFree) else model
-            # A model that runs on the CPU only (int8) is evaluated there, with its surrogate.
-            data = data.to(model_device(attacked))
-            baseline.to(data.device)
-            evaluation = _evaluate(cfg, attacked, data, surrogate=baseline)
-            _save_manifold_examples(cfg, attacked, data, folder)
-            shift_metrics, shifts = _shift_metrics(
-                cfg, attacked, data, baseline, workdir / "cache", evaluation.clean_accuracy
-            )
-            shift_metrics += _reconstruction_metrics(cfg, attacked, data, baseline)
+        manifold = _cell_manifold(cfg, data, workdir / "cache")
+        baseline, baseline_info = trained_baseline(cfg, data, workdir / "cache", manifold)
+        compressor = build_component(COMPRESSORS, cfg.compress, "compress")
+        model, record, finetune = compressed_model(
+            cfg, compressor, baseline, data, workdir / "cache",
+            produce=lambda: compress_and_finetune(cfg, compressor, baseline, data, manifold),
+        )  # fmt: skip
+        model = _place(model, data.device)
+        # Attacks call the model on many batch shapes; an int8 model would compile each.
+        attacked = model.eager() if isinstance(model, GradientFree) else model
+        # A model that runs on the CPU only (int8) is evaluated there, with its surrogate.
+        data = data.to(model_device(attacked))
+        baseline.to(data.device)
+        evaluation = _evaluate(cfg, attacked, data, surrogate=baseline, manifold=manifold)
+        _save_manifold_examples(cfg, attacked, data, folder, manifold)
+        shift_metrics, shifts = _shift_metrics(
+            cfg, attacked, data, baseline, workdir / "cache", evaluation.clean_accuracy, manifold
+        )
+        shift_metrics += _reconstruction_metrics(cfg, attacked, data, baseline, manifold)
         flag_metrics, flags = _diagnostics(cfg, attacked, data, evaluation)
         worst_metrics, worst_case = record_worst_case(evaluation.results, folder)
         metrics = (

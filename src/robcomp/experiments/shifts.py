@@ -28,8 +28,8 @@ from torch import nn
 from robcomp.attacks.manifold import needs_manifold
 from robcomp.config import build_component, config_hash, identity_dict
 from robcomp.data.base import DataSplits, Split
-from robcomp.data.shifts import SHIFTS, ShiftContext, ShiftedSplit, uses_baseline
-from robcomp.evaluate import accuracy
+from robcomp.data.shifts import ShiftContext, ShiftedSplit, uses_baseline
+from robcomp.evaluate import SHIFTS, accuracy
 from robcomp.experiments.spec import CellConfig
 from robcomp.models import model_device, save_tensors
 

@@ -51,15 +51,15 @@ from robcomp.config import (
     to_dict,
 )
 from robcomp.data import DATASETS
-from robcomp.data.shifts import SHIFTS
 from robcomp.evaluate.manifold import has_known_generator
+from robcomp.evaluate.shifts import SHIFTS
 from robcomp.experiments.digest import by_content, content_of
 from robcomp.models import factory_for
 from robcomp.models.base import code_paths
 from robcomp.models.checkpoint import SPEC, WEIGHTS
 from robcomp.models.ecosystem import is_ecosystem
 from robcomp.models.generative import VAESpec
-from robcomp.registry import RegistryError
+from robcomp.registry import Lookup, RegistryError
 from robcomp.train import OBJECTIVES, TrainConfig
 
 
@@ -296,7 +296,9 @@ class CellConfig:
     def uses_manifold(self) -> bool:
         """Whether an attack, shift or training objective of the cell needs a generative
         model of the data (an on-manifold component, Kwon & Lee 2021)."""
-        specs = [(ATTACKS, s) for s in self.evaluate.attack_specs()]
+        specs: list[tuple[Lookup[object], Any]] = [
+            (ATTACKS, s) for s in self.evaluate.attack_specs()
+        ]
         specs += [(SHIFTS, s) for s in self.evaluate.shifts]
         specs += [(OBJECTIVES, self.train.objective)]
         if self.finetune is not None:
@@ -326,7 +328,7 @@ class CellConfig:
         return config_hash(parts)
 
 
-def _needs_manifold(registry: Any, spec: Mapping[str, Any] | str | None) -> bool:
+def _needs_manifold(registry: Lookup[object], spec: Mapping[str, Any] | str | None) -> bool:
     name = spec if isinstance(spec, str) else (spec or {}).get("name")
     return isinstance(name, str) and name in registry and needs_manifold(registry.get(name))
 

@@ -24,7 +24,7 @@ import hashlib
 import json
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -62,6 +62,36 @@ class Manifold(Protocol):
     def keeps_class(self, z: Tensor, y: Tensor) -> Tensor: ...
 
     def label(self) -> str: ...
+
+
+class LazyManifold:
+    """A :class:`Manifold` built by ``build()`` on first use, once.
+
+    The experiment pipeline hands one to every on-manifold component of a cell, so a cell whose
+    components never encode or decode (everything read from caches) never trains a VAE.
+    """
+
+    def __init__(self, build: Callable[[], Manifold]) -> None:
+        self._build = build
+        self._built: Manifold | None = None
+
+    def get(self) -> Manifold:
+        """The manifold, built now if this is the first use."""
+        if self._built is None:
+            self._built = self._build()
+        return self._built
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.get().encode(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.get().decode(z)
+
+    def keeps_class(self, z: Tensor, y: Tensor) -> Tensor:
+        return self.get().keeps_class(z, y)
+
+    def label(self) -> str:
+        return self.get().label()
 
 
 # --- the VAE ------------------------------------------------------------------------------------

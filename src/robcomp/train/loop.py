@@ -18,11 +18,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from robcomp.attacks.base import ATTACKS, Attack
+from robcomp.attacks.manifold import with_manifold
 from robcomp.config import build, build_component
 from robcomp.data.base import DataSplits, Split
 from robcomp.data.transforms import AugmentName, augmentation
 from robcomp.evaluate.adversarial import attack_batch, attack_mode, check_threat_model
 from robcomp.evaluate.clean import accuracy
+from robcomp.models.generative import Manifold
 from robcomp.progress import track
 from robcomp.train.objectives import OBJECTIVES, Objective, ProgressAware
 
@@ -499,6 +501,7 @@ def fit(
     objective: Objective | None = None,
     callbacks: Sequence[Callback] = (),
     lr_schedule: LrSchedule | None = None,
+    manifold: Manifold | None = None,
 ) -> History:
     """Train ``model`` in place on ``data.train``, selecting on ``data.val``; returns the history.
 
@@ -513,11 +516,14 @@ def fit(
         callbacks: hooks run before each epoch, after each optimizer step and after each epoch.
         lr_schedule: ``(epoch, step, steps_per_epoch) -> multiplier of cfg.lr`` replacing
             ``cfg.schedule`` (e.g. ADMM's period restarts).
+        manifold: the data's generative model, passed to an objective built from
+            ``cfg.objective`` that needs one (on-manifold training, Kwon & Lee 2021).
     """
     history = History()
     if cfg.epochs == 0:
         return history
-    objective = objective if objective is not None else cfg.build_objective()
+    if objective is None:
+        objective = with_manifold(cfg.build_objective(), manifold)
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     best = _Best(cfg.criterion(objective))
     probe = cfg.selection_attack(objective) if best.criterion == "robust" else None

@@ -8,8 +8,9 @@ applied there by proximal steps), e.g.
 compress: {name: proximal-l0, sparsity: 0.95, objective: {name: mc-at-on, eta: 0.3}}
 ```
 
-The on-manifold objectives need the data's generative model, bound like the on-manifold attack's
-(:func:`robcomp.attacks.manifold.using_manifold`, or ``objective.bind(manifold)``).
+The on-manifold objectives need the data's generative model, passed like the on-manifold
+attack's (:func:`robcomp.attacks.manifold.with_manifold`; ``fit`` and the training compressors
+take a ``manifold`` and pass it on).
 
 One difference from the paper: Algorithm 1 crafts the on-manifold training set once, against
 the pre-trained model, before compression; here each batch's on-manifold examples are crafted
@@ -20,14 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from robcomp.attacks.manifold import latent_pgd, resolve_manifold, select_on_manifold
+from robcomp.attacks.manifold import latent_pgd, require_manifold, select_on_manifold
+from robcomp.config import runtime_field
 from robcomp.models.generative import Manifold
 from robcomp.train.adversarial import (
     PGDAT,
@@ -57,20 +59,18 @@ class _OnManifoldPart:
     on_steps: int = 7
     reanchor: bool = False
     attack_mode: AttackMode = "eval"
-    _manifold: Manifold | None = field(default=None, init=False, repr=False, compare=False)
+    manifold: Manifold | None = runtime_field(was="_manifold")
 
     needs_manifold: ClassVar[bool] = True
 
     def bind(self, manifold: Manifold) -> _OnManifoldPart:
         """A copy of this objective that uses ``manifold``."""
-        bound = dataclasses.replace(self)
-        object.__setattr__(bound, "_manifold", manifold)
-        return bound
+        return dataclasses.replace(self, manifold=manifold)
 
     def on_manifold_examples(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The batch's on-manifold adversarial examples that pass Definition 1 and their
         labels, ``(x_on (m, ...), y_on (m,))``."""
-        manifold = resolve_manifold(self._manifold, type(self).__name__)
+        manifold = require_manifold(self.manifold, type(self).__name__)
         with inner_attack_mode(model, self.attack_mode):
             z = manifold.encode(x).detach()
             z_adv = latent_pgd(

@@ -11,15 +11,14 @@ it before every batch. Objectives are frozen dataclasses, so they keep the posit
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from robcomp.registry import Registry
-
-OBJECTIVES: Registry[Any] = Registry("objective")
 
 
 class Objective(Protocol):
@@ -27,6 +26,11 @@ class Objective(Protocol):
     for training accuracy) and any other scalar entries are logged."""
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Tensor]: ...
+
+
+# An objective class (a frozen dataclass) or a function building one from its fields.
+ObjectiveFactory = Callable[..., Objective]
+OBJECTIVES: Registry[ObjectiveFactory] = Registry("objective")
 
 
 @runtime_checkable

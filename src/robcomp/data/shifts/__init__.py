@@ -9,8 +9,17 @@ from robcomp.data.shifts.base import (
     Shift,
     ShiftContext,
     ShiftedSplit,
+    ShiftFactory,
     shift_summary,
     uses_baseline,
 )
 
-__all__ = ["SHIFTS", "Shift", "ShiftContext", "ShiftedSplit", "shift_summary", "uses_baseline"]
+__all__ = [
+    "SHIFTS",
+    "Shift",
+    "ShiftContext",
+    "ShiftFactory",
+    "ShiftedSplit",
+    "shift_summary",
+    "uses_baseline",
+]

@@ -17,7 +17,7 @@ evaluate:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,8 +26,6 @@ from torch import nn
 
 from robcomp.data.base import DataSplits, Split
 from robcomp.registry import Registry
-
-SHIFTS: Registry[Any] = Registry("shift")
 
 
 @dataclass(frozen=True)
@@ -81,6 +79,11 @@ class Shift(Protocol):
     def label(self) -> str: ...
 
     def shifted(self, data: DataSplits, context: ShiftContext) -> Sequence[ShiftedSplit]: ...
+
+
+# A shift class (a frozen dataclass) or a function building one from its fields.
+ShiftFactory = Callable[..., Shift]
+SHIFTS: Registry[ShiftFactory] = Registry("shift")
 
 
 def uses_baseline(shift: Any) -> bool:
