@@ -42,7 +42,6 @@ from sqlalchemy.engine import URL, Connection, Engine
 STORE_NAME = "results.sqlite"
 SCHEMA_VERSION = 5
 CLAIM_BATCH = 200  # cells claimed by one statement
-BACKENDS = ("sqlite", "postgresql")
 
 meta = sa.MetaData()
 runs_table = sa.Table(
@@ -214,12 +213,12 @@ def store_url(target: str | Path) -> str:
         return f"sqlite:///{Path(text).expanduser().resolve()}"
     url = sa.make_url(text)
     backend = url.get_backend_name()
-    if backend not in BACKENDS:
+    if backend not in DIALECTS:
         raise ValueError(
             f"store {safe_url(text)!r}: unsupported database {backend!r}; use one of "
             "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
         )
-    if url.drivername == "postgresql":  # SQLAlchemy's default driver is psycopg2, not ours
+    if url.drivername == "postgresql":  # SQLAlchemy before 2.1 would pick psycopg2, not ours
         return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     return text
 
