@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from robcomp import data as datasets
 from robcomp.cli import app
+from robcomp.config import ConfigError
 from robcomp.data.base import DataSplits
 from robcomp.evaluate import accuracy
 from robcomp.experiments import load_experiment
@@ -172,7 +173,7 @@ def test_an_npz_declared_a_test_set_is_scored_whole_and_in_order(
     auto = datasets.get({"name": "npz", "path": str(foreign["npz"])})
     assert len(auto.test) == 30  # the default still splits 20 % off at random
     cfg = CellConfig(data=dict(spec), model=ModelSpec(name="tiny_cnn"))
-    with pytest.raises(ValueError, match=r"test set only.*train.epochs: 0"):
+    with pytest.raises(ConfigError, match=r"test set only.*train.epochs: 0"):
         build_model(cfg, splits)
 
 

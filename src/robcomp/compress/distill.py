@@ -74,6 +74,8 @@ class DistillTo:
         seed: seeds the student's initialisation and training.
     """
 
+    uses_training_data = True  # trains the student on data.train
+
     student: str
     student_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=_default_train)
