@@ -153,7 +153,7 @@ def evaluate_model(
                   latency_batch_sizes=tuple(latency_batch_sizes))  # fmt: skip
     variants = [build_component(COMPRESSORS, "none", "compress")]
     variants += [_compressor(c, f"compress[{i}]") for i, c in enumerate(compress)]
-    check_training_data(splits, variants[1:], cfg, HOLDOUT_HINT)
+    check_training_data(splits, variants[1:], cfg, _HOLDOUT_HINT)
     splits = splits.to(model_device(model))
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="robcomp-api-") as tmp:
@@ -315,7 +315,7 @@ def data_spec_of(data: Data, splits: DataSplits) -> dict[str, Any]:
     return {"name": splits.name}
 
 
-HOLDOUT_HINT = (
+_HOLDOUT_HINT = (
     ", or holdout=N to move N random test points to the training split (they are then not scored)"
 )
 
