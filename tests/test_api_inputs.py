@@ -221,6 +221,18 @@ def test_test_only_data_for_training_names_the_missing_split(
         robcomp.compress_model(trained_cnn, method, data=(x, y), **fields)
 
 
+def test_compressors_that_read_no_data_take_a_test_set(
+    trained_cnn: Classifier, digits: DataSplits
+) -> None:
+    x, y = digits.test.head(100).tensors()
+    untrained_student = {"student": "tiny_cnn", "train": {"epochs": 0}}
+    for method, fields in [
+        ("lowbit", {"bits": 4}), ("l1-filter", {"ratio": 0.5}), ("distill", untrained_student)
+    ]:  # fmt: skip
+        _, record = robcomp.compress_model(trained_cnn, method, data=(x, y), **fields)
+        assert record.params > 0, method
+
+
 def test_evaluate_model_refuses_before_scoring_and_names_holdout(
     trained_cnn: Classifier, test_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

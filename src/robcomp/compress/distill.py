@@ -74,8 +74,6 @@ class DistillTo:
         seed: seeds the student's initialisation and training.
     """
 
-    uses_training_data = True  # trains the student on data.train
-
     student: str
     student_options: dict[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=_default_train)
@@ -140,6 +138,12 @@ class DistillTo:
             else:
                 load_weights(student, source)
         return student
+
+    @property
+    def uses_training_data(self) -> bool:
+        """The student trains on data.train, unless ``train.epochs`` is 0 (a pretrained
+        student scored as it is)."""
+        return self.train.epochs > 0
 
     def check(self, model: nn.Module, data: DataSplits) -> None:
         """Raise a ValueError if the student cannot take ``data``'s inputs (a registered
