@@ -70,7 +70,8 @@ def run_experiment(
             tries them again (their owners may have died meanwhile), and the ones still not
             done are ``RunSummary.unfinished``.
         lease_seconds: how long a claim lasts unless renewed (renewed every third of it while
-            this run lives); a crashed run's cells are taken again after this long.
+            this run lives); a crashed run's cells are taken again after this long, or at
+            once when it was a process of this machine (:mod:`robcomp.experiments.leases`).
 
     Raises:
         ConfigError: ``out_dir`` holds another experiment and ``append`` is False.
