@@ -328,6 +328,8 @@ class ADMMPruning:
             time (not configuration).
     """
 
+    uses_training_data = True  # trains under the ADMM penalty on data.train
+
     sparsity: float | dict[str, float] | None = None
     scheme: Scheme = "irregular"
     funnel_ratio: float = 0.5

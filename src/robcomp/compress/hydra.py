@@ -219,6 +219,8 @@ class Hydra:
             time (not configuration).
     """
 
+    uses_training_data = True  # trains scores, then weights on data.train
+
     sparsity: float
     method: Method = "hydra"
     prune: TrainConfig = field(default_factory=_default_prune)

@@ -592,6 +592,8 @@ class ProximalL0:
             time (not configuration).
     """
 
+    uses_training_data = True  # trains with the proximal step on data.train
+
     sparsity: float
     allocation: Allocation = field(default="global", metadata=absent_at("layer"))
     train: TrainConfig = field(default_factory=_default_train)

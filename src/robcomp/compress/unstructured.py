@@ -144,6 +144,8 @@ class GradualPruning:
             time (not configuration).
     """
 
+    uses_training_data = True  # trains between pruning steps on data.train
+
     sparsity: float
     initial_sparsity: float = 0.0
     steps: int = 10

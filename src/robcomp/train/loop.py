@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from robcomp.attacks.base import ATTACKS, Attack
 from robcomp.attacks.manifold import with_manifold
 from robcomp.config import build, build_component
-from robcomp.data.base import DataSplits, Split
+from robcomp.data.base import DataSplits, Split, require_training_split
 from robcomp.data.transforms import AugmentName, augmentation
 from robcomp.evaluate.adversarial import attack_batch, attack_mode, check_threat_model
 from robcomp.evaluate.clean import accuracy
@@ -522,6 +522,7 @@ def fit(
     history = History()
     if cfg.epochs == 0:
         return history
+    require_training_split(data, description)
     if objective is None:
         objective = with_manifold(cfg.build_objective(), manifold)
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
