@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -16,7 +17,7 @@ from torch import nn
 from robcomp import data as datasets
 from robcomp.attacks import Attack
 from robcomp.compress import COMPRESSORS
-from robcomp.config import ConfigError, build_component, canonical_json
+from robcomp.config import ConfigError, build_component, canonical_json, to_dict
 from robcomp.data import DataError, DatasetNotFound, DataSplits
 from robcomp.data.shifts import SHIFTS
 from robcomp.experiments.executors import CACHE, Executor, LocalExecutor
@@ -216,7 +217,8 @@ def preflight(
         if compress_key not in checked:
             checked.add(compress_key)
             _check_compressor(cfg, built[model_key], loaded[key], where)
-        suite_key = canonical_json([key, cfg.evaluate, cfg.train, cfg.finetune])
+        # Not canonical_json: an unbounded attack's eps is inf, which strict JSON refuses.
+        suite_key = json.dumps(to_dict([key, cfg.evaluate, cfg.train, cfg.finetune]))
         if suite_key not in checked:
             checked.add(suite_key)
             _check_shifts(cfg, loaded[key], where)
