@@ -265,9 +265,9 @@ def _check_device(device: str, where: str) -> None:
     if target.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            why = "this torch has no CUDA support" if torch.version.cuda is None else "none found"
+            build = " (and this torch is a CPU-only build)" if torch.version.cuda is None else ""
             raise ConfigError(
-                f"{where}: device {device!r}: this machine has no CUDA GPU ({why}); "
+                f"{where}: device {device!r}: torch finds no CUDA GPU on this machine{build}; "
                 "use device: auto (the GPU when there is one) or cpu"
             )
         if target.index is not None and target.index >= count:
