@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from robcomp.cli import app
 from robcomp.config import ConfigError, fields_of
 from robcomp.experiments import CellConfig, load_experiment
+from robcomp.experiments.driver import preflight
 from robcomp.experiments.schema import CELL_SECTIONS, check_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +127,13 @@ BATTERY: dict[str, Case] = {
         lambda p: _corruptions([1]) | {"data": _series(p)},
         "corruptions take NCHW images",
     ),
+    "corruptions on 4x4 images": (
+        lambda p: (
+            _corruptions([1])
+            | {"data": {"name": "npz", "path": _npz(p, np.zeros((60, 1, 4, 4), np.float32))}}
+        ),
+        "inputs are 1x4x4",
+    ),
     "grid value not a list": (lambda p: _base(grid={"seed": 3}), "non-empty list"),
 }
 
@@ -160,6 +168,15 @@ def test_a_malformed_file_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, 
     assert words in lines[0], lines[0]
     assert "Traceback" not in result.output
     assert not out.exists()  # no folder, no store, no cells
+
+
+@pytest.mark.usefixtures("no_gpu")
+def test_cells_on_a_cluster_are_not_held_to_this_machines_devices() -> None:
+    """A Ray cluster's nodes have their own GPUs: only cells run here must fit this machine."""
+    cells = load_experiment(_base(device="cuda")).cells
+    preflight(cells, "exp.yaml", devices=False)
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        preflight(cells, "exp.yaml")
 
 
 def test_the_default_output_folder_is_not_created_either(

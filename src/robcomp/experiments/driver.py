@@ -88,7 +88,7 @@ def run_experiment(
         done = results.done_ids()
     todo = [c for c in experiment.cells if c.cell_id not in done]
     # Cells on a cluster run on its nodes' devices, which this machine cannot see.
-    local = isinstance(executor or LocalExecutor(), LocalExecutor)
+    local = executor is None or isinstance(executor, LocalExecutor)
     crafted = experiment.transfer.attacks if experiment.transfer is not None else ()
     preflight(todo, experiment.source, devices=local, transfer=crafted)
     out.mkdir(parents=True, exist_ok=True)
