@@ -16,9 +16,9 @@ from torch import nn
 
 from robcomp import data as datasets
 from robcomp.attacks import Attack
-from robcomp.compress import COMPRESSORS
+from robcomp.compress import COMPRESSORS, uses_training_data
 from robcomp.config import ConfigError, build_component, canonical_json, to_dict
-from robcomp.data import DataError, DatasetNotFound, DataSplits
+from robcomp.data import DataError, DatasetNotFound, DataSplits, require_training_split
 from robcomp.data.shifts import SHIFTS
 from robcomp.experiments.executors import CACHE, Executor, LocalExecutor
 from robcomp.experiments.leases import LEASE_SECONDS, Leases
@@ -244,6 +244,14 @@ def _check_compressor(
 ) -> None:
     """Refuse, in one line, a compressor that says it cannot compress ``model`` on ``data``."""
     compressor = build_component(COMPRESSORS, cfg.compress, f"{where}: compress")
+    users = [f"compress {compressor.label()!r}"] if uses_training_data(compressor) else []
+    if cfg.train.epochs > 0:
+        users.append("training the model (train.epochs > 0)")
+    if users:  # a test set only (split: test) cannot calibrate or train anything
+        try:
+            require_training_split(data, " and ".join(users))
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
     check = getattr(compressor, "check", None)
     if model is None or check is None:
         return
