@@ -186,6 +186,20 @@ def test_importing_evaluate_leaves_the_data_layers_shifts_alone() -> None:
     assert out.stdout.split() == ["True", "False", "True", "True"]
 
 
+def test_code_above_the_data_layer_looks_shifts_up_in_the_evaluation_registry() -> None:
+    """The data layer's registry lacks manifold-sets: a lookup there would refuse it."""
+    pattern = re.compile(r"from robcomp\.data\.shifts(\.base)? import .*\bSHIFTS\b")
+    allowed = {Path("evaluate/shifts.py")}
+    offenders = [
+        f"{path.relative_to(SRC)}:{i}"
+        for path in sorted(SRC.rglob("*.py"))
+        if "data" not in path.relative_to(SRC).parts[:1] and path.relative_to(SRC) not in allowed
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
+
+
 def test_the_evaluation_shift_registry_sees_both_layers() -> None:
     assert "corruptions" in SHIFTS and "manifold-sets" in SHIFTS
     assert "manifold-sets" not in DATA_SHIFTS
