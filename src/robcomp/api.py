@@ -107,7 +107,7 @@ def evaluate_model(
         limit: attack at most this many test points (clean accuracy uses them all).
         shift_limit: shift at most this many test points.
         batch_size: evaluation batch size.
-        diagnostics: run the gradient-masking checklist (``flag:*`` metrics).
+        diagnostics: run the gradient-masking checklist (a metric per check, 1 if raised).
         latency_batch_sizes: time one forward pass on batches of these sizes.
         seed: seeds the evaluation (attacks, shifts) as a cell's seed does.
         as_frame: a pandas DataFrame (True), a list of dicts (False), or a DataFrame when

@@ -30,7 +30,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine
 
 STORE_NAME = "results.sqlite"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+# Clean accuracy on the points the attacks ran on (the test split's first ``evaluate.limit``),
+# beside ``clean_accuracy`` on the whole split: robust accuracy is read against it.
+ATTACKED_CLEAN_ACCURACY = "attacked_clean_accuracy"
 CLAIM_BATCH = 200  # cells claimed by one statement
 BACKENDS = ("sqlite", "postgresql")
 
@@ -59,6 +62,7 @@ metrics_table = sa.Table(
     # the model the adversarial examples were crafted on (transfer attacks); '' for the cell's own
     sa.Column("source", sa.Text, primary_key=True, server_default=""),
     sa.Column("n", sa.Integer),  # points the value was measured on, where it was recorded
+    sa.Column("norm", sa.Text, nullable=False, server_default=""),  # the attack's; '' if none
 )  # fmt: skip
 leases_table = sa.Table(
     "leases", meta,
@@ -108,6 +112,18 @@ MIGRATE_SOURCE_POSTGRESQL = (
     "ALTER TABLE metrics DROP CONSTRAINT metrics_pkey",
     "ALTER TABLE metrics ADD PRIMARY KEY (cell_id, name, attack, eps, shift, severity, source)",
 )
+# Version 4 stores (before metrics had a norm): the attack's norm joins as a plain column (not
+# part of the key: an attack label names one norm). The gradient-masking checks, stored as
+# ``flag:<check>`` metrics until then, are named by their check, as the runner now writes them
+# (the report tells them apart by the cell's ``info["diagnostics"]`` records); a worst case's
+# norm is its attack label's.
+MIGRATE_NORM = (
+    "ALTER TABLE metrics ADD COLUMN norm TEXT NOT NULL DEFAULT ''",
+    "UPDATE metrics SET name = substr(name, 6) WHERE substr(name, 1, 5) = 'flag:'",
+    # a worst case's attack label was its norm's: worst-<norm>
+    "UPDATE metrics SET norm = substr(attack, 7) "
+    "WHERE name = 'worst_robust_accuracy' AND substr(attack, 1, 6) = 'worst-'",
+)
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,8 @@ class Metric:
             ``checkpoint:<folder>``); ``""`` when the cell's own model was attacked.
         n: how many points the value was measured on (None where it was not recorded); not
             part of the key.
+        norm: the threat model's norm of an attack metric (``linf``, ``l2``), ``""`` for
+            attack-free metrics and in stores older than schema 5; not part of the key.
     """
 
     name: str
@@ -133,6 +151,7 @@ class Metric:
     severity: int = 0
     source: str = ""
     n: int | None = None
+    norm: str = ""
 
     @property
     def key(self) -> tuple[str, str, float, str, int, str]:
@@ -325,7 +344,7 @@ class ResultStore:
                         w.insert_metric.bind(
                             cell_id=cell_id, name=m.name, attack=m.attack, eps=m.eps,
                             value=_finite(m.value), shift=m.shift, severity=m.severity,
-                            source=m.source, n=m.n,
+                            source=m.source, n=m.n, norm=m.norm,
                         )
                         for m in metrics
                     ],
@@ -371,6 +390,7 @@ class ResultStore:
                         cell_id=cell_id, name=metric.name, attack=metric.attack, eps=metric.eps,
                         value=_finite(metric.value), shift=metric.shift,
                         severity=metric.severity, source=metric.source, n=metric.n,
+                        norm=metric.norm,
                     )
                 )  # fmt: skip
 
@@ -378,7 +398,7 @@ class ResultStore:
         """Every stored metric called ``name``, per cell id (cheaper than :meth:`runs` when
         only one kind of result is needed, e.g. to tell which transfer entries are done)."""
         m = metrics_table.c
-        columns = (m.name, m.value, m.attack, m.eps, m.shift, m.severity, m.source, m.n)
+        columns = (m.name, m.value, m.attack, m.eps, m.shift, m.severity, m.source, m.n, m.norm)
         out: dict[str, list[Metric]] = {}
         with self._transaction() as conn:
             for cid, *fields in conn.execute(sa.select(m.cell_id, *columns).where(m.name == name)):
@@ -396,7 +416,7 @@ class ResultStore:
         with self._transaction() as conn:
             rows = conn.execute(query).all()
             columns = (m.cell_id, m.name, m.value, m.attack, m.eps, m.shift, m.severity,
-                       m.source, m.n)  # fmt: skip
+                       m.source, m.n, m.norm)  # fmt: skip
             for cid, *fields in conn.execute(sa.select(*columns)):
                 metrics.setdefault(cid, []).append(Metric(*fields))
         return [
@@ -700,6 +720,9 @@ def _migrate(conn: Connection, backend: str) -> None:
     if 0 < version < 4:
         source = MIGRATE_SOURCE_POSTGRESQL if backend == "postgresql" else MIGRATE_SOURCE_SQLITE
         for statement in source:
+            conn.exec_driver_sql(statement)
+    if 0 < version < 5:
+        for statement in MIGRATE_NORM:
             conn.exec_driver_sql(statement)
     meta.create_all(conn)  # tables of later versions (leases, grid_cells, schema_version)
     if 0 < version < 3:  # cells done before leases existed are never claimed again
