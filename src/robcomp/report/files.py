@@ -12,7 +12,7 @@ from typing import Any
 from robcomp.experiments.store import ResultStore
 from robcomp.report import plots
 from robcomp.report.html import write_html
-from robcomp.report.tables import leaderboard_rows, shift_rows, transfer_rows
+from robcomp.report.tables import leaderboard_rows, shift_rows, spreadsheet_row, transfer_rows
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def write_report(store_path: str | Path, folder: str | Path, html: bool = False)
     store = ResultStore(store_path)
     rows = leaderboard_rows(store)
     csv_path, json_path = folder / "leaderboard.csv", folder / "leaderboard.json"
-    _write_csv(csv_path, rows)
+    _write_csv(csv_path, [spreadsheet_row(r) for r in rows])
     json_path.write_text(json.dumps(rows, indent=2, default=str))
     plot = plots.plot_robustness_vs_compression(rows, folder / "robustness_vs_compression.png")
     runs = store.runs()
