@@ -149,6 +149,7 @@ def test_missing_values_and_unknown_n_show_no_interval() -> None:
     assert interval(0.5, None) == "" and interval(None, 100) == ""
     assert pct_interval(0.5, None) == "50.0"
     assert pct_interval(0.5, 100) == "50.0 (40.4-59.6) n=100"
+    assert pct_interval(0.5, 100, with_n=False, digits=0, sep="\n") == "50.0\n(40-60)"
     with pytest.raises(ValueError, match="n=0"):
         wilson_interval(0.5, 0)
 
@@ -157,7 +158,8 @@ def test_tables_show_n_and_the_interval_beside_each_accuracy(tmp_path: Path) -> 
     (row,) = leaderboard_rows(_odd_store(tmp_path / "s.sqlite", n=200))
     text = _text([row])
     low, high = wilson_interval(0.5, 200)
-    assert f"50.0 ({100 * low:.1f}-{100 * high:.1f})" in text and "n=200" in text
+    # the terminal's interval is in whole percents, under the accuracy
+    assert f"({100 * low:.0f}-{100 * high:.0f})" in text and "n=200" in text
     assert "n=800" in text  # clean accuracy on the whole test split
     assert "clean on" in text and "87.5" in text  # clean on the attacked points
     page = write_html(tmp_path / "s.sqlite", tmp_path / "report").read_text()

@@ -65,22 +65,26 @@ def wilson_interval(accuracy: float, n: int, z: float = Z_95) -> tuple[float, fl
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def interval(value: Any, n: Any) -> str:
-    """The 95 % interval of an accuracy on ``n`` points in %, ``71.7-83.3``; empty when the
-    value or ``n`` is missing (stores older than the recorded ``n``)."""
+def interval(value: Any, n: Any, digits: int = 1) -> str:
+    """The 95 % interval of an accuracy on ``n`` points in % with ``digits`` decimals,
+    ``71.7-83.3``; empty when the value or ``n`` is missing (stores older than the recorded
+    ``n``)."""
     if missing(value) or missing(n) or int(n) <= 0:
         return ""
     low, high = wilson_interval(float(value), int(n))
-    return f"{100 * low:.1f}-{100 * high:.1f}"
+    return f"{100 * low:.{digits}f}-{100 * high:.{digits}f}"
 
 
-def pct_interval(value: Any, n: Any, *, with_n: bool = True) -> str:
-    """An accuracy in % with its 95 % interval and, with ``with_n``, its points:
-    ``78.0 (71.7-83.3) n=200``; the bare percentage when ``n`` is unknown."""
-    band = interval(value, n)
+def pct_interval(
+    value: Any, n: Any, *, with_n: bool = True, digits: int = 1, sep: str = " "
+) -> str:
+    """An accuracy in % with its 95 % interval (bounds with ``digits`` decimals) and, with
+    ``with_n``, its points, joined by ``sep``: ``78.0 (71.7-83.3) n=200``; the bare percentage
+    when ``n`` is unknown."""
+    band = interval(value, n, digits)
     if not band:
         return pct(value)
-    return f"{pct(value)} ({band})" + (f" n={int(n)}" if with_n else "")
+    return sep.join([pct(value), f"({band})", *([f"n={int(n)}"] if with_n else [])])
 
 
 def ordered_keys(rows: Iterable[dict[Any, Any]], keep: Callable[[Any], bool]) -> list[Any]:

@@ -336,13 +336,17 @@ def _cost_columns(rows: list[dict[str, Any]]) -> list[TableColumn]:
 
 
 def _accuracy_column(header: list[str], column: Column, rows: list[dict[str, Any]]) -> TableColumn:
-    """Accuracy in % with its 95 % interval; ``n`` under the header when every row measured
-    it on the same number of points, else in each cell (no interval where n is unknown)."""
+    """Accuracy in % with its 95 % interval below it (in whole percents: a terminal is
+    narrow); ``n`` under the header when every row measured it on the same number of points,
+    else in each cell (no interval where n is unknown)."""
     counts = {points(r, column) for r in rows if value(r, column) is not None}
     shared = counts.pop() if len(counts) == 1 else None
     if shared is not None:
         header = [*header, f"n={shared}"]
-    cells = [pct_interval(value(r, column), points(r, column), with_n=shared is None) for r in rows]
+    cells = [
+        pct_interval(value(r, column), points(r, column), with_n=shared is None, digits=0, sep="\n")
+        for r in rows
+    ]
     return ("\n".join(header), cells, True)
 
 
@@ -437,17 +441,17 @@ def _table(title: str, caption: str, rows: list[dict[str, Any]], body: list[Tabl
     keep = ("grid", "masking", "compress")
     shown = [c for c in columns if len(rows) < 2 or len(set(c[1])) > 1 or c[0].startswith(keep)]
     same = [  # headers are folded over lines; the caption has them on one
-        f"{' '.join(h.split())}={cells[0]}"
+        f"{' '.join(h.split())}={' '.join(cells[0].split())}"
         for h, cells, _ in columns
         if (h, cells, _) not in shown and cells and cells[0] != "-"
     ]
     table = Table(title=title, caption=caption + ("; all rows: " + ", ".join(same) if same else ""))
     for header, cells, numeric in shown:
-        table.add_column(  # cells are never folded; long headers are
-            header,
+        table.add_column(  # words of a cell are never folded (an interval may wrap under
+            header,  # its accuracy in a narrow terminal); long headers are
             justify="right" if numeric else "left",
             overflow="fold",
-            min_width=max(map(len, cells), default=1),
+            min_width=max((len(word) for cell in cells for word in cell.split()), default=1),
         )
     for i in range(len(rows)):
         table.add_row(*(cells[i] for _, cells, _ in shown))
