@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 Data = DataSplits | str | Mapping[str, Any] | tuple[Tensor, Tensor]
 ComponentSpec = str | Mapping[str, Any]
-COLUMNS = ("variant", "metric", "attack", "eps", "shift", "severity", "value")
+COLUMNS = ("variant", "metric", "attack", "norm", "eps", "shift", "severity", "value", "n")
 
 
 def evaluate_model(
@@ -115,8 +115,9 @@ def evaluate_model(
 
     Returns:
         One row per number, columns ``variant`` (the compressor's label), ``metric``,
-        ``attack`` and ``eps`` (``""`` and 0 when no attack), ``shift`` and ``severity``
-        (``""`` and 0 on the test split itself), ``value``: the store's own layout.
+        ``attack``, ``norm`` and ``eps`` (``""`` and 0 when no attack), ``shift`` and
+        ``severity`` (``""`` and 0 on the test split itself), ``value`` and ``n`` (the points
+        it was measured on, None where not counted): the store's own layout.
     """
     model = with_normalization(model, mean, std)
     splits = as_splits(data, model, seed)
@@ -335,10 +336,12 @@ def _row(variant: str, metric: Metric) -> dict[str, Any]:
         "variant": variant,
         "metric": metric.name,
         "attack": metric.attack,
+        "norm": metric.norm,
         "eps": metric.eps,
         "shift": metric.shift,
         "severity": metric.severity,
         "value": math.nan if value is None else float(value),
+        "n": metric.n,
     }
 
 
