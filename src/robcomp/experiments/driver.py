@@ -104,7 +104,7 @@ def run_experiment(
                 config=result.config,
                 grid_values=result.grid_values,
                 metrics=result.metrics,
-                info=result.info,
+                info=result.info_json(),
                 seconds=result.seconds,
                 error=result.error,
             )
@@ -132,7 +132,7 @@ def _claimed(
     cells in parallel gets all the cells claimed at once (its leases are renewed together
     while it works through them).
     """
-    if isinstance(executor, LocalExecutor):
+    if executor.one_at_a_time:
         pending, ahead = list(todo), 1
         while pending:
             batch, pending = pending[:ahead], pending[ahead:]

@@ -33,7 +33,17 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class Executor(Protocol):
-    """Runs ``fn(cell, workdir)`` for each cell and yields results as they finish (any order)."""
+    """Runs ``fn(cell, workdir)`` for each cell and yields results as they finish (any order).
+
+    Attributes:
+        one_at_a_time: it runs the cells one after another, in the caller's process, as
+            ``map`` is iterated; the driver then claims each cell just before it runs, so
+            concurrent runs interleave. An executor running cells in parallel has them all
+            claimed before ``map``.
+    """
+
+    @property
+    def one_at_a_time(self) -> bool: ...
 
     def map(self, fn: CellFn, cells: Sequence[Cell], workdir: Path) -> Iterator[CellResult]: ...
 
@@ -67,6 +77,8 @@ class LocalExecutor:
     Args:
         artifacts: the artifacts folder (None: ``workdir/cache``).
     """
+
+    one_at_a_time = True
 
     def __init__(self, artifacts: str | Path | None = None) -> None:
         self.artifacts = artifacts_path(artifacts)
@@ -148,6 +160,8 @@ class RayExecutor:
         num_cpus: CPUs per cell, overriding the file's ``resources.num_cpus``.
         init_kwargs: extra arguments for ``ray.init`` (e.g. ``num_cpus`` of a local Ray).
     """
+
+    one_at_a_time = False
 
     def __init__(
         self,
