@@ -352,8 +352,8 @@ def evaluate(
     attack: Annotated[
         list[str] | None,
         typer.Option(
-            help="NAME:key=value,... e.g. pgd:eps=8/255,steps=20 (repeatable) "
-            f"[default: {DEFAULT_ATTACK}, i.e. PGD-10 L-inf at eps 0.1]."
+            help="NAME:key=value,... e.g. pgd:eps=8/255,steps=20 (repeatable).",
+            show_default=f"{DEFAULT_ATTACK}: PGD-10, L-inf, eps 0.1",
         ),
     ] = None,
     shift: Annotated[
