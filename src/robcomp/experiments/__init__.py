@@ -1,7 +1,9 @@
-"""Experiments: grid expansion, the cell runner, executors and the result store."""
+"""Experiments: grid expansion, the one pipeline a variant goes through, the cell runner,
+executors and the result store."""
 
 from robcomp.experiments.driver import STORE_NAME, RunSummary, run_experiment
 from robcomp.experiments.executors import Executor, LocalExecutor
+from robcomp.experiments.pipeline import CellInfo, Variant, VariantResult, evaluate_variant
 from robcomp.experiments.runner import CellResult, run_cell
 from robcomp.experiments.spec import (
     Cell,
@@ -18,6 +20,7 @@ __all__ = [
     "STORE_NAME",
     "Cell",
     "CellConfig",
+    "CellInfo",
     "CellResult",
     "EvaluateSpec",
     "Executor",
@@ -27,6 +30,9 @@ __all__ = [
     "ModelSpec",
     "ResultStore",
     "RunSummary",
+    "Variant",
+    "VariantResult",
+    "evaluate_variant",
     "expand",
     "load_experiment",
     "run_cell",

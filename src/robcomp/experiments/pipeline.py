@@ -163,6 +163,10 @@ class Prepared:
         data: the data on ``attacked``'s device.
         baseline: the uncompressed model on that device (the dense reference of shifts).
         surrogate: the differentiable form of the baseline (transfer attacks start there).
+        baseline_info: what produced the baseline (training history), None if handed over.
+        compressor: the compressor object.
+        record: the compressor's account of the cost.
+        finetune: the fine-tuning history, why it was skipped, or None.
     """
 
     model: nn.Module
