@@ -23,7 +23,7 @@ from torch import nn
 from robcomp import data as datasets
 from robcomp.attacks.manifold import using_manifold
 from robcomp.compress.efficiency import count_macs
-from robcomp.config import to_dict
+from robcomp.config import ConfigError, to_dict
 from robcomp.data.base import DataSplits
 from robcomp.evaluate import accuracy
 from robcomp.experiments.cache import own_callables
@@ -88,9 +88,9 @@ def build_model(cfg: CellConfig, data: DataSplits) -> tuple[Classifier, dict[str
     """The untrained (or pretrained-weights) model of a cell and its checkpoint spec."""
     channels = data.in_shape[0]
     if not len(data.train) and cfg.train.epochs > 0:  # fit would silently train on nothing
-        raise ValueError(
-            f"data {data.name!r} is a test set only (split: test): it cannot train a model; set "
-            "train.epochs: 0 and model.weights to evaluate a trained one"
+        raise ConfigError(
+            f"data {data.name!r} is a test set only (no training split): it cannot train a "
+            "model; set train.epochs: 0 and model.weights to evaluate a trained one"
         )
     # Models that normalize their own inputs (an ensemble's members do) get the identity in
     # front, since a second Normalize would normalize twice, unless the file says otherwise.
