@@ -91,21 +91,30 @@ def test_an_int8_model_evaluated_again_keeps_its_int8_cost() -> None:
 
 
 def _imports(path: Path) -> list[tuple[str, str]]:
-    """(module, name) of every ``from robcomp.experiments... import name`` in ``path``, and
-    ``module.attribute`` uses of an imported experiments module."""
+    """(module, name) of every name ``path`` takes from ``robcomp.experiments``: ``from
+    robcomp.experiments... import name``, and ``alias.name`` on a module of it imported as
+    ``alias``."""
     tree = ast.parse(path.read_text())
-    found = []
+    found, aliases = [], {}
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
             "robcomp.experiments"
         ):
             found += [(node.module or "", alias.name) for alias in node.names]
+            aliases |= {a.asname or a.name: f"{node.module}.{a.name}" for a in node.names}
         elif isinstance(node, ast.Import):
-            found += [
-                (alias.name, alias.name.rsplit(".", 1)[-1])
-                for alias in node.names
-                if alias.name.startswith("robcomp.experiments.")
-            ]
+            aliases |= {
+                a.asname or a.name: a.name
+                for a in node.names
+                if a.name.startswith("robcomp.experiments")
+            }
+    found += [
+        (aliases[node.value.id], node.attr)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in aliases
+    ]
     return found
 
 
