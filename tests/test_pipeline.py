@@ -169,6 +169,7 @@ class _InOrder:
     time, and says so."""
 
     one_at_a_time = True
+    on_this_machine = True
 
     def __init__(self) -> None:
         self.calls: list[int] = []

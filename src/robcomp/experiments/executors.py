@@ -40,10 +40,15 @@ class Executor(Protocol):
             ``map`` is iterated; the driver then claims each cell just before it runs, so
             concurrent runs interleave. An executor running cells in parallel has them all
             claimed before ``map``.
+        on_this_machine: its cells run on this machine, so the devices they ask for must be
+            this machine's (a cluster's nodes have devices this machine cannot see).
     """
 
     @property
     def one_at_a_time(self) -> bool: ...
+
+    @property
+    def on_this_machine(self) -> bool: ...
 
     def map(self, fn: CellFn, cells: Sequence[Cell], workdir: Path) -> Iterator[CellResult]: ...
 
@@ -79,6 +84,7 @@ class LocalExecutor:
     """
 
     one_at_a_time = True
+    on_this_machine = True
 
     def __init__(self, artifacts: str | Path | None = None) -> None:
         self.artifacts = artifacts_path(artifacts)
@@ -162,6 +168,7 @@ class RayExecutor:
     """
 
     one_at_a_time = False
+    on_this_machine = False  # a cluster's nodes, even when Ray runs here
 
     def __init__(
         self,
