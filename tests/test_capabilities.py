@@ -95,8 +95,9 @@ def test_any_gradient_free_model_is_attacked_through_its_twin(
     caps = capabilities(masked)
     evaluation = pipeline._evaluate(cfg, masked, digits, trained_cnn, caps)
     # the gradient attack ran as BPDA + transfer + black box; Square ran on the model itself
-    assert list(evaluation.routes) == ["pgd3-linf@0.1"]
-    assert set(evaluation.routes["pgd3-linf@0.1"]["per_route"]) == {
+    (route,) = evaluation.routes
+    assert (route["attack"], route["eps"]) == ("pgd3-linf", 0.1)
+    assert set(route["per_route"]) == {
         "bpda", "transfer", "black-box",
     }  # fmt: skip
     assert [a.uses_gradients for a in evaluation.attacks] == [True, False]
