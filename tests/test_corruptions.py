@@ -485,3 +485,14 @@ def test_resnet20_glass_and_frost_match_the_authors_generator(robcomp_data) -> N
     for name, published in (("glass_blur", 0.437), ("frost", 0.536)):
         shifted = corrupt_split(split, name, 5, constants="cifar", seed=0)
         assert abs(accuracy(model, shifted) - published) < 0.04, name
+
+
+def test_constants_made_for_another_dataset_are_noted() -> None:
+    """CIFAR-10-C's constants on 8x8 digits are a choice a reader of the results must know of;
+    on CIFAR they are the benchmark's own, and there is nothing to say."""
+    cifar = SHIFTS.get("corruptions")(corruptions=("fog",))
+    assert cifar.data_note("cifar10") is None and cifar.data_note("cifar100") is None
+    note = cifar.data_note("digits")
+    assert note and "CIFAR-10-C's corruption constants" in note and "on digits" in note
+    imagenet = SHIFTS.get("corruptions")(corruptions=("fog",), constants="imagenet")
+    assert "ImageNet-C" in (imagenet.data_note("cifar10") or "")
