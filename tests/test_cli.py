@@ -25,6 +25,7 @@ def test_every_command_has_help(command: str) -> None:
     assert "Usage" in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["robcomp", "robcomp.cli"])
 def test_python_dash_m_runs_the_command(module: str) -> None:
     """`python -m robcomp.cli run ...` used to import the module and exit 0 having done nothing."""
@@ -111,6 +112,7 @@ def test_run_resume_and_report(tmp_path: Path) -> None:
     assert (out / "report" / "robustness_vs_compression.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_quickstart_shows_a_real_effect(tmp_path: Path) -> None:
     out = tmp_path / "qs"
     result = runner.invoke(app, ["quickstart", "--out", str(out)])
