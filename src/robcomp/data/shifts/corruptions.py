@@ -884,8 +884,8 @@ class Corruptions:
         if data in own:
             return None
         return (
-            f"{self.label()} on {data} uses {benchmark}'s corruption constants, made for "
-            f"{images} images: lengths are rescaled to {data}'s image size, but the severities "
+            f"These corruptions use {benchmark}'s corruption constants (made for {images} "
+            f"images) on {data}: lengths are rescaled to its image size, but the severities "
             f"are {benchmark}'s, not calibrated for {data}."
         )
 
