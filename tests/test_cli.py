@@ -81,6 +81,7 @@ def test_user_errors_exit_2_with_a_message(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "download: true" in result.output
 
 
+@pytest.mark.slow
 def test_run_resume_and_report(tmp_path: Path) -> None:
     exp = tmp_path / "exp.yaml"
     exp.write_text(

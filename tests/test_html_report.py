@@ -323,6 +323,7 @@ def test_pareto_front_directions() -> None:
     assert pareto_front(pts, cost_lower_is_smaller=False) == ["c", "a"]
 
 
+@pytest.mark.slow
 def test_robcomp_report_html_writes_the_page_last(tmp_path: Path) -> None:
     from robcomp.cli import app
 
