@@ -19,9 +19,9 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from robcomp.config import ConfigError, parse_override
-from robcomp.data.base import DatasetNotFound
-from robcomp.registry import RegistryError
+# Nothing here imports torch: a mistake in an experiment file is reported before it loads.
+from robcomp.config import ConfigError, parse_data_spec, parse_override, parse_spec
+from robcomp.registry import RegistryError, code_paths
 
 app = typer.Typer(
     help="robcomp: how much robustness does compression cost, and which method keeps the most?",
@@ -29,8 +29,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+errors = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
-USER_ERRORS = (ConfigError, DatasetNotFound, RegistryError, FileNotFoundError, ValueError)
+# A missing dataset (robcomp.data.DatasetNotFound) is a FileNotFoundError.
+USER_ERRORS = (ConfigError, RegistryError, FileNotFoundError, ValueError)
 
 SetOption = Annotated[
     list[str] | None,
@@ -41,16 +43,17 @@ SetOption = Annotated[
 
 
 def user_errors(fn: F) -> F:
-    """Show mistakes a user can fix as one red message and exit 2, without a traceback."""
+    """Show mistakes a user can fix as one red line on stderr and exit 2, without a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as err:
-            # escaped: rich would read "[attacks]" in a message as markup and drop it
-            message = escape(str(err))
-            console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            # One line, whatever the message holds (a library's multi-line text); escaped:
+            # rich would read "[attacks]" in a message as markup and drop it.
+            message = escape(" ".join(str(err).split()))
+            errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -68,8 +71,6 @@ def main(
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
-    from robcomp.models.base import code_paths
-
     # module:callable models import from the working directory, as `python -m` would.
     ctx.with_resource(code_paths(Path.cwd()))
 
@@ -112,21 +113,53 @@ def _run_and_report(
         # The first line says what went wrong; the traceback is in the log (-v) and the store.
         first = (failed.error or "").splitlines()[0] if failed.error else ""
         console.print(f"[red]cell {failed.cell_id} failed:[/] {escape(first)}", highlight=False)
+    store_ = store or experiment.store or out / STORE_NAME
+    status_target = _status_target(store_, out)
     if summary.elsewhere:
         console.print(f"{len(summary.elsewhere)} cells were claimed by another run: "
-                      f"`robcomp status {out}` shows them")  # fmt: skip
+                      f"`robcomp status {status_target}` shows them",
+                      highlight=False, soft_wrap=True)  # fmt: skip
     transfer = summary.transfer
     if transfer is not None:
         console.print(f"transfer: {transfer.stored} entries stored, {transfer.skipped} already "
                       f"done, {len(transfer.failed)} failed")  # fmt: skip
         for line in transfer.failed:
             console.print(f"[red]transfer {escape(line.splitlines()[0])}[/]", highlight=False)
-    store_ = store or experiment.store or out / STORE_NAME
     files = write_report(store_, out / "report", html=True)
     _print_leaderboard(store_)
     console.print("report: " + ", ".join(str(f) for f in files.paths()))
+    if summary.unfinished:
+        _print_unfinished(summary.unfinished, status_target)
+        raise typer.Exit(UNFINISHED_EXIT)
     if summary.failed or (transfer is not None and transfer.failed):
         raise typer.Exit(1)
+
+
+UNFINISHED_EXIT = 3  # the run ended with cells that other live runs still hold
+
+
+def _status_target(store: Path | str, out: Path) -> str:
+    """What to pass ``robcomp status`` for this run's store: its URL (without a password)
+    when it is a database server's, else the output folder."""
+    from robcomp.experiments.store import STORE_NAME, safe_url, store_url
+
+    if "://" in str(store):
+        return safe_url(store_url(store))
+    return str(out if Path(store) == out / STORE_NAME else store)
+
+
+def _print_unfinished(cells: list[str], status_target: str) -> None:
+    """Name the cells other runs still hold, and how to finish them."""
+    import shlex
+    import sys
+
+    rerun = shlex.join(["robcomp", *sys.argv[1:]])
+    console.print(
+        f"[yellow]{len(cells)} cells are not done: other live runs hold them:[/] "
+        f"{', '.join(cells)}. `robcomp status {status_target}` shows who; once those runs "
+        f"end, `{rerun}` runs whatever they left and reports the whole grid",
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
 
 
 def _print_leaderboard(store_path: Path | str) -> None:
@@ -134,7 +167,7 @@ def _print_leaderboard(store_path: Path | str) -> None:
     from robcomp.experiments import ResultStore
     from robcomp.report import leaderboard_rows, leaderboard_table
 
-    rows = leaderboard_rows(ResultStore(store_path))
+    rows = leaderboard_rows(ResultStore(store_path, read_only=True))
     tables = leaderboard_table(rows)
     # A table wider than the terminal is printed whole (the terminal wraps it) rather than cut.
     unbounded = Console(width=10_000)
@@ -258,13 +291,14 @@ def run(
 ) -> None:
     """Run every cell of an experiment file (or of a shipped config: `robcomp list configs`);
     finished cells are skipped, so reruns resume."""
-    from robcomp.experiments import load_experiment
+    from robcomp.experiments.schema import check_experiment
 
     file = _experiment_file(file)
-    if out is None:
-        out = Path("runs") / load_experiment(file, set_ or []).name
     trust = ["trust_code=true"] if trust_code else []
     overrides = [*(set_ or []), *_operational(device, threads), *trust]
+    name = check_experiment(file, overrides)  # the file's own mistakes, before torch loads
+    if out is None:
+        out = Path("runs") / name
     _run_and_report(file, overrides, out, executor, ray_address, append, store, artifacts=artifacts)
 
 
@@ -316,8 +350,6 @@ def train(
 def _parse_attack(text: str) -> dict[str, Any]:
     """``pgd:eps=8/255,steps=20`` -> ``{"name": "pgd", "eps": "8/255", "steps": 20}``; a value
     may be a list (``autoattack:eps=0.03,version=custom,attacks=[apgd-ce,apgd-t]``)."""
-    from robcomp.api import parse_spec
-
     return parse_spec(text)
 
 
@@ -332,10 +364,9 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 
 
 def _data_spec(text: str) -> Any:
-    """``--data``: a name, ``npz:path=test.npz,split=test``, or a YAML mapping."""
-    if text.lstrip().startswith("{"):
-        return yaml.safe_load(text)
-    return _parse_attack(text) if ":" in text else text
+    """``--data``: a name, ``npz:path=test.npz,split=test``, a YAML mapping or an .npz path
+    (one parser for the CLI and the API: :func:`robcomp.config.parse_data_spec`)."""
+    return parse_data_spec(text)
 
 
 @app.command()
@@ -501,19 +532,24 @@ def report(
 @user_errors
 def status(
     target: Annotated[
-        str, typer.Argument(help="A run's output folder, a .sqlite file or a store URL.")
+        str,
+        typer.Argument(
+            help="A run's output folder, a .sqlite file or a store URL "
+            "(sqlite:///PATH, postgresql://USER@HOST/DB)."
+        ),
     ],
     experiment: Annotated[
         str | None, typer.Option(help="Only this experiment's cells (its name).")
     ] = None,
 ) -> None:
-    """Done, running (owner, since), failed (error) and pending cells, and the time left."""
+    """Done (who ran it), running (owner, since), failed (error) and pending cells, the live
+    runs and the time left; reads the store only."""
     from robcomp.experiments.status import grid_status
 
     state = grid_status(target, experiment)
     table = Table(title=f"{escape(state.store)}: {len(state.cells)} cells")
     for col in ("state", "cell", "grid values", "owner / error", "since / seconds"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # values wrap, never cut with an ellipsis
     colors = {"done": "green", "running": "cyan", "failed": "red", "pending": "dim"}
     for cell in sorted(state.cells, key=lambda c: _STATE_ORDER.index(c.state)):
         values = ", ".join(f"{k}={v}" for k, v in cell.grid_values.items())
@@ -524,17 +560,25 @@ def status(
         )
         table.add_row(
             f"[{colors[cell.state]}]{cell.state}[/]", cell.cell_id[:12], escape(values),
-            escape(cell.owner or cell.error or ""), when,
+            escape(cell.error or cell.owner or ""), when,
         )  # fmt: skip
-    console.print(table)
-    counts = ", ".join(f"{n} {s}" for s, n in state.counts().items())
-    eta = (
-        f"; about {_duration(state.eta_seconds)} left ({state.mean_seconds:.1f} s a cell, "
-        f"{max(1, state.workers)} run(s) working)"
-        if state.eta_seconds is not None and state.mean_seconds is not None
-        else ""
-    )
-    console.print(counts + eta, highlight=False)
+    _print_whole(table)
+    counts = state.counts()
+    line = ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; {state.workers} live run(s)"
+    if counts["running"] + counts["pending"] and state.eta_seconds is not None:
+        line += f"; about {_duration(state.eta_seconds)} left ({state.mean_seconds:.1f} s a cell)"
+    console.print(line, highlight=False, soft_wrap=True)
+
+
+def _print_whole(table: Table) -> None:
+    """``table`` as wide as its contents when stdout is not a terminal (a pipe, a file, a
+    log), so a value is never cut or wrapped there; a terminal's width otherwise."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    unbounded = Console(width=10_000)
+    needed = unbounded.measure(table, options=unbounded.options).maximum
+    Console(width=max(needed, 80), file=console.file).print(table)
 
 
 _STATE_ORDER = ("running", "failed", "pending", "done")

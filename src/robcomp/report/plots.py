@@ -6,6 +6,7 @@ import hashlib
 import logging
 import re
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from robcomp.experiments.store import RunRow
-from robcomp.report.tables import attack_column, attack_columns, grid_value
+from robcomp.report.columns import Column, Kind
+from robcomp.report.tables import attack_columns, grid_value
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +129,7 @@ def plot_robustness_vs_compression(rows: list[dict[str, Any]], path: Path) -> Pa
         return None
     plt = _pyplot()
     # unbounded attacks (eps=inf) bring every model to ~0 %: nothing to plot
-    measures = ["clean_accuracy", *(c for c in attack_columns(rows) if not c.endswith("@inf"))]
+    measures = ["clean_accuracy", *(c.label() for c in attack_columns(rows) if c.bounded)]
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[_group_key(row)].append(row)
@@ -592,14 +594,15 @@ def load_manifold_examples(path: Path) -> ManifoldExamples:
 
 
 def manifold_example_sets(
-    cells: Path, labels: dict[str, str], max_sets: int
+    folders: Mapping[str, Path], labels: dict[str, str], max_sets: int
 ) -> list[tuple[str, ManifoldExamples]]:
     """Up to ``max_sets`` distinct example sets of the cells in ``labels`` (cell id -> line
-    label), in that order; a file that breaks the contract is logged and skipped."""
+    label), in that order, read from their ``folders`` (cell id -> cell folder); a file that
+    breaks the contract is logged and skipped."""
     found: dict[bytes, tuple[str, ManifoldExamples]] = {}
     for cell_id, label in labels.items():
-        path = cells / cell_id / MANIFOLD_EXAMPLES
-        if len(found) >= max_sets or not path.is_file():
+        path = folders[cell_id] / MANIFOLD_EXAMPLES if cell_id in folders else None
+        if len(found) >= max_sets or path is None or not path.is_file():
             continue
         try:
             examples = load_manifold_examples(path)
@@ -628,13 +631,18 @@ def _show(ax: Any, x: np.ndarray, other: np.ndarray | None = None) -> None:
 
 
 def plot_manifold_examples(
-    cells: Path, labels: dict[str, str], path: Path, max_sets: int = 3, per_set: int = 8
+    folders: Mapping[str, Path],
+    labels: dict[str, str],
+    path: Path,
+    max_sets: int = 3,
+    per_set: int = 8,
 ) -> Path | None:
     """Originals beside their on-manifold adversarial examples (Kwon & Lee 2021): for each
-    distinct example set (:data:`MANIFOLD_EXAMPLES` in a cell folder under ``cells``) a row of
+    distinct example set (:data:`MANIFOLD_EXAMPLES` in a cell's folder, ``folders``: cell
+    id -> folder) a row of
     originals with their labels and a row of adversarials with the predicted label; signals
     are traces (the adversarial solid, the original dashed). ``None`` when no cell has one."""
-    sets = manifold_example_sets(cells, labels, max_sets)
+    sets = manifold_example_sets(folders, labels, max_sets)
     if not sets:
         return None
     plt = _pyplot()
@@ -674,8 +682,12 @@ def transfer_matrices(
         return labels.get(source) or source.rsplit("@", 1)[0]
 
     out: dict[str, tuple[list[str], list[str], list[list[float]]]] = {}
-    for panel in dict.fromkeys(attack_column(r["attack"], r["eps"]) for r in transfer):
-        rows = [r for r in transfer if attack_column(r["attack"], r["eps"]) == panel]
+
+    def panel_of(r: dict[str, Any]) -> str:
+        return Column(Kind.ROBUST, attack=r["attack"], eps=r["eps"]).label()
+
+    for panel in dict.fromkeys(map(panel_of, transfer)):
+        rows = [r for r in transfer if panel_of(r) == panel]
         named = list(dict.fromkeys(r["source"] for r in rows))
         cells = list(dict.fromkeys(r["cell_id"] for r in rows))
         # the cells among the sources first, in both lists, so their diagonal lines up
