@@ -69,7 +69,10 @@ def killable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     state = tmp_path_factory.mktemp("state")
     (code / "killable_model.py").write_text(textwrap.dedent(KILLABLE.format(folder=str(state))))
     env = {"PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
+    # address="local": a Ray of its own, even when a parallel test's cluster is up (a bare
+    # ray.init() would connect to that one and refuse num_cpus)
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
