@@ -341,7 +341,7 @@ def shift_notes(runs: list[RunRow]) -> dict[str, str]:
     """Per shift label, what its shifts say about fitting the cells' data (a shift with a
     ``data_note``, such as corruptions with another dataset's constants), for its table."""
     from robcomp.config import build_component
-    from robcomp.data.shifts import SHIFTS
+    from robcomp.evaluate import SHIFTS
 
     notes: dict[str, dict[str, None]] = defaultdict(dict)
     for run in runs:
