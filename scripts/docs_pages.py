@@ -1,0 +1,231 @@
+"""The pages the docs site generates, so they cannot drift from what they describe.
+
+The home page is README.md, its links rewritten to point inside the site. Every registered
+dataset, model, attack, compressor, training objective and shift gets a section: its name, the
+class or factory behind it, the first paragraph of its docstring (which cites its paper) and its
+options, with the types and defaults the dataclass (or the model factory's signature) declares
+and the descriptions its docstring's ``Attributes:``/``Args:`` section gives.
+
+``mkdocs.yml`` loads this file as a hook: ``on_files`` adds the pages as generated files
+(``index.md`` and ``components/<kind>.md``, never written to disk), so ``mkdocs build`` always
+shows this checkout's README and documents the registries of its ``src/``. ``pages()`` returns
+them as text for the tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER = "components"
+# kind: (page title, how an experiment file names it, `robcomp list` argument)
+KINDS: dict[str, tuple[str, str, str]] = {
+    "datasets": ("Datasets", "`data: {name: ..., OPTION: ...}`", "datasets"),
+    "models": ("Models", "`model: {name: ..., options: {OPTION: ...}}`", "models"),
+    "attacks": ("Attacks", "`evaluate.attacks: [{name: ..., OPTION: ...}]`", "attacks"),
+    "compressors": ("Compressors", "`compress: {name: ..., OPTION: ...}`", "compressors"),
+    "objectives": (
+        "Training objectives",
+        "`train.objective` / `finetune.objective: {name: ..., OPTION: ...}`",
+        "objectives",
+    ),
+    "shifts": ("Shifts", "`evaluate.shifts: [{name: ..., OPTION: ...}]`", "shifts"),
+}
+# Arguments every model factory takes from the data, not from the experiment file.
+MODEL_DATA_ARGS = ("num_classes", "in_shape")
+SECTION = re.compile(r"^(Attributes|Args|Arguments|Parameters):\s*$")
+ENTRY = re.compile(r"^(?P<name>\*{0,2}\w+)(?: \([^)]*\))?:\s*(?P<text>.*)$")
+DOCS_LINK = re.compile(r"\]\(docs/")
+ROLE = re.compile(r":\w+:`~?(?:[\w.]+\.)?(?P<name>[\w]+)`")
+
+
+def registries() -> dict[str, Any]:
+    """The registries by kind, imported from this checkout's ``src/``."""
+    if str(ROOT / "src") not in sys.path:
+        sys.path.insert(0, str(ROOT / "src"))
+    from robcomp.attacks import ATTACKS
+    from robcomp.compress import COMPRESSORS
+    from robcomp.data import DATASETS
+    from robcomp.data.shifts import SHIFTS
+    from robcomp.models import MODELS
+    from robcomp.train import OBJECTIVES
+
+    found = {
+        "datasets": DATASETS,
+        "models": MODELS,
+        "attacks": ATTACKS,
+        "compressors": COMPRESSORS,
+        "objectives": OBJECTIVES,
+        "shifts": SHIFTS,
+    }
+    assert set(found) == set(KINDS)
+    return found
+
+
+def markdown(text: str) -> str:
+    """Docstring markup as Markdown: Sphinx roles and RST literals become code spans."""
+    text = ROLE.sub(lambda m: f"`{m['name']}`", text)
+    return text.replace("``", "`")
+
+
+def summary(obj: Any) -> str:
+    """The first paragraph of ``obj``'s docstring, on one line."""
+    doc = inspect.getdoc(obj) or ""
+    first = doc.split("\n\n")[0]
+    return markdown(" ".join(first.split())) or "(no docstring)"
+
+
+def described(obj: Any) -> dict[str, str]:
+    """Field descriptions from the ``Attributes:``/``Args:`` sections of ``obj``'s docstring
+    and, for a class, of its bases' (a subclass's own wins)."""
+    sources = reversed(inspect.getmro(obj)) if inspect.isclass(obj) else [obj]
+    found: dict[str, str] = {}
+    for source in sources:
+        found.update(_sections(inspect.cleandoc(source.__dict__.get("__doc__") or "")))
+    if not inspect.isclass(obj):
+        found.update(_sections(inspect.cleandoc(obj.__doc__ or "")))
+    return found
+
+
+def _sections(doc: str) -> dict[str, str]:
+    found: dict[str, str] = {}
+    lines = doc.splitlines()
+    for i, line in enumerate(lines):
+        if SECTION.match(line):
+            found.update(_entries(lines[i + 1 :]))
+    return found
+
+
+def _entries(lines: list[str]) -> Iterator[tuple[str, str]]:
+    """``name: text`` entries of one indented section, continuation lines joined."""
+    name, text, indent = "", [], None
+    for line in lines:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = depth
+        if depth < indent or depth == 0:
+            break
+        match = ENTRY.match(line.strip()) if depth == indent else None
+        if match:
+            if name:
+                yield name, " ".join(text)
+            name, text = match["name"].lstrip("*"), [match["text"]]
+        elif name:
+            text.append(line.strip())
+    if name:
+        yield name, " ".join(text)
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, str):
+        return annotation
+    if annotation is inspect.Parameter.empty:
+        return ""
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _default(value: Any) -> str:
+    if value is dataclasses.MISSING or value is inspect.Parameter.empty:
+        return "required"
+    if isinstance(value, tuple):
+        value = list(value)  # as an experiment file writes it
+    return f"`{value!r}`"
+
+
+def options(obj: Any) -> list[tuple[str, str, str]]:
+    """(name, type, default) of every option: a dataclass's init fields (private ones left
+    out), else a factory's keyword parameters except those filled from the data."""
+    if dataclasses.is_dataclass(obj):
+        rows = []
+        for f in dataclasses.fields(obj):
+            if not f.init or f.name.startswith("_"):
+                continue
+            default: Any = f.default
+            if f.default_factory is not dataclasses.MISSING:
+                default = f.default_factory()
+            rows.append((f.name, _type_name(f.type), _default(default)))
+        return rows
+    params = inspect.signature(obj).parameters.values()
+    return [
+        (p.name, _type_name(p.annotation), _default(p.default))
+        for p in params
+        if p.name not in MODEL_DATA_ARGS and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+
+
+def section(name: str, obj: Any) -> str:
+    """One component's section: name, where it lives, what it is, its options."""
+    where = f"{obj.__module__}.{obj.__qualname__}"
+    lines = [f"## `{name}`", "", f"`{where}`", "", summary(obj), ""]
+    rows = options(obj)
+    notes = described(obj)
+    if not rows:
+        lines.append("No options.")
+    for field, kind, default in rows:
+        typed = f"`{kind}`, " if kind else ""
+        note = f": {markdown(notes[field])}" if field in notes else ""
+        lines.append(f"- **`{field}`** ({typed}{'default ' if default != 'required' else ''}"
+                     f"{default}){note}")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def page(kind: str, registry: Any) -> str:
+    """The Markdown page of one kind of component."""
+    title, usage, listed = KINDS[kind]
+    names = registry.names()
+    head = [
+        f"# {title}",
+        "",
+        f"Generated from robcomp's `{registry.kind}` registry when the site is built "
+        f"(`robcomp list {listed}` prints the same {len(names)} names). An experiment file "
+        f"names one as {usage}; an option left out keeps the default shown.",
+        "",
+        "| name | what it is |",
+        "|---|---|",
+    ]
+    head += [f"| [`{n}`](#{_anchor(n)}) | {_table_cell(summary(registry.get(n)))} |" for n in names]
+    body = [section(n, registry.get(n)) for n in names]
+    return "\n".join(head) + "\n\n" + "\n".join(body)
+
+
+def _anchor(name: str) -> str:
+    """The id Python-Markdown's toc gives the heading ``## `name```."""
+    return re.sub(r"[^\w-]", "", name.lower().replace(" ", "-"))
+
+
+def _table_cell(text: str) -> str:
+    """A summary in a table cell: a pipe (a norm in a formula) would split the cell, and an
+    escaped one shows its backslash inside code, so such a summary stops before its colon."""
+    if "|" in text:
+        text = text.split(":")[0].rstrip() + "."
+    return text.replace("|", "\\|")
+
+
+def home_page() -> str:
+    """README.md as the site's home page: its links into ``docs/`` made relative to the site."""
+    text = (ROOT / "README.md").read_text()
+    return DOCS_LINK.sub("](", text)
+
+
+def pages() -> dict[str, str]:
+    """Every generated page by its path under docs/: the home page and one per component kind."""
+    generated = {"index.md": home_page()}
+    generated |= {f"{FOLDER}/{kind}.md": page(kind, reg) for kind, reg in registries().items()}
+    return generated
+
+
+def on_files(files: Any, config: Any) -> Any:
+    """mkdocs hook: add the component pages as generated files (nothing written to docs/)."""
+    from mkdocs.structure.files import File
+
+    for path, text in pages().items():
+        files.append(File.generated(config, path, content=text))
+    return files
