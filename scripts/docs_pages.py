@@ -15,6 +15,7 @@ them as text for the tests.
 from __future__ import annotations
 
 import dataclasses
+import html
 import inspect
 import re
 import sys
@@ -41,6 +42,7 @@ KINDS: dict[str, tuple[str, str, str]] = {
 MODEL_DATA_ARGS = ("num_classes", "in_shape")
 SECTION = re.compile(r"^(Attributes|Args|Arguments|Parameters):\s*$")
 ENTRY = re.compile(r"^(?P<name>\*{0,2}\w+)(?: \([^)]*\))?:\s*(?P<text>.*)$")
+CODE_WITH_PIPE = re.compile(r"`([^`]*\|[^`]*)`")
 DOCS_LINK = re.compile(r"\]\(docs/")
 ROLE = re.compile(r":\w+:`~?(?:[\w.]+\.)?(?P<name>[\w]+)`")
 
@@ -202,11 +204,16 @@ def _anchor(name: str) -> str:
 
 
 def _table_cell(text: str) -> str:
-    """A summary in a table cell: a pipe (a norm in a formula) would split the cell, and an
-    escaped one shows its backslash inside code, so such a summary stops before its colon."""
-    if "|" in text:
-        text = text.split(":")[0].rstrip() + "."
-    return text.replace("|", "\\|")
+    """A summary in a table cell. A pipe would end the cell, and an escaped one shows its
+    backslash inside a code span, so code holding a pipe (a norm in a formula) becomes HTML."""
+
+    def code(match: re.Match[str]) -> str:
+        inner = html.escape(match[1])
+        for char in "|_*":  # Markdown still reads emphasis inside inline HTML
+            inner = inner.replace(char, f"&#{ord(char)};")
+        return f"<code>{inner}</code>"
+
+    return CODE_WITH_PIPE.sub(code, text).replace("|", "\\|")
 
 
 def home_page() -> str:
