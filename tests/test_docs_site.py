@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import re
 import sys
+import tomllib
 from pathlib import Path
 from types import ModuleType
 
@@ -33,6 +34,16 @@ dp = _load()
 def test_readme_is_a_front_page() -> None:
     lines = (ROOT / "README.md").read_text().splitlines()
     assert len(lines) <= README_MAX_LINES, f"README.md: {len(lines)} lines; move reference to docs/"
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/install.md"])
+def test_the_cpu_torch_command_installs_the_pinned_versions(page: str) -> None:
+    """The CPU-only install asks PyTorch's CPU index for exactly the versions pyproject pins."""
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    pins = [d for d in deps if d.startswith(("torch==", "torchvision=="))]
+    assert len(pins) == 2
+    command = f"pip install {' '.join(pins)} --index-url https://download.pytorch.org/whl/cpu"
+    assert command in (ROOT / page).read_text()
 
 
 def test_every_registered_component_has_a_section_with_its_options() -> None:
