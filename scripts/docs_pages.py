@@ -38,6 +38,15 @@ KINDS: dict[str, tuple[str, str, str]] = {
     ),
     "shifts": ("Shifts", "`evaluate.shifts: [{name: ..., OPTION: ...}]`", "shifts"),
 }
+# What a kind's page says besides its registry.
+NOTES = {
+    "models": "Besides these names, `timm:<name>`, `torchvision:<name>` and your own "
+    "`module:callable` build other architectures ([Bring your own model](../bring-your-own.md)); "
+    "every model gets robcomp's Normalize layer in front (`model.mean`, `model.std`).",
+    "attacks": "`eps` is in pixel units of [0, 1] inputs; the evaluator checks every adversarial "
+    "batch against the threat model. `robcomp list presets` names the shipped suites "
+    "([Evaluation suites](../evaluation.md)).",
+}
 # Arguments every model factory takes from the data, not from the experiment file.
 MODEL_DATA_ARGS = ("num_classes", "in_shape")
 SECTION = re.compile(r"^(Attributes|Args|Arguments|Parameters):\s*$")
@@ -190,6 +199,7 @@ def page(kind: str, registry: Any) -> str:
         f"(`robcomp list {listed}` prints the same {len(names)} names). An experiment file "
         f"names one as {usage}; an option left out keeps the default shown.",
         "",
+        *([NOTES[kind], ""] if kind in NOTES else []),
         "| name | what it is |",
         "|---|---|",
     ]
