@@ -7,8 +7,9 @@ options, with the types and defaults the dataclass (or the model factory's signa
 and the descriptions its docstring's ``Attributes:``/``Args:`` section gives.
 
 ``mkdocs.yml`` loads this file as a hook: ``on_files`` adds the pages as generated files
-(``index.md`` and ``components/<kind>.md``, never written to disk), so ``mkdocs build`` always
-shows this checkout's README and documents the registries of its ``src/``. ``pages()`` returns
+(``index.md``, ``results.md`` and ``components/<kind>.md``, never written to disk), so
+``mkdocs build`` always shows this checkout's README, its results files and the registries of
+its ``src/``. ``pages()`` returns
 them as text for the tests.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import inspect
+import json
 import re
 import sys
 from collections.abc import Iterator
@@ -232,9 +234,60 @@ def home_page() -> str:
     return DOCS_LINK.sub("](", text)
 
 
+def results_page() -> str:
+    """Where the docs' numbers come from: every kept run (``docs/results/<name>/run.json``)
+    and every benchmark result (``bench/results/*.json``), as those files record them."""
+    lines = [
+        "# Where the numbers come from",
+        "",
+        "Every measured number in these pages is written from one of these files by",
+        "`scripts/docs_numbers.py` ([contributing](contributing.md)). This page is generated from",
+        "them when the site is built.",
+        "",
+        "## Runs of shipped configs",
+        "",
+        "`python scripts/docs_numbers.py --refresh NAME` reruns one (the recorded command) and",
+        "keeps its `leaderboard.json` under `docs/results/NAME/`.",
+        "",
+        "| NAME | command | commit | date | wall time | cores | load before |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in sorted((ROOT / "docs/results").glob("*/run.json")):
+        lines.append(_run_row(run.parent.name, json.loads(run.read_text())))
+    lines += [
+        "",
+        "## Benchmarks",
+        "",
+        "`python bench/NAME.py` writes `bench/results/NAME.json` ([benchmarks](benchmarks.md)).",
+        "",
+    ]
+    for result in sorted((ROOT / "bench/results").glob("*.json")):
+        script = Path("bench") / f"{result.stem}.py"
+        what = f"`python {script}`" if (ROOT / script).is_file() else "(no script of that name)"
+        lines.append(f"- `bench/results/{result.name}`: {what}")
+    return "\n".join(lines) + "\n"
+
+
+def _run_row(name: str, run: dict[str, Any]) -> str:
+    commit = str(run.get("commit", "?"))[:10]
+    if run.get("uncommitted_changes"):
+        commit += " (+ changes)"
+    wall, load = run.get("wall_seconds"), run.get("load_1min_before")
+    cells = [
+        f"`{name}`",
+        _table_cell(f"`{run.get('command', '?')}`"),
+        f"`{commit}`",
+        str(run.get("date", "?"))[:16].replace("T", " "),
+        f"{wall:.0f} s" if isinstance(wall, int | float) else "?",
+        str(run.get("cpus", "?")),
+        f"{load:.2f}" if isinstance(load, int | float) else "?",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
 def pages() -> dict[str, str]:
     """Every generated page by its path under docs/: the home page and one per component kind."""
-    generated = {"index.md": home_page()}
+    generated = {"index.md": home_page(), "results.md": results_page()}
     generated |= {f"{FOLDER}/{kind}.md": page(kind, reg) for kind, reg in registries().items()}
     return generated
 

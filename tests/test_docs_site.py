@@ -131,3 +131,13 @@ def test_every_page_the_nav_or_the_readme_names_exists() -> None:
 def test_every_docs_page_is_in_the_nav(page: str) -> None:
     nav = _nav_paths(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"])
     assert page in nav, f"docs/{page} is not in mkdocs.yml's nav"
+
+
+def test_the_results_page_names_every_kept_run_and_benchmark() -> None:
+    page = dp.pages()["results.md"]
+    runs = sorted((ROOT / "docs/results").glob("*/run.json"))
+    assert runs
+    for run in runs:
+        assert f"| `{run.parent.name}` |" in page
+    for result in (ROOT / "bench/results").glob("*.json"):
+        assert f"`bench/results/{result.name}`" in page
