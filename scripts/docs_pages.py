@@ -55,7 +55,7 @@ SECTION = re.compile(r"^(Attributes|Args|Arguments|Parameters):\s*$")
 ENTRY = re.compile(r"^(?P<name>\*{0,2}\w+)(?: \([^)]*\))?:\s*(?P<text>.*)$")
 CODE_WITH_PIPE = re.compile(r"`([^`]*\|[^`]*)`")
 DOCS_LINK = re.compile(r"\]\(docs/")
-ROLE = re.compile(r":\w+:`~?(?:[\w.]+\.)?(?P<name>[\w]+)`")
+ROLE = re.compile(r":(?:class|func|meth|attr|mod|data|obj|exc):`(?P<tilde>~?)(?P<path>[\w.]+)`")
 
 
 def registries() -> dict[str, Any]:
@@ -81,10 +81,20 @@ def registries() -> dict[str, Any]:
     return found
 
 
+def markdown_roles(text: str) -> str:
+    """Sphinx cross-reference roles (``:class:`~a.b.C```, ``:func:`f```) as Markdown code spans
+    with the object's short name (the ``~`` form) or its dotted path as written."""
+
+    def code(match: re.Match[str]) -> str:
+        path = match["path"]
+        return f"`{path.rsplit('.', 1)[-1] if match['tilde'] else path}`"
+
+    return ROLE.sub(code, text)
+
+
 def markdown(text: str) -> str:
     """Docstring markup as Markdown: Sphinx roles and RST literals become code spans."""
-    text = ROLE.sub(lambda m: f"`{m['name']}`", text)
-    return text.replace("``", "`")
+    return markdown_roles(text).replace("``", "`")
 
 
 def summary(obj: Any) -> str:
