@@ -141,3 +141,8 @@ def test_the_results_page_names_every_kept_run_and_benchmark() -> None:
         assert f"| `{run.parent.name}` |" in page
     for result in (ROOT / "bench/results").glob("*.json"):
         assert f"`bench/results/{result.name}`" in page
+
+
+def test_sphinx_roles_become_markdown_code() -> None:
+    text = "a :class:`~robcomp.data.DataSplits`, :func:`robcomp.api.parse_spec` and ``x``"
+    assert dp.markdown(text) == "a `DataSplits`, `robcomp.api.parse_spec` and `x`"
