@@ -17,9 +17,10 @@ from typer.testing import CliRunner
 
 from robcomp import data as datasets
 from robcomp.cli import app
+from robcomp.config import ConfigError
 from robcomp.data.base import DataSplits
 from robcomp.evaluate import accuracy
-from robcomp.experiments import load_experiment
+from robcomp.experiments import STORE_NAME, load_experiment, run_experiment
 from robcomp.experiments.runner import build_model
 from robcomp.experiments.spec import CellConfig, ModelSpec
 from robcomp.models import (
@@ -172,8 +173,28 @@ def test_an_npz_declared_a_test_set_is_scored_whole_and_in_order(
     auto = datasets.get({"name": "npz", "path": str(foreign["npz"])})
     assert len(auto.test) == 30  # the default still splits 20 % off at random
     cfg = CellConfig(data=dict(spec), model=ModelSpec(name="tiny_cnn"))
-    with pytest.raises(ValueError, match=r"test set only.*train.epochs: 0"):
+    with pytest.raises(ConfigError, match=r"test set only.*train.epochs: 0"):
         build_model(cfg, splits)
+
+
+@pytest.mark.parametrize(
+    "compress, train", [({"name": "int8"}, 0), ({"name": "none"}, 1)], ids=["int8", "train"]
+)
+def test_a_test_set_that_would_calibrate_or_train_is_refused_before_any_cell(
+    foreign: dict[str, Any], tmp_path: Path, compress: dict[str, Any], train: int
+) -> None:
+    experiment = {
+        "name": "test-only",
+        "data": {"name": "npz", "path": str(foreign["npz"]), "split": "test"},
+        "model": {"name": "tiny_cnn", "weights": str(foreign["weights"]),
+                  "mean": [foreign["mean"]], "std": [foreign["std"]]},
+        "train": {"epochs": train},
+        "evaluate": {"attacks": [], "diagnostics": False, "latency_batch_sizes": []},
+        "grid": {"compress": [compress]},
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match=r"needs training data.*no training split"):
+        run_experiment(load_experiment(experiment), tmp_path / "out")
+    assert not (tmp_path / "out" / STORE_NAME).exists()
 
 
 # --- module:callable beside the experiment file ----------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,9 +39,23 @@ from robcomp import data as datasets
 from robcomp.attacks import ATTACKS, Attack
 from robcomp.attacks.base import missing_library
 from robcomp.attacks.cascade import Cascade, CascadeResult
-from robcomp.compress import COMPRESSORS, Record
-from robcomp.config import ConfigError, build, build_component, parse_override, to_dict
-from robcomp.data.base import DataSplits, Split, check_inputs, check_splits
+from robcomp.compress import COMPRESSORS, Record, uses_training_data
+from robcomp.config import (
+    ConfigError,
+    build,
+    build_component,
+    parse_data_spec,
+    parse_spec,
+    to_dict,
+)
+from robcomp.data.base import (
+    DataSplits,
+    Split,
+    check_inputs,
+    check_splits,
+    hold_out,
+    require_training_split,
+)
 from robcomp.data.shifts import SHIFTS
 from robcomp.evaluate import AttackResult, evaluate_attack
 from robcomp.experiments.runner import (
@@ -61,15 +76,18 @@ from robcomp.registry import Registry
 
 log = logging.getLogger(__name__)
 
-Data = DataSplits | str | Mapping[str, Any] | tuple[Tensor, Tensor]
+Data = DataSplits | str | os.PathLike[str] | Mapping[str, Any] | tuple[Tensor, Tensor]
+Model = nn.Module | str
 ComponentSpec = str | Mapping[str, Any]
 COLUMNS = ("variant", "metric", "attack", "eps", "shift", "severity", "value")
 
 
 def evaluate_model(
-    model: nn.Module,
+    model: Model,
     data: Data,
     *,
+    weights: str | Path | None = None,
+    holdout: int | None = None,
     attacks: Sequence[ComponentSpec | Attack] = (),
     shifts: Sequence[ComponentSpec] = (),
     compress: Sequence[ComponentSpec | Any] = (),
@@ -90,11 +108,19 @@ def evaluate_model(
     Args:
         model: a classifier taking float inputs in [0, 1] (N, C, H, W) or (N, C, L); pass
             ``mean``/``std`` if it expects normalized inputs (it is then wrapped in a
-            Normalize layer, as every robcomp model is). Never modified.
-        data: a :class:`~robcomp.data.DataSplits`, a dataset name or spec
-            (``{"name": "npz", "path": ..., "split": "test"}``), or ``(x, y)`` tensors used as
-            the test set (compressors that calibrate or fine-tune need a dataset with a
-            training split).
+            Normalize layer, as every robcomp model is). Never modified. Or a model name as
+            the CLI's ``--model`` takes it (``"resnet20"``, ``"torchvision:resnet18"``,
+            ``"timm:..."``, ``"module:callable"``), built for the data's classes and input
+            shape, with ``weights`` loaded (see :func:`as_model`).
+        data: a :class:`~robcomp.data.DataSplits`, a dataset name (``"digits"``), a spec as
+            the CLI's ``--data`` takes it (``"npz:path=test.npz,split=test"``) or as a mapping,
+            a path to an ``.npz`` file, or ``(x, y)`` tensors used as the test set (see
+            :func:`as_splits`). Compressors that calibrate or fine-tune read the training
+            split only; data without one is refused unless ``holdout`` is given.
+        weights: a weights file (safetensors or a PyTorch state dict) for a model name.
+        holdout: for data without a training split (a test set): move this many random test
+            points to the training split, where int8/activation calibration and fine-tuning
+            read them; they are scored for no variant, so calibration never sees a scored point.
         attacks: attack specs (``{"name": "pgd", "eps": 8/255}``, or the CLI's
             ``"pgd:eps=8/255,steps=20"``) or registered attack objects.
         shifts: shift specs (``{"name": "corruptions", "severities": [1, 3, 5]}``).
@@ -118,14 +144,17 @@ def evaluate_model(
         ``attack`` and ``eps`` (``""`` and 0 when no attack), ``shift`` and ``severity``
         (``""`` and 0 on the test split itself), ``value``: the store's own layout.
     """
-    model = with_normalization(model, mean, std)
-    splits = as_splits(data, model, seed)
-    cfg = _config(splits, data, attacks, shifts, finetune, seed, limit=limit,
-                  shift_limit=shift_limit, batch_size=batch_size, diagnostics=diagnostics,
+    model, splits = as_inputs(model, data, weights=weights, mean=mean, std=std, seed=seed)
+    if holdout is not None:
+        splits = _held_out(splits, holdout, seed)
+    cfg = _config(splits, data_spec_of(data, splits), attacks, shifts, finetune, seed,
+                  limit=limit, shift_limit=shift_limit, batch_size=batch_size,
+                  diagnostics=diagnostics,
                   latency_batch_sizes=tuple(latency_batch_sizes))  # fmt: skip
-    splits = splits.to(model_device(model))
     variants = [build_component(COMPRESSORS, "none", "compress")]
     variants += [_compressor(c, f"compress[{i}]") for i, c in enumerate(compress)]
+    check_training_data(splits, variants[1:], cfg, _HOLDOUT_HINT)
+    splits = splits.to(model_device(model))
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="robcomp-api-") as tmp:
         for i, compressor in enumerate(variants):
@@ -142,10 +171,11 @@ def evaluate_model(
 
 
 def compress_model(
-    model: nn.Module,
+    model: Model,
     method: ComponentSpec | Any,
     *,
     data: Data,
+    weights: str | Path | None = None,
     finetune: Mapping[str, Any] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -155,10 +185,11 @@ def compress_model(
     """Compress ``model`` with one compressor (and fine-tune it); ``model`` is not modified.
 
     Args:
-        model: a classifier taking inputs in [0, 1]; see :func:`evaluate_model` for ``mean``,
-            ``std`` and ``data``.
+        model: a classifier taking inputs in [0, 1], or a model name; see
+            :func:`evaluate_model` for ``model``, ``weights``, ``mean``, ``std`` and ``data``.
         method: a compressor name (``robcomp list compressors``), a spec, or a compressor.
-        data: what the compressor calibrates, measures sensitivity or fine-tunes on.
+        data: what the compressor calibrates or fine-tunes on: its training split (data
+            without one is refused for such compressors, with a ConfigError).
         finetune: training settings for fine-tuning, e.g. ``{"epochs": 3, "lr": 0.01}``.
         seed: seeds fine-tuning.
         **fields: the compressor's fields, e.g. ``sparsity=0.5``.
@@ -167,7 +198,7 @@ def compress_model(
         (the compressed model with its masks made permanent, the compressor's
         :class:`~robcomp.compress.Record`: parameters, nonzeros, bits, bytes, MACs, seconds).
     """
-    model = with_normalization(model, mean, std)
+    model, splits = as_inputs(model, data, weights=weights, mean=mean, std=std, seed=seed)
     if isinstance(method, str | Mapping):
         spec = parse_spec(method) if isinstance(method, str) else dict(method)
         compressor = _compressor({**spec, **fields}, "method")
@@ -176,8 +207,9 @@ def compress_model(
                          f"the compressor object {method!r}")  # fmt: skip
     else:
         compressor = method
-    splits = as_splits(data, model, seed).to(model_device(model))
     cfg = build(CellConfig, {"seed": seed, "finetune": finetune}, "compress_model")
+    check_training_data(splits, [compressor], cfg)
+    splits = splits.to(model_device(model))
     compressed, record, _ = compress_and_finetune(cfg, compressor, model, splits)
     return compressed, record
 
@@ -195,27 +227,134 @@ def with_normalization(
     return Classifier(model, normalize)
 
 
-def as_splits(data: Data, model: nn.Module, seed: int = 0) -> DataSplits:
-    """``data`` as splits: as it is, loaded by name or spec, or ``(x, y)`` as a test set
-    (empty train and validation splits; the class count from the model's output)."""
+def as_inputs(
+    model: Model,
+    data: Data,
+    *,
+    weights: str | Path | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, DataSplits]:
+    """The model and the data in any form :func:`evaluate_model` takes, as a module and
+    splits: the data first when the model is a name (it is built for the data's classes and
+    input shape), the model first when the data is ``(x, y)`` (its outputs count the
+    classes)."""
+    if isinstance(model, nn.Module):
+        if weights is not None:
+            raise ConfigError("weights: applies to a model name; load them into your module")
+        net = with_normalization(model, mean, std)
+        return net, as_splits(data, net, seed)
+    splits = as_splits(data, None, seed)
+    return as_model(model, splits, weights=weights, mean=mean, std=std, seed=seed), splits
+
+
+def as_model(
+    model: Model,
+    data: DataSplits,
+    *,
+    weights: str | Path | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    options: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """``model`` as a module: a module as it is (behind a Normalize layer when ``mean`` and
+    ``std`` are given); a name as the CLI's ``--model`` takes it (registered, ``timm:``,
+    ``torchvision:``, ``module:callable``) built by the experiment runner's factory for
+    ``data``'s classes and input shape, seeded, with ``weights`` loaded (they need ``mean``
+    and ``std`` unless the model brings its own statistics; without weights the model is
+    an untrained initialisation, for compressors that train it).
+    """
+    if isinstance(model, nn.Module):
+        return with_normalization(model, mean, std)
+    if not isinstance(model, str):
+        raise TypeError(f"model must be a torch module or a model name, got {type(model).__name__}")
+    if weights is None:
+        log.warning("model %r without weights=: an untrained (seeded) initialisation", model)
+    return _named_model(model, weights, data, mean, std, options, seed)
+
+
+def as_splits(data: Data, model: nn.Module | None = None, seed: int = 0) -> DataSplits:
+    """``data`` as splits, in any form the CLI's ``--data`` takes and a few more.
+
+    - :class:`~robcomp.data.DataSplits`: as it is.
+    - a dataset name (``"mnist"``), a CLI spec (``"npz:path=test.npz,split=test"``), a YAML
+      mapping in a string, or a spec mapping (``{"name": "npz", ...}``): loaded by
+      :func:`robcomp.data.get` (see :func:`robcomp.config.parse_data_spec`).
+    - a path (``str`` ending in ``.npz``, or :class:`~pathlib.Path`): ``npz:path=PATH``.
+    - ``(x, y)`` tensors or arrays, or ``{"x": x, "y": y}``: a test set, with empty train and
+      validation splits; the class count from ``model``'s output, else from the labels.
+    """
     if isinstance(data, DataSplits):
         return data
-    if isinstance(data, str | Mapping):
-        return datasets.get(data, seed=seed)
-    if isinstance(data, tuple) and len(data) == 2:
+    if isinstance(data, str | os.PathLike):
+        spec = parse_data_spec(data if isinstance(data, str) else Path(data))
+        return datasets.get(spec, seed=seed)
+    if isinstance(data, Mapping) and "name" not in data and {"x", "y"} <= data.keys():
+        return _tensor_splits(data["x"], data["y"], model)
+    if isinstance(data, Mapping):
+        return datasets.get(dict(data), seed=seed)
+    if isinstance(data, tuple | list) and len(data) == 2:
         x, y = data
         return _tensor_splits(x, y, model)
     raise TypeError(
-        f"data must be DataSplits, a dataset name or spec, or (x, y) tensors; got "
+        f"data must be DataSplits, a dataset name, spec or .npz path, or (x, y) tensors; got "
         f"{type(data).__name__}"
     )
 
 
-def _tensor_splits(x: Tensor, y: Tensor, model: nn.Module) -> DataSplits:
-    x, y = x.detach().cpu(), y.detach().cpu().long()
+def data_spec_of(data: Data, splits: DataSplits) -> dict[str, Any]:
+    """The dataset spec a cell records for ``data``: the parsed spec of a name, string or
+    path; an in-memory dataset keeps only its name."""
+    if isinstance(data, str | os.PathLike):
+        spec = parse_data_spec(data if isinstance(data, str) else Path(data))
+        return {"name": spec} if isinstance(spec, str) else spec
+    if isinstance(data, Mapping) and "name" in data:
+        return dict(data)
+    return {"name": splits.name}
+
+
+_HOLDOUT_HINT = (
+    ", or holdout=N to move N random test points to the training split (they are then not scored)"
+)
+
+
+def check_training_data(
+    splits: DataSplits, compressors: Sequence[Any], cfg: CellConfig, hint: str = ""
+) -> None:
+    """Refuse, before anything runs, compressors that calibrate or train (and fine-tuning)
+    on data without a training split.
+
+    Raises:
+        ConfigError: naming the compressor, the missing split and what to give instead.
+    """
+    users = [c.label() for c in compressors if uses_training_data(c)]
+    if compressors and cfg.finetune is not None and cfg.finetune.epochs > 0:
+        users.append("fine-tuning")
+    if users:
+        require_training_split(splits, " and ".join(users), hint)
+
+
+def _held_out(splits: DataSplits, n: int, seed: int) -> DataSplits:
+    held = hold_out(splits, n, seed)
+    log.warning(
+        "%s: %d random test points held out as the training split (calibration, fine-tuning); "
+        "every variant is scored on the other %d", splits.name, n, len(held.test),
+    )  # fmt: skip
+    return held
+
+
+def _tensor_splits(x: Any, y: Any, model: nn.Module | None) -> DataSplits:
+    x = torch.as_tensor(x).detach().cpu()
+    y = torch.as_tensor(y).detach().cpu().long()
     check_inputs(x, "data: x")
-    with torch.no_grad():
-        num_classes = int(model(x[:1].float().to(model_device(model))).shape[1])
+    if model is not None:
+        with torch.no_grad():
+            num_classes = int(model(x[:1].float().to(model_device(model))).shape[1])
+    else:  # a model built by name: the labels are all there is to count the classes by
+        num_classes = max(int(y.max()) + 1, 2)
+        log.info("data (x, y): %d classes, from the largest label", num_classes)
     test = Split(x, y)
     empty = test.take(slice(0, 0))
     channels = int(x.shape[1])
@@ -226,28 +365,6 @@ def _tensor_splits(x: Tensor, y: Tensor, model: nn.Module) -> DataSplits:
     )  # fmt: skip
     check_splits(splits, "data (x, y)", test_only=True)
     return splits
-
-
-def parse_spec(text: str) -> dict[str, Any]:
-    """``pgd:eps=8/255,steps=20`` -> ``{"name": "pgd", "eps": "8/255", "steps": 20}``, the
-    CLI's syntax; a value may be a YAML list (``attacks=[apgd-ce,apgd-t]``)."""
-    name, _, rest = text.partition(":")
-    spec: dict[str, Any] = {"name": name.strip()}
-    for item in filter(None, (p.strip() for p in _top_level(rest))):
-        key, value = parse_override(item)
-        spec[key] = value
-    return spec
-
-
-def _top_level(text: str) -> list[str]:
-    """``text`` split at the commas outside brackets and braces."""
-    parts, depth, start = [], 0, 0
-    for i, char in enumerate(text):
-        depth += (char in "[{") - (char in "]}")
-        if char == "," and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-    return [*parts, text[start:]]
 
 
 def _registered_spec(obj: Any, registry: Registry[Any], where: str) -> dict[str, Any]:
@@ -273,7 +390,7 @@ def _compressor(spec: Any, where: str) -> Any:
 
 def _config(
     splits: DataSplits,
-    data: Data,
+    data_spec: Mapping[str, Any],
     attacks: Sequence[ComponentSpec | Attack],
     shifts: Sequence[ComponentSpec],
     finetune: Mapping[str, Any] | None,
@@ -289,10 +406,9 @@ def _config(
     shift_specs = [parse_spec(s) if isinstance(s, str) else dict(s) for s in shifts]
     # The data spec names the data for shifts that load other domains; in-memory data keeps its
     # own name (the shifted arrays are cached in a folder of this call only).
-    data_spec = {"name": splits.name} if not isinstance(data, str | Mapping) else data
     raw = {
         "seed": seed,
-        "data": {"name": data_spec} if isinstance(data_spec, str) else dict(data_spec),
+        "data": dict(data_spec),
         "finetune": dict(finetune) if finetune is not None else None,
         "evaluate": {"attacks": attack_specs, "shifts": shift_specs, **evaluate},
     }
@@ -441,10 +557,23 @@ def model_from_weights(
     with ``train.epochs: 0`` builds it. Without ``mean``/``std`` that is an error, unless the
     model brings its own statistics: the training data's would be a silent guess.
     """
+    return _named_model(name, weights, data, mean, std, options, seed)
+
+
+def _named_model(
+    name: str,
+    weights: str | Path | None,
+    data: DataSplits,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    options: Mapping[str, Any] | None,
+    seed: int,
+) -> Classifier:
+    """The experiment runner's model factory, as a cell with ``train.epochs: 0`` uses it."""
     raw = {
         "seed": seed,
-        "model": {"name": name, "weights": str(weights), "mean": mean, "std": std,
-                  "options": dict(options or {})},
+        "model": {"name": name, "weights": None if weights is None else str(weights),
+                  "mean": mean, "std": std, "options": dict(options or {})},
         "train": {"epochs": 0},
     }  # fmt: skip
     cfg = build(CellConfig, raw, "model")

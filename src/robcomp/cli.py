@@ -19,7 +19,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from robcomp.config import ConfigError, parse_override
+from robcomp.config import ConfigError, parse_data_spec, parse_override, parse_spec
 from robcomp.data.base import DatasetNotFound
 from robcomp.registry import RegistryError
 
@@ -316,8 +316,6 @@ def train(
 def _parse_attack(text: str) -> dict[str, Any]:
     """``pgd:eps=8/255,steps=20`` -> ``{"name": "pgd", "eps": "8/255", "steps": 20}``; a value
     may be a list (``autoattack:eps=0.03,version=custom,attacks=[apgd-ce,apgd-t]``)."""
-    from robcomp.api import parse_spec
-
     return parse_spec(text)
 
 
@@ -332,10 +330,9 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
 
 
 def _data_spec(text: str) -> Any:
-    """``--data``: a name, ``npz:path=test.npz,split=test``, or a YAML mapping."""
-    if text.lstrip().startswith("{"):
-        return yaml.safe_load(text)
-    return _parse_attack(text) if ":" in text else text
+    """``--data``: a name, ``npz:path=test.npz,split=test``, a YAML mapping or an .npz path
+    (one parser for the CLI and the API: :func:`robcomp.config.parse_data_spec`)."""
+    return parse_data_spec(text)
 
 
 @app.command()

@@ -327,6 +327,66 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def parse_spec(text: str) -> dict[str, Any]:
+    """``pgd:eps=8/255,steps=20`` -> ``{"name": "pgd", "eps": "8/255", "steps": 20}``, the
+    CLI's syntax for a component; a value may be a YAML list (``attacks=[apgd-ce,apgd-t]``)."""
+    name, _, rest = text.partition(":")
+    spec: dict[str, Any] = {"name": name.strip()}
+    for item in filter(None, (p.strip() for p in _top_level(rest))):
+        key, value = parse_override(item)
+        spec[key] = value
+    return spec
+
+
+def _top_level(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets and braces."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "[{") - (char in "]}")
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
+def parse_data_spec(text: str | Path) -> str | dict[str, Any]:
+    """A dataset as the CLI's ``--data`` and the API's ``data`` take it, as a spec for
+    :func:`robcomp.data.get`.
+
+    ``mnist`` stays a name; ``npz:path=test.npz,split=test`` becomes its mapping; a YAML
+    mapping (``{name: npz, path: test.npz}``) is read as one; a path ending in ``.npz``
+    (a string or a :class:`~pathlib.Path`) is ``npz:path=PATH`` with the npz dataset's
+    defaults (``x_test``/``y_test`` as the test split if the file holds them, else a seeded
+    20 % of it; add ``split=test`` to score the whole file).
+
+    Raises:
+        ConfigError: a path that is not an ``.npz`` file, or a mapping that is not valid YAML.
+    """
+    if isinstance(text, Path):
+        return _npz_path(text)
+    stripped = text.strip()
+    if stripped.startswith("{"):
+        try:
+            spec = yaml.safe_load(stripped)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"data {text!r}: not a valid YAML mapping: {err}") from None
+        if not isinstance(spec, dict):
+            raise ConfigError(f"data {text!r}: expected a mapping with a name")
+        return spec
+    if stripped.lower().endswith(".npz") and "=" not in stripped:  # not npz:path=...
+        return _npz_path(Path(stripped))
+    return parse_spec(stripped) if ":" in stripped else stripped
+
+
+def _npz_path(path: Path) -> dict[str, Any]:
+    if path.suffix.lower() != ".npz":
+        raise ConfigError(
+            f"data {str(path)!r}: a path to data must be an .npz file (np.savez(path, x=..., "
+            "y=...)); other datasets are named, e.g. {'name': 'imagefolder', 'root': ...}"
+        )
+    return {"name": "npz", "path": str(path)}
+
+
 def set_dotted(tree: dict[str, Any], dotted: str, value: Any, where: str = "") -> dict[str, Any]:
     """Return a deep copy of ``tree`` with ``dotted`` (``a.b.c``) set to ``value``."""
     out = copy.deepcopy(tree)

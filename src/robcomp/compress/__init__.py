@@ -1,7 +1,7 @@
 """Compression (registry). ``compressor(model, data) -> (new_model, Record)``."""
 
 from robcomp.compress import admm, distill, hydra, proximal  # noqa: F401  (register compressors)
-from robcomp.compress.base import COMPRESSORS, Compressor, Record
+from robcomp.compress.base import COMPRESSORS, Compressor, Record, uses_training_data
 from robcomp.compress.efficiency import Efficiency, count_macs, count_nonzero, count_params, measure
 from robcomp.compress.latency import LatencyResult, latency, peak_memory_bytes
 from robcomp.compress.prune import MagnitudePruning, NoCompression, finalize
@@ -34,4 +34,5 @@ __all__ = [
     "plot_sensitivity",
     "sensitivity_analysis",
     "twin_agreement",
+    "uses_training_data",
 ]

@@ -324,6 +324,8 @@ class ADMMPruning:
         seed: seeds shuffling, the objective's randomness and retraining.
     """
 
+    uses_training_data = True  # trains under the ADMM penalty on data.train
+
     sparsity: float | dict[str, float] | None = None
     scheme: Scheme = "irregular"
     funnel_ratio: float = 0.5

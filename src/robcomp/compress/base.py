@@ -41,8 +41,18 @@ class Compressor(Protocol):
     ``data``. The experiment runner calls it before any cell runs, on the model built on the
     meta device (shapes, no weights), so such a combination is refused when the file loads
     rather than failing after training.
+
+    A compressor that calibrates or trains on ``data.train`` says so with a true
+    ``uses_training_data`` attribute (see :func:`uses_training_data`).
     """
 
     def __call__(self, model: nn.Module, data: DataSplits) -> tuple[nn.Module, Record]: ...
 
     def label(self) -> str: ...
+
+
+def uses_training_data(compressor: Any) -> bool:
+    """Whether ``compressor`` calibrates or trains on the training split (its declared
+    ``uses_training_data``; False when it declares nothing), so data without one can be
+    refused before anything runs."""
+    return bool(getattr(compressor, "uses_training_data", False))

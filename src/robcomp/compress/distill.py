@@ -139,6 +139,12 @@ class DistillTo:
                 load_weights(student, source)
         return student
 
+    @property
+    def uses_training_data(self) -> bool:
+        """The student trains on data.train, unless ``train.epochs`` is 0 (a pretrained
+        student scored as it is)."""
+        return self.train.epochs > 0
+
     def check(self, model: nn.Module, data: DataSplits) -> None:
         """Raise a ValueError if the student cannot take ``data``'s inputs (a registered
         student is built on the meta device: shapes only, no weights)."""

@@ -216,6 +216,8 @@ class Hydra:
         seed: seeds both stages (the fine-tune stage with ``seed + 1``).
     """
 
+    uses_training_data = True  # trains scores, then weights on data.train
+
     sparsity: float
     method: Method = "hydra"
     prune: TrainConfig = field(default_factory=_default_prune)

@@ -589,6 +589,8 @@ class ProximalL0:
         seed: seeds training.
     """
 
+    uses_training_data = True  # trains with the proximal step on data.train
+
     sparsity: float
     allocation: Allocation = field(default="global", metadata=absent_at("layer"))
     train: TrainConfig = field(default_factory=_default_train)

@@ -37,7 +37,7 @@ from torch.nn.utils import parametrize
 from robcomp.compress.base import COMPRESSORS, Record
 from robcomp.compress.efficiency import count_macs, prunable_layers, select_layers
 from robcomp.compress.prune import finalize
-from robcomp.data.base import DataSplits
+from robcomp.data.base import DataSplits, require_training_split
 from robcomp.evaluate.bpda import twin_agreement
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,12 @@ class QuantizedModel(nn.Module):
         )
 
 
-def _calibration(data: DataSplits, batches: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+def _calibration(
+    data: DataSplits, batches: int, batch_size: int, seed: int, who: str
+) -> Iterator[Tensor]:
+    """Calibration batches, drawn from the training split only: calibrating on test points
+    would fit the quantizers to the very points the model is then scored on."""
+    require_training_split(data, f"{who} (calibrating activation ranges)")
     generator = torch.Generator().manual_seed(seed)
     for i, (x, _) in enumerate(data.train.batches(batch_size, shuffle=True, generator=generator)):
         if i >= batches:
@@ -400,6 +405,8 @@ class Int8PTQ:
         seed: picks the calibration batches.
     """
 
+    uses_training_data = True  # calibrates activation ranges on data.train
+
     calibration_batches: int = 10
     batch_size: int = 64
     compile: bool = True
@@ -419,7 +426,9 @@ class Int8PTQ:
         float_model = copy.deepcopy(model).eval().cpu()
         batches = [
             x.cpu()
-            for x in _calibration(data, self.calibration_batches, self.batch_size, self.seed)
+            for x in _calibration(
+                data, self.calibration_batches, self.batch_size, self.seed, self.label()
+            )
         ]
         example = batches[0][:2] if len(batches[0]) >= 2 else torch.cat([batches[0]] * 2)
         quantizer = xiq.X86InductorQuantizer().set_global(
@@ -604,7 +613,7 @@ def _fake_quantize(
         for obs in observers:
             obs.observing = True
         with torch.no_grad():
-            for x in _calibration(data, calibration_batches, batch_size, seed):
+            for x in _calibration(data, calibration_batches, batch_size, seed, method):
                 new(x)
                 calibrated += len(x)
         for obs in observers:
@@ -705,6 +714,11 @@ class LowBit:
         _check_act_bits(self.act_bits)
         _check_calibration(self.calibration_batches, self.batch_size)
 
+    @property
+    def uses_training_data(self) -> bool:
+        """Calibrated input quantizers read training batches; weights alone need no data."""
+        return self.act_bits is not None
+
     def label(self) -> str:
         act = f"a{self.act_bits}" if self.act_bits else ""
         return f"lowbit-w{self.bits}{act}"
@@ -745,6 +759,11 @@ class BinaryWeights:
     def __post_init__(self) -> None:
         _check_act_bits(self.act_bits)
         _check_calibration(self.calibration_batches, self.batch_size)
+
+    @property
+    def uses_training_data(self) -> bool:
+        """Calibrated input quantizers read training batches; weights alone need no data."""
+        return self.act_bits is not None
 
     def label(self) -> str:
         return "binary" + (f"-a{self.act_bits}" if self.act_bits else "")

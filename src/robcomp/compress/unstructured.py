@@ -141,6 +141,8 @@ class GradualPruning:
         seed: seeds fine-tuning.
     """
 
+    uses_training_data = True  # trains between pruning steps on data.train
+
     sparsity: float
     initial_sparsity: float = 0.0
     steps: int = 10

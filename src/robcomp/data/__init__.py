@@ -22,6 +22,8 @@ from robcomp.data.base import (
     Split,
     check_splits,
     data_root,
+    hold_out,
+    require_training_split,
 )
 from robcomp.data.registry import DATASETS
 
@@ -52,4 +54,6 @@ __all__ = [
     "check_splits",
     "data_root",
     "get",
+    "hold_out",
+    "require_training_split",
 ]

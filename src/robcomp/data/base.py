@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from robcomp.config import ConfigError
+
 Augment = Callable[[Tensor, torch.Generator], Tensor]
 
 
@@ -194,6 +196,48 @@ def split_off(split: Split, fraction: float, generator: torch.Generator) -> tupl
     order = torch.randperm(len(split), generator=generator)
     n_part = round(fraction * len(split))
     return split.take(order[n_part:]), split.take(order[:n_part])
+
+
+def require_training_split(data: DataSplits, who: str, hint: str = "") -> None:
+    """Refuse, naming the missing split and the remedy, to calibrate or train on data that
+    holds only a test set (an npz file with ``split: test``, ``(x, y)`` tensors given to the
+    API): it would otherwise fail deep inside with an IndexError, or silently train on nothing.
+    ``hint`` ends the message with a remedy of the caller's (", or ...").
+
+    Raises:
+        ConfigError: when ``data.train`` is empty.
+    """
+    if len(data.train):
+        return
+    raise ConfigError(
+        f"{who} needs training data, but data {data.name!r} has no training split (only a "
+        f"test set of {len(data.test)} points); give data with one: a dataset name, an npz "
+        f"file without split=test, or DataSplits{hint}"
+    )
+
+
+def hold_out(data: DataSplits, n: int, seed: int = 0) -> DataSplits:
+    """``data`` with ``n`` random test points (drawn with ``seed``) moved to the training
+    split, for a test-only dataset whose compressors calibrate: the points a compressor sees
+    are then never scored. The rest of the test split keeps its order.
+
+    Raises:
+        ConfigError: when ``data`` already has a training split, or ``n`` would leave fewer
+            than one test point.
+    """
+    if len(data.train):
+        raise ConfigError(
+            f"holdout: data {data.name!r} has a training split ({len(data.train)} points), "
+            "which compressors calibrate and train on; holdout is only for test-only data"
+        )
+    if not 1 <= n < len(data.test):
+        raise ConfigError(
+            f"holdout={n}: must be between 1 and {len(data.test) - 1} (the test split has "
+            f"{len(data.test)} points)"
+        )
+    order = torch.randperm(len(data.test), generator=torch.Generator().manual_seed(seed))
+    held, kept = order[:n], order[n:].sort().values
+    return dataclasses.replace(data, train=data.test.take(held), test=data.test.take(kept))
 
 
 @dataclass(frozen=True, kw_only=True)

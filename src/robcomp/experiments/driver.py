@@ -12,9 +12,9 @@ import yaml
 from torch import nn
 
 from robcomp import data as datasets
-from robcomp.compress import COMPRESSORS
+from robcomp.compress import COMPRESSORS, uses_training_data
 from robcomp.config import ConfigError, build_component, canonical_json
-from robcomp.data import DataError, DatasetNotFound, DataSplits
+from robcomp.data import DataError, DatasetNotFound, DataSplits, require_training_split
 from robcomp.experiments.executors import CACHE, Executor, LocalExecutor
 from robcomp.experiments.leases import LEASE_SECONDS, Leases
 from robcomp.experiments.runner import CellResult, run_cell
@@ -214,6 +214,14 @@ def _check_compressor(
 ) -> None:
     """Refuse, in one line, a compressor that says it cannot compress ``model`` on ``data``."""
     compressor = build_component(COMPRESSORS, cfg.compress, f"{where}: compress")
+    users = [f"compress {compressor.label()!r}"] if uses_training_data(compressor) else []
+    if cfg.train.epochs > 0:
+        users.append("training the model (train.epochs > 0)")
+    if users:  # a test set only (split: test) cannot calibrate or train anything
+        try:
+            require_training_split(data, " and ".join(users))
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
     check = getattr(compressor, "check", None)
     if model is None or check is None:
         return

@@ -34,7 +34,7 @@ from robcomp.attacks.manifold import (
 )
 from robcomp.compress import COMPRESSORS, Record, finalize, latency, measure
 from robcomp.compress.efficiency import count_macs
-from robcomp.config import build_component, to_dict
+from robcomp.config import ConfigError, build_component, to_dict
 from robcomp.data.base import DataSplits, Split
 from robcomp.data.shifts import shift_summary
 from robcomp.evaluate import AttackResult, accuracy, evaluate_attack
@@ -94,9 +94,9 @@ def build_model(cfg: CellConfig, data: DataSplits) -> tuple[Classifier, dict[str
     """The untrained (or pretrained-weights) model of a cell and its checkpoint spec."""
     channels = data.in_shape[0]
     if not len(data.train) and cfg.train.epochs > 0:  # fit would silently train on nothing
-        raise ValueError(
-            f"data {data.name!r} is a test set only (split: test): it cannot train a model; set "
-            "train.epochs: 0 and model.weights to evaluate a trained one"
+        raise ConfigError(
+            f"data {data.name!r} is a test set only (no training split): it cannot train a "
+            "model; set train.epochs: 0 and model.weights to evaluate a trained one"
         )
     # Models that normalize their own inputs (an ensemble's members do) get the identity in
     # front, since a second Normalize would normalize twice, unless the file says otherwise.

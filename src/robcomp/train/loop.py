@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from robcomp.attacks.base import ATTACKS, Attack
 from robcomp.config import build, build_component
-from robcomp.data.base import DataSplits, Split
+from robcomp.data.base import DataSplits, Split, require_training_split
 from robcomp.data.transforms import AugmentName, augmentation
 from robcomp.evaluate.adversarial import attack_batch, attack_mode, check_threat_model
 from robcomp.evaluate.clean import accuracy
@@ -517,6 +517,7 @@ def fit(
     history = History()
     if cfg.epochs == 0:
         return history
+    require_training_split(data, description)
     objective = objective if objective is not None else cfg.build_objective()
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
     best = _Best(cfg.criterion(objective))
