@@ -252,9 +252,10 @@ def test_manifold_examples_contract(tmp_path: Path) -> None:
     loaded = load_manifold_examples(tmp_path / "rgb.npz")
     assert loaded.x.dtype == np.float32 and loaded.x.min() >= 0.0 and loaded.x.max() <= 1.0
     assert loaded.name(int(loaded.y_adv[0])) == "1"
-    out = plot_manifold_examples(tmp_path, {"a": "A", "b": "B", "c": "C"}, tmp_path / "m.png")
+    folders = {cell_id: tmp_path / cell_id for cell_id in "abcd"}
+    out = plot_manifold_examples(folders, {"a": "A", "b": "B", "c": "C"}, tmp_path / "m.png")
     assert out is not None and _png(out)
-    sets = manifold_example_sets(tmp_path, {"a": "A", "b": "B", "c": "C"}, max_sets=3)
+    sets = manifold_example_sets(folders, {"a": "A", "b": "B", "c": "C"}, max_sets=3)
     assert [label for label, _ in sets] == ["A", "C"]
 
     broken = _examples((3, 1, 8, 8))
@@ -269,5 +270,5 @@ def test_manifold_examples_contract(tmp_path: Path) -> None:
     # a broken file is skipped with a log line; no cell with examples, no figure
     (tmp_path / "d").mkdir()
     (tmp_path / "broken.npz").rename(tmp_path / "d" / MANIFOLD_EXAMPLES)
-    assert plot_manifold_examples(tmp_path, {"d": "D", "x": "X"}, tmp_path / "n.png") is None
+    assert plot_manifold_examples(folders, {"d": "D", "x": "X"}, tmp_path / "n.png") is None
     assert not (tmp_path / "n.png").exists()

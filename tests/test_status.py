@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -11,7 +12,9 @@ from typer.testing import CliRunner
 
 from robcomp.cli import app
 from robcomp.experiments import STORE_NAME, Metric, ResultStore
+from robcomp.experiments.leases import Leases
 from robcomp.experiments.status import grid_status
+from robcomp.experiments.store import Process
 
 
 def _store(folder: Path) -> ResultStore:
@@ -64,3 +67,49 @@ def test_status_of_an_empty_folder_says_what_to_pass(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["status", str(tmp_path)])
     assert result.exit_code == 2
     assert "no results store here" in result.output
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_finished_grid_has_no_live_run_and_no_time_left(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / STORE_NAME)
+    store.register_cells("exp", [("cell0", {"compress.sparsity": 0.5})])
+    with Leases(store, owner="host:1:run") as leases:
+        assert leases.claim("cell0")
+        store.record(
+            cell_id="cell0", experiment="exp", config={}, grid_values={}, info={},
+            metrics=[], seconds=3.0, owner=leases.owner, workdir=str(tmp_path),
+        )  # fmt: skip
+    state = grid_status(tmp_path)
+    assert state.workers == 0 and state.counts()["done"] == 1
+    (cell,) = state.cells
+    assert cell.owner == "host:1:run"  # who ran it, kept after it is done
+    result = CliRunner().invoke(app, ["status", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "1 done, 0 running, 0 failed, 0 pending; 0 live run(s)" in result.output
+    assert "left" not in result.output and "host:1:run" in result.output
+
+
+def test_a_killed_run_on_this_machine_is_not_counted_live(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / STORE_NAME)
+    store.register_cells("exp", [("cell0", {}), ("cell1", {})])
+    here = Process.this()
+    # killed a second ago: its lease has two minutes left, but its process is gone
+    assert store.claim("cell0", "host:2:killed", 120, Process(here.host, here.boot, _dead_pid()))
+    assert store.claim("cell1", "other:3:run", 120, Process("other", "boot", 3))  # remote
+    state = grid_status(tmp_path)
+    states = {c.cell_id: c.state for c in state.cells}
+    assert states == {"cell0": "pending", "cell1": "running"} and state.workers == 1
+
+
+def test_grid_values_are_whole_when_stdout_is_not_a_terminal(tmp_path: Path) -> None:
+    long = "torchvision:resnet18-with-a-rather-long-option-string-that-will-not-fit-in-sixty"
+    store = ResultStore(tmp_path / STORE_NAME)
+    store.register_cells("exp", [("cell0", {"model.name": long})])
+    result = CliRunner().invoke(app, ["status", str(tmp_path)], env={"COLUMNS": "60"})
+    assert result.exit_code == 0, result.output
+    assert f"model.name={long}" in result.output and "…" not in result.output

@@ -4,6 +4,7 @@ reason, where the server cannot be started here."""
 
 from __future__ import annotations
 
+import json
 import math
 import multiprocessing as mp
 import os
@@ -11,6 +12,7 @@ import pwd
 import shutil
 import sqlite3
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -24,7 +26,15 @@ import sqlalchemy as sa
 from robcomp.config import ConfigError
 from robcomp.experiments import Metric, ResultStore, load_experiment, run_experiment
 from robcomp.experiments.leases import Leases
-from robcomp.experiments.store import SCHEMA_VERSION, leases_table, store_url
+from robcomp.experiments.store import (
+    SCHEMA_VERSION,
+    Process,
+    leases_table,
+    metrics_table,
+    runs_table,
+    safe_url,
+    store_url,
+)
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -337,3 +347,187 @@ def test_unsupported_urls_name_the_allowed_ones(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"'mysql'.*sqlite:///PATH or postgresql\+psycopg"):
         ResultStore("mysql://me:secret@host/db")
     assert store_url(tmp_path / "x.sqlite") == f"sqlite:///{tmp_path / 'x.sqlite'}"
+
+
+# --- leases of dead processes, runs that end before the grid, read-only opens ---------------
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_dead_process_of_this_machine_loses_its_cells_at_once(url: str) -> None:
+    store = ResultStore(url)
+    here = Process.this()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        dead = Process(here.host, here.boot, _dead_pid())
+        alive = Process(here.host, here.boot, sleeper.pid)
+        elsewhere = Process("another-host", here.boot, _dead_pid())  # not ours to judge
+        for cell_id, process in (("dead", dead), ("alive", alive), ("remote", elsewhere)):
+            assert store.claim(cell_id, f"run-{cell_id}", 600, process)
+        with Leases(store, owner="me") as leases:
+            assert leases.claim_many(["dead", "alive", "remote"]) == ["dead"]
+        sleeper.kill()
+        sleeper.wait()
+        with Leases(store, owner="me-again") as leases:
+            assert leases.claim_many(["alive", "remote"]) == ["alive"]  # remote: by expiry
+    finally:
+        sleeper.kill()
+
+
+def test_a_lease_records_its_owners_process_and_a_done_cell_its_run(url: str) -> None:
+    store = ResultStore(url)
+    with Leases(store, owner="host:1:run") as leases:
+        assert leases.claim("c1")
+        (lease,) = store.leases()
+        assert lease.process == Process.this()
+        store.record(
+            cell_id="c1", experiment="e", config={}, grid_values={}, metrics=[], info={},
+            seconds=1.0, owner=leases.owner, workdir="/somewhere/out",
+        )  # fmt: skip
+    (run,) = ResultStore(url, read_only=True).runs()
+    assert (run.owner, run.workdir) == ("host:1:run", "/somewhere/out")
+
+
+def _write_experiment(folder: Path, raw: dict[str, Any]) -> Path:
+    import yaml
+
+    path = folder / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "robcomp.cli", *args]
+
+
+@pytest.mark.slow
+def test_a_rerun_right_after_kill_9_finishes_the_grid(tmp_path: Path) -> None:
+    # cells of a second or so (fine-tuning), so the kill lands mid-cell
+    raw = tiny_grid(3) | {"finetune": {"epochs": 20, "lr": 0.01, "batch_size": 32}}
+    file, out = _write_experiment(tmp_path, raw), tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(_cli("run", str(file), "--out", str(out)), env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and run.poll() is None:
+            path = out / "results.sqlite"
+            if path.is_file() and any(
+                lease.state == "running" for lease in ResultStore(path, read_only=True).leases()
+            ):
+                break
+            time.sleep(0.1)
+        assert run.poll() is None, "the run ended before it could be killed mid-cell"
+    finally:
+        run.kill()  # SIGKILL: no release of its leases
+        run.wait()
+    store = ResultStore(out / "results.sqlite", read_only=True)
+    held = [lease.cell_id for lease in store.leases() if lease.state == "running"]
+    assert held and held[0] not in store.done_ids()  # killed mid-cell: its lease remains
+    # at once, as `robcomp run` again (in this process: the driver is what decides)
+    experiment = load_experiment(raw)
+    summary = run_experiment(experiment, out)
+    assert (summary.elsewhere, summary.unfinished) == ([], [])
+    assert ResultStore(out / "results.sqlite").done_ids() == {c.cell_id for c in experiment.cells}
+
+
+def test_a_run_ending_while_a_live_run_holds_a_cell_names_it_and_exits_non_zero(
+    url: str, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from robcomp.cli import UNFINISHED_EXIT, app
+
+    raw = tiny_grid(2)
+    file = _write_experiment(tmp_path, raw)
+    held = load_experiment(raw).cells[1].cell_id
+    assert ResultStore(url).claim(held, "busy:7:live", 600)  # another machine's run, renewing
+    args = ["run", str(file), "--out", str(tmp_path / "out"), "--store", url]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == UNFINISHED_EXIT, result.output
+    assert held in result.output and "other live runs hold them" in result.output
+    # the hint names the store's URL, where the other run's cells are (not this run's folder)
+    assert f"robcomp status {safe_url(url)}" in result.output
+    assert ResultStore(url).done_ids() == {load_experiment(raw).cells[0].cell_id}
+
+
+def test_status_reads_a_postgresql_url_as_given(postgres_server: str, tmp_path: Path) -> None:
+    from robcomp.experiments.status import grid_status
+
+    url = _new_database(postgres_server)
+    store = ResultStore(url)
+    store.register_cells("e", [("c1", {"g": 1})])
+    _record(store, "c1")
+    plain = url.replace("postgresql+psycopg://", "postgresql://")  # as psql users write it
+    state = grid_status(plain)
+    assert state.counts()["done"] == 1 and state.workers == 0
+
+
+def test_a_read_only_open_reads_an_old_store_as_it_is_and_changes_nothing(
+    url: str, tmp_path: Path
+) -> None:
+    from robcomp.config import to_dict
+    from robcomp.report import write_report
+
+    config = json.dumps(to_dict(load_experiment(tiny_grid(1)).cells[0].config))
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # version 3, as an older robcomp left it
+        for statement in V3_SCHEMA:
+            conn.exec_driver_sql(statement.replace("'e', 'done', '{}'", f"'e', 'done', '{config}'"))
+    engine.dispose()
+    path = sa.make_url(url).database if url.startswith("sqlite") else None
+    before = Path(path).read_bytes() if path else b""
+    stamp = Path(path).stat().st_mtime_ns if path else 0
+    store = ResultStore(url, read_only=True)
+    (run,) = store.runs()
+    assert run.metrics == [Metric("robust_accuracy", 0.4, "pgd", 0.1)]  # source '' and n None
+    assert (run.owner, run.workdir) == (None, None) and store.grid() == []
+    with pytest.raises(Exception, match=r"(?i)read.?only"):  # the database refuses writes
+        _record(store, "c2")
+    files = write_report(url, tmp_path / "report", html=True)
+    assert [row["cell_id"] for row in json.loads(files.json.read_text())] == ["c1"]
+    with engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT version FROM schema_version")) == 3  # not migrated
+        assert "leases" not in sa.inspect(conn).get_table_names()
+    engine.dispose()
+    if path:
+        assert Path(path).read_bytes() == before and Path(path).stat().st_mtime_ns == stamp
+
+
+def test_a_read_only_open_creates_nothing(tmp_path: Path) -> None:
+    from robcomp.report import write_report
+
+    with pytest.raises(FileNotFoundError, match="no results store"):
+        write_report(tmp_path / "none" / "results.sqlite", tmp_path / "report")
+    assert not (tmp_path / "none").exists() and not (tmp_path / "report").exists()
+
+
+def test_a_new_column_reaches_an_old_table_with_its_rows(url: str) -> None:
+    """The schema is reshaped from the declared tables: an older store's tables gain the
+    columns (and keys) they lack, their rows kept, and reads return the current shape."""
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for statement in V3_SCHEMA:
+            conn.exec_driver_sql(statement)
+        conn.exec_driver_sql(
+            "CREATE TABLE leases (cell_id TEXT PRIMARY KEY, owner TEXT NOT NULL, "
+            "state TEXT NOT NULL, since DOUBLE PRECISION NOT NULL, "
+            "expires DOUBLE PRECISION NOT NULL)"
+        )
+        conn.exec_driver_sql("INSERT INTO leases VALUES ('c1', '', 'done', 1.0, 'Infinity')")
+    engine.dispose()
+    store = ResultStore(url)
+    with store.engine.connect() as conn:
+        inspector = sa.inspect(conn)
+        for table in (runs_table, metrics_table, leases_table):
+            assert {c["name"] for c in inspector.get_columns(table.name)} == set(table.c.keys())
+            key = inspector.get_pk_constraint(table.name)["constrained_columns"]
+            assert set(key) == {c.name for c in table.primary_key}
+    assert [(x.cell_id, x.state, x.process) for x in store.leases()] == [("c1", "done", None)]
+    assert store.runs()[0].metrics == [Metric("robust_accuracy", 0.4, "pgd", 0.1)]
+    assert not store.claim("c1", "me", 60)  # still done

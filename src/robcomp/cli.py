@@ -112,21 +112,53 @@ def _run_and_report(
         # The first line says what went wrong; the traceback is in the log (-v) and the store.
         first = (failed.error or "").splitlines()[0] if failed.error else ""
         console.print(f"[red]cell {failed.cell_id} failed:[/] {escape(first)}", highlight=False)
+    store_ = store or experiment.store or out / STORE_NAME
+    status_target = _status_target(store_, out)
     if summary.elsewhere:
         console.print(f"{len(summary.elsewhere)} cells were claimed by another run: "
-                      f"`robcomp status {out}` shows them")  # fmt: skip
+                      f"`robcomp status {status_target}` shows them",
+                      highlight=False, soft_wrap=True)  # fmt: skip
     transfer = summary.transfer
     if transfer is not None:
         console.print(f"transfer: {transfer.stored} entries stored, {transfer.skipped} already "
                       f"done, {len(transfer.failed)} failed")  # fmt: skip
         for line in transfer.failed:
             console.print(f"[red]transfer {escape(line.splitlines()[0])}[/]", highlight=False)
-    store_ = store or experiment.store or out / STORE_NAME
     files = write_report(store_, out / "report", html=True)
     _print_leaderboard(store_)
     console.print("report: " + ", ".join(str(f) for f in files.paths()))
+    if summary.unfinished:
+        _print_unfinished(summary.unfinished, status_target)
+        raise typer.Exit(UNFINISHED_EXIT)
     if summary.failed or (transfer is not None and transfer.failed):
         raise typer.Exit(1)
+
+
+UNFINISHED_EXIT = 3  # the run ended with cells that other live runs still hold
+
+
+def _status_target(store: Path | str, out: Path) -> str:
+    """What to pass ``robcomp status`` for this run's store: its URL (without a password)
+    when it is a database server's, else the output folder."""
+    from robcomp.experiments.store import STORE_NAME, safe_url, store_url
+
+    if "://" in str(store):
+        return safe_url(store_url(store))
+    return str(out if Path(store) == out / STORE_NAME else store)
+
+
+def _print_unfinished(cells: list[str], status_target: str) -> None:
+    """Name the cells other runs still hold, and how to finish them."""
+    import shlex
+    import sys
+
+    rerun = shlex.join(["robcomp", *sys.argv[1:]])
+    console.print(
+        f"[yellow]{len(cells)} cells are not done: other live runs hold them:[/] "
+        f"{', '.join(cells)}. `robcomp status {status_target}` shows who; once those runs "
+        f"end, `{rerun}` runs whatever they left and reports the whole grid",
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
 
 
 def _print_leaderboard(store_path: Path | str) -> None:
@@ -134,7 +166,7 @@ def _print_leaderboard(store_path: Path | str) -> None:
     from robcomp.experiments import ResultStore
     from robcomp.report import leaderboard_rows, leaderboard_table
 
-    rows = leaderboard_rows(ResultStore(store_path))
+    rows = leaderboard_rows(ResultStore(store_path, read_only=True))
     tables = leaderboard_table(rows)
     # A table wider than the terminal is printed whole (the terminal wraps it) rather than cut.
     unbounded = Console(width=10_000)
@@ -498,19 +530,24 @@ def report(
 @user_errors
 def status(
     target: Annotated[
-        str, typer.Argument(help="A run's output folder, a .sqlite file or a store URL.")
+        str,
+        typer.Argument(
+            help="A run's output folder, a .sqlite file or a store URL "
+            "(sqlite:///PATH, postgresql://USER@HOST/DB)."
+        ),
     ],
     experiment: Annotated[
         str | None, typer.Option(help="Only this experiment's cells (its name).")
     ] = None,
 ) -> None:
-    """Done, running (owner, since), failed (error) and pending cells, and the time left."""
+    """Done (who ran it), running (owner, since), failed (error) and pending cells, the live
+    runs and the time left; reads the store only."""
     from robcomp.experiments.status import grid_status
 
     state = grid_status(target, experiment)
     table = Table(title=f"{escape(state.store)}: {len(state.cells)} cells")
     for col in ("state", "cell", "grid values", "owner / error", "since / seconds"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # values wrap, never cut with an ellipsis
     colors = {"done": "green", "running": "cyan", "failed": "red", "pending": "dim"}
     for cell in sorted(state.cells, key=lambda c: _STATE_ORDER.index(c.state)):
         values = ", ".join(f"{k}={v}" for k, v in cell.grid_values.items())
@@ -521,17 +558,25 @@ def status(
         )
         table.add_row(
             f"[{colors[cell.state]}]{cell.state}[/]", cell.cell_id[:12], escape(values),
-            escape(cell.owner or cell.error or ""), when,
+            escape(cell.error or cell.owner or ""), when,
         )  # fmt: skip
-    console.print(table)
-    counts = ", ".join(f"{n} {s}" for s, n in state.counts().items())
-    eta = (
-        f"; about {_duration(state.eta_seconds)} left ({state.mean_seconds:.1f} s a cell, "
-        f"{max(1, state.workers)} run(s) working)"
-        if state.eta_seconds is not None and state.mean_seconds is not None
-        else ""
-    )
-    console.print(counts + eta, highlight=False)
+    _print_whole(table)
+    counts = state.counts()
+    line = ", ".join(f"{n} {s}" for s, n in counts.items()) + f"; {state.workers} live run(s)"
+    if counts["running"] + counts["pending"] and state.eta_seconds is not None:
+        line += f"; about {_duration(state.eta_seconds)} left ({state.mean_seconds:.1f} s a cell)"
+    console.print(line, highlight=False, soft_wrap=True)
+
+
+def _print_whole(table: Table) -> None:
+    """``table`` as wide as its contents when stdout is not a terminal (a pipe, a file, a
+    log), so a value is never cut or wrapped there; a terminal's width otherwise."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    unbounded = Console(width=10_000)
+    needed = unbounded.measure(table, options=unbounded.options).maximum
+    Console(width=max(needed, 80), file=console.file).print(table)
 
 
 _STATE_ORDER = ("running", "failed", "pending", "done")

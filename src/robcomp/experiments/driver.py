@@ -41,6 +41,8 @@ class RunSummary:
     failed: list[CellResult]
     elsewhere: list[str] = field(default_factory=list)  # cells another run held (or finished)
     transfer: TransferSummary | None = None  # the evaluate.transfer step, when the file has one
+    # cells of elsewhere not done when this run ended: live runs still hold them (or failed)
+    unfinished: list[str] = field(default_factory=list)
 
 
 def run_experiment(
@@ -64,9 +66,12 @@ def run_experiment(
         store: the results store, a URL or a SQLite path (default: the experiment file's
             ``store``, else ``out_dir/results.sqlite``). Each cell is claimed there before it
             runs, so several runs on one store split the grid; cells another live run holds
-            are left to it (``RunSummary.elsewhere``).
+            are left to it (``RunSummary.elsewhere``); when this run has finished its own, it
+            tries them again (their owners may have died meanwhile), and the ones still not
+            done are ``RunSummary.unfinished``.
         lease_seconds: how long a claim lasts unless renewed (renewed every third of it while
-            this run lives); a crashed run's cells are taken again after this long.
+            this run lives); a crashed run's cells are taken again after this long, or at
+            once when it was a process of this machine (:mod:`robcomp.experiments.leases`).
 
     Raises:
         ConfigError: ``out_dir`` holds another experiment and ``append`` is False.
@@ -93,32 +98,46 @@ def run_experiment(
         )
     failed: list[CellResult] = []
     elsewhere: list[str] = []
+    workdir = str(out.resolve())
     with (
         Leases(results, lease_seconds) as leases,
         track(f"{experiment.name}: cells", len(todo), transient=False) as advance,
     ):
-        for result in _claimed(executor or LocalExecutor(), todo, out, leases, elsewhere):
-            results.record(
-                cell_id=result.cell_id,
-                experiment=result.experiment,
-                config=result.config,
-                grid_values=result.grid_values,
-                metrics=result.metrics,
-                info=result.info,
-                seconds=result.seconds,
-                error=result.error,
-            )
-            if result.error:
-                failed.append(result)
-            advance(1, status=f"{result.cell_id} {'FAILED' if result.error else 'done'}")
+        pending = todo
+        while pending:  # again for cells held elsewhere, while that frees some
+            held: list[str] = []
+            for result in _claimed(executor or LocalExecutor(), pending, out, leases, held):
+                results.record(
+                    cell_id=result.cell_id,
+                    experiment=result.experiment,
+                    config=result.config,
+                    grid_values=result.grid_values,
+                    metrics=result.metrics,
+                    info=result.info,
+                    seconds=result.seconds,
+                    error=result.error,
+                    owner=leases.owner,
+                    workdir=workdir,
+                )
+                if result.error:
+                    failed.append(result)
+                advance(1, status=f"{result.cell_id} {'FAILED' if result.error else 'done'}")
+            progressed = len(held) < len(pending)
+            elsewhere, pending = held, [c for c in pending if c.cell_id in set(held)]
+            if not progressed:
+                break
     ran = len(todo) - len(elsewhere)
+    finished = results.done_ids() if elsewhere else set()
+    unfinished = [cid for cid in elsewhere if cid not in finished]
     transfer = None
     if experiment.transfer is not None:
         # After every cell: sources and targets are all finished models (module docstring of
         # robcomp.experiments.transfer); the cells' shared artifacts hold them.
         cache = getattr(executor, "artifacts", None) or out / CACHE
         transfer = run_transfer(experiment, results, Path(cache))
-    return RunSummary(out, len(experiment.cells), skipped, ran, failed, elsewhere, transfer)
+    return RunSummary(
+        out, len(experiment.cells), skipped, ran, failed, elsewhere, transfer, unfinished
+    )
 
 
 def _claimed(

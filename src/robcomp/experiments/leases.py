@@ -3,6 +3,11 @@
 A run's leases live as long as the run: a daemon thread pushes their expiry back every third
 of the lease, so a cell that runs for hours stays claimed, and a run that dies (killed, out of
 memory, machine gone) stops renewing, its leases expire, and another run takes the cells.
+
+A lease also records its owner's process (host, boot id and pid namespace, pid): a run on the
+same machine that finds a cell held by a process that no longer exists takes it back at once,
+without waiting for the expiry (a rerun right after ``kill -9``). Owners on other machines, or
+whose process cannot be told, are judged by expiry alone.
 """
 
 from __future__ import annotations
@@ -13,12 +18,41 @@ import socket
 import threading
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 
-from robcomp.experiments.store import ResultStore
+from robcomp.experiments.store import LeaseRow, Process, ResultStore
 
 log = logging.getLogger(__name__)
 LEASE_SECONDS = 120.0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine exists and has not exited (a zombie, killed
+    but not yet reaped by its parent, has)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it exists
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc (not Linux): existing is all we can tell
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def is_live(lease: LeaseRow, now: float, here: Process | None = None) -> bool:
+    """Whether ``lease``'s owner is still working on its cell: a process of this machine
+    (same host and boot) while it exists, any other while it renews the lease (not expired)."""
+    here = here or Process.this()
+    owner = lease.process
+    if lease.state != "running":
+        return False
+    if owner is not None and here.boot and (owner.host, owner.boot) == (here.host, here.boot):
+        return pid_alive(owner.pid) and lease.expires > now
+    return lease.expires > now
 
 
 def new_owner() -> str:
@@ -46,16 +80,37 @@ class Leases:
         self.store = store
         self.seconds = seconds
         self.owner = owner or new_owner()
+        self.process = Process.this()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def claim(self, cell_id: str) -> bool:
         """Take ``cell_id`` for this run; False when another live run holds it or it is done."""
-        return self.store.claim(cell_id, self.owner, self.seconds)
+        return bool(self.claim_many([cell_id]))
 
     def claim_many(self, cell_ids: Sequence[str]) -> list[str]:
-        """Take each of ``cell_ids`` in one statement; the ones this run now holds."""
-        return self.store.claim_many(cell_ids, self.owner, self.seconds)
+        """Take each of ``cell_ids`` in one statement; the ones this run now holds. Cells
+        held by dead processes of this machine are taken back and claimed again."""
+        taken = self.store.claim_many(cell_ids, self.owner, self.seconds, self.process)
+        if len(taken) < len(cell_ids) and self.take_back_dead():
+            taken = self.store.claim_many(cell_ids, self.owner, self.seconds, self.process)
+        return taken
+
+    def take_back_dead(self) -> int:
+        """Free the running leases of this machine's processes that are gone (a run killed
+        with ``kill -9``, out of memory); how many were freed."""
+        here = self.process
+        if not here.boot:
+            return 0
+        dead = [
+            lease
+            for lease in self.store.leases(host=here.host)
+            if lease.boot == here.boot and lease.pid is not None and not pid_alive(lease.pid)
+        ]
+        if dead:
+            log.info("taking back %d cells of dead runs: %s", len(dead),
+                     ", ".join(sorted({lease.owner for lease in dead})))  # fmt: skip
+        return self.store.take_back(dead)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.seconds / 3):

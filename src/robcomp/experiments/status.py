@@ -3,6 +3,10 @@
 Pending cells are known without the experiment file: every run records its grid's cell ids in
 the store (``grid_cells``) when it starts, so the store alone tells what is left. A store
 written before that (or by hand) shows its recorded runs only.
+
+A cell is running while its owner lives (:func:`robcomp.experiments.leases.is_live`): a
+process of this machine while it exists, another machine's while it renews its lease. The
+store is opened read-only.
 """
 
 from __future__ import annotations
@@ -14,15 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from robcomp.experiments.store import STORE_NAME, ResultStore, safe_url
+from robcomp.experiments.leases import is_live
+from robcomp.experiments.store import STORE_NAME, Process, ResultStore, safe_url
 
 STATES = ("done", "running", "failed", "pending")
 
 
 @dataclass(frozen=True)
 class CellStatus:
-    """One cell's state; ``owner``/``since`` for a running cell, ``error`` (its first line)
-    for a failed one, ``seconds`` for a finished one."""
+    """One cell's state; ``owner``/``since`` for a running cell, ``owner`` (the run that
+    recorded it, where the store kept it), ``seconds`` and ``error`` (its first line, failed
+    cells) for a finished one."""
 
     cell_id: str
     experiment: str
@@ -42,7 +48,7 @@ class GridStatus:
         eta_seconds: the mean time of the finished cells times the cells left (pending, and
             the rest of each running one), shared among the runs now working; None before any
             cell has finished.
-        workers: distinct runs holding live leases.
+        workers: distinct live runs holding cells (0 once none is running).
     """
 
     store: str
@@ -80,15 +86,12 @@ def grid_status(
 ) -> GridStatus:
     """The state of every cell in the store ``target`` (a folder, file or URL), optionally
     of one experiment only."""
-    store = ResultStore(resolve_store(target))
+    store = ResultStore(resolve_store(target), read_only=True)
     now = time.time() if now is None else now
+    here = Process.this()
     try:
         runs = {r.cell_id: r for r in store.runs(status=None)}
-        live = {
-            lease.cell_id: lease
-            for lease in store.leases()
-            if lease.state == "running" and lease.expires > now
-        }
+        live = {lease.cell_id: lease for lease in store.leases() if is_live(lease, now, here)}
         grid = {g.cell_id: (g.experiment, g.grid_values) for g in store.grid()}
     finally:
         store.close()
@@ -104,8 +107,8 @@ def grid_status(
             cells.append(CellStatus(cid, name, "running", values, lease.owner, lease.since))
         elif run is not None:
             error = (run.error or "").strip().splitlines()[0] if run.error else None
-            cells.append(CellStatus(cid, name, run.status, values, seconds=run.seconds,
-                                    error=error))  # fmt: skip
+            cells.append(CellStatus(cid, name, run.status, values, owner=run.owner,
+                                    seconds=run.seconds, error=error))  # fmt: skip
         else:
             cells.append(CellStatus(cid, name, "pending", values))
     return _with_eta(safe_url(store.url), cells, now)

@@ -10,29 +10,38 @@ moment leaves each cell either complete or absent, and a rerun skips exactly the
 Several processes may work on one store: before a cell runs, its runner *claims* it, a lease
 with an owner and an expiry taken in one statement (an upsert that succeeds only when the cell
 is free, its lease expired, or already the caller's). Two runs of one grid therefore split its
-cells, and a cell whose owner died is taken again once its lease expires.
+cells, and a cell whose owner died is taken again once its lease expires (at once when the
+owner was a process of this machine that is gone: :mod:`robcomp.experiments.leases`).
+
+What differs between SQLite and PostgreSQL (the engine's options, upserts, how a block of
+writes is sent, the schema lock, reshaping a table) is one :class:`Dialect` object, picked
+once when the store is opened. A store opened with ``read_only=True`` (reports, status) never
+creates, migrates or writes: it reads an older schema as it is, a missing column as its
+default.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine
 
 STORE_NAME = "results.sqlite"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 CLAIM_BATCH = 200  # cells claimed by one statement
-BACKENDS = ("sqlite", "postgresql")
 
 meta = sa.MetaData()
 runs_table = sa.Table(
@@ -46,6 +55,8 @@ runs_table = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("seconds", sa.Double),
     sa.Column("finished", sa.Double),
+    sa.Column("owner", sa.Text),  # host:pid:run of the run that recorded it (version 5)
+    sa.Column("workdir", sa.Text),  # that run's output folder, on its host (version 5)
 )  # fmt: skip
 metrics_table = sa.Table(
     "metrics", meta,
@@ -67,6 +78,10 @@ leases_table = sa.Table(
     sa.Column("state", sa.Text, nullable=False),  # 'running' or 'done'
     sa.Column("since", sa.Double, nullable=False),
     sa.Column("expires", sa.Double, nullable=False),
+    # the owner's process (version 5): a dead one on this machine is taken back at once
+    sa.Column("host", sa.Text),
+    sa.Column("boot", sa.Text),  # boot id and pid namespace: which pids the pid is among
+    sa.Column("pid", sa.Integer),
 )  # fmt: skip
 grid_table = sa.Table(
     "grid_cells", meta,
@@ -76,38 +91,6 @@ grid_table = sa.Table(
     sa.Column("added", sa.Double, nullable=False),
 )  # fmt: skip
 version_table = sa.Table("schema_version", meta, sa.Column("version", sa.Integer, nullable=False))
-
-# Version 1 stores (before metrics had a shift): the table is rebuilt with the new key, every
-# row kept on the unshifted test split, in the migration's transaction.
-MIGRATE_SHIFT = (
-    "ALTER TABLE metrics RENAME TO metrics_before_shift",
-    "CREATE TABLE metrics (cell_id TEXT NOT NULL REFERENCES runs(cell_id), name TEXT NOT NULL, "
-    "attack TEXT NOT NULL DEFAULT '', eps REAL NOT NULL DEFAULT 0, value REAL, "
-    "shift TEXT NOT NULL DEFAULT '', severity INTEGER NOT NULL DEFAULT 0, "
-    "PRIMARY KEY (cell_id, name, attack, eps, shift, severity))",
-    "INSERT INTO metrics (cell_id, name, attack, eps, value) "
-    "SELECT cell_id, name, attack, eps, value FROM metrics_before_shift",
-    "DROP TABLE metrics_before_shift",
-)
-# Version 2-3 stores (before transfer attacks): a source column joins the key and an n column
-# follows; SQLite cannot change a primary key in place, so its table is rebuilt.
-MIGRATE_SOURCE_SQLITE = (
-    "ALTER TABLE metrics RENAME TO metrics_before_source",
-    "CREATE TABLE metrics (cell_id TEXT NOT NULL REFERENCES runs(cell_id), name TEXT NOT NULL, "
-    "attack TEXT NOT NULL DEFAULT '', eps REAL NOT NULL DEFAULT 0, value REAL, "
-    "shift TEXT NOT NULL DEFAULT '', severity INTEGER NOT NULL DEFAULT 0, "
-    "source TEXT NOT NULL DEFAULT '', n INTEGER, "
-    "PRIMARY KEY (cell_id, name, attack, eps, shift, severity, source))",
-    "INSERT INTO metrics (cell_id, name, attack, eps, value, shift, severity) "
-    "SELECT cell_id, name, attack, eps, value, shift, severity FROM metrics_before_source",
-    "DROP TABLE metrics_before_source",
-)
-MIGRATE_SOURCE_POSTGRESQL = (
-    "ALTER TABLE metrics ADD COLUMN source TEXT NOT NULL DEFAULT ''",
-    "ALTER TABLE metrics ADD COLUMN n INTEGER",
-    "ALTER TABLE metrics DROP CONSTRAINT metrics_pkey",
-    "ALTER TABLE metrics ADD PRIMARY KEY (cell_id, name, attack, eps, shift, severity, source)",
-)
 
 
 @dataclass(frozen=True)
@@ -156,17 +139,54 @@ class RunRow:
     error: str | None
     seconds: float | None
     metrics: list[Metric]
+    owner: str | None = None  # host:pid:run of the run that recorded it (None before version 5)
+    workdir: str | None = None  # that run's output folder (its cells/<id>/ files), on its host
+
+
+@dataclass(frozen=True)
+class Process:
+    """A process as a lease records it: its host, its boot (the kernel's boot id and the pid
+    namespace, which together say which processes a pid can name) and its pid."""
+
+    host: str
+    boot: str
+    pid: int
+
+    @classmethod
+    def this(cls) -> Process:
+        return cls(socket.gethostname(), _boot(), os.getpid())
+
+
+def _boot() -> str:
+    """This machine's boot id and this process's pid namespace; ``""`` where unknown (not
+    Linux), so no lease is taken back for a dead pid there, only on expiry."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+    return f"{boot}/{namespace}"
 
 
 @dataclass(frozen=True)
 class LeaseRow:
-    """A cell's claim: who runs it (``state == "running"``) until ``expires``, or ``done``."""
+    """A cell's claim: who runs it (``state == "running"``) until ``expires``, or ``done``;
+    ``host``/``boot``/``pid`` name the owner's process (None on leases before version 5)."""
 
     cell_id: str
     owner: str
     state: str
     since: float
     expires: float
+    host: str | None = None
+    boot: str | None = None
+    pid: int | None = None
+
+    @property
+    def process(self) -> Process | None:
+        if self.host is None or self.boot is None or self.pid is None:
+            return None
+        return Process(self.host, self.boot, self.pid)
 
 
 @dataclass(frozen=True)
@@ -191,12 +211,15 @@ def store_url(target: str | Path) -> str:
     text = str(target)
     if "://" not in text:
         return f"sqlite:///{Path(text).expanduser().resolve()}"
-    backend = sa.make_url(text).get_backend_name()
-    if backend not in BACKENDS:
+    url = sa.make_url(text)
+    backend = url.get_backend_name()
+    if backend not in DIALECTS:
         raise ValueError(
             f"store {safe_url(text)!r}: unsupported database {backend!r}; use one of "
             "sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
         )
+    if url.drivername == "postgresql":  # SQLAlchemy before 2.1 would pick psycopg2, not ours
+        return url.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     return text
 
 
@@ -211,27 +234,41 @@ class ResultStore:
     Args:
         target: a SQLAlchemy URL (``sqlite:///...``, ``postgresql+psycopg://...``) or the path
             of a SQLite file (created with its folder when absent).
+        read_only: only read: nothing is created, migrated or written (the database refuses
+            writes). An older schema is read as it is, its missing columns as their defaults.
+
+    Raises:
+        FileNotFoundError: ``read_only`` and there is no store at ``target``.
+        ValueError: the store's schema is newer than this robcomp's.
     """
 
-    def __init__(self, target: str | Path) -> None:
+    def __init__(self, target: str | Path, *, read_only: bool = False) -> None:
         self.url = store_url(target)
-        self.backend = sa.make_url(self.url).get_backend_name()
-        database = sa.make_url(self.url).database
-        self.path = Path(database) if self.backend == "sqlite" and database else None
-        if self.path is not None:
+        self.read_only = read_only
+        self.dialect = dialect_of(self.url)
+        self.backend = self.dialect.name
+        self.path = self.dialect.path(self.url)
+        if self.path is not None and read_only and not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no results store here")
+        if self.path is not None and not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.engine = _engine(self.url, self.backend)
-        self._writes = _Writes(self.engine.dialect)
+        self.engine = self.dialect.engine(self.url, read_only=read_only)
+        self._writes = _Writes(self.dialect, self.engine.dialect)
         with self._transaction() as conn:
-            _migrate(conn, self.backend)
+            if read_only:
+                self._columns = _check_readable(conn, safe_url(self.url))
+            else:
+                _migrate(conn, self.dialect)
+                self._columns = {t.name: set(t.c.keys()) for t in meta.sorted_tables}
 
     def __repr__(self) -> str:
         return f"ResultStore({safe_url(self.url)!r})"
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
-        """One transaction (SQLite: BEGIN IMMEDIATE, so it never fails to upgrade a read lock
-        into a write lock); the driver's own error is raised, as before SQLAlchemy."""
+        """One transaction (SQLite: BEGIN IMMEDIATE unless read-only, so it never fails to
+        upgrade a read lock into a write lock); the driver's own error is raised, as before
+        SQLAlchemy."""
         try:
             with self.engine.begin() as conn:
                 yield conn
@@ -252,23 +289,20 @@ class ResultStore:
 
         Per cell, SQLAlchemy's execution machinery and PostgreSQL's round trips cost more than
         the statements (bench/scale_store.py), so these go to the pooled driver connection
-        directly. On PostgreSQL a block that ``reads`` nothing sends BEGIN, its statements and
-        COMMIT in one batch (psycopg's pipeline mode: one round trip; an error skips the rest
-        and the transaction is rolled back), and one that reads runs a single statement in
-        autocommit mode, atomic on its own. SQLite runs the block in BEGIN IMMEDIATE as
-        :meth:`_transaction` does.
+        directly, in the dialect's way (:meth:`Dialect.cursor`).
         """
         pooled = self.engine.raw_connection()
         try:
-            driver = pooled.driver_connection
-            if self.backend == "postgresql":
-                with _pipelined(driver, reads=reads) as cursor:
-                    yield cursor
-            else:
-                with _immediate(driver) as cursor:
-                    yield cursor
+            with self.dialect.cursor(pooled.driver_connection, reads=reads) as cursor:
+                yield cursor
         finally:
             pooled.close()  # back to the pool
+
+    def _read(self, table: sa.Table, *names: str) -> list[Any]:
+        """``table``'s columns ``names`` for a select; one this store lacks (an older schema
+        opened read-only) as its default, so every read sees the current shape."""
+        have = self._columns.get(table.name, set())
+        return [table.c[n] if n in have else _absent(table.c[n]) for n in names]
 
     def close(self) -> None:
         """Close the store's pooled connections."""
@@ -295,10 +329,13 @@ class ResultStore:
         info: dict[str, Any],
         seconds: float,
         error: str | None = None,
+        owner: str | None = None,
+        workdir: str | None = None,
     ) -> None:
         """Write one cell atomically (replacing any earlier failed attempt) and settle its
         lease in the same transaction: a done cell is never claimed again, a failed one is
-        free for the next run.
+        free for the next run. ``owner`` (the run, ``host:pid:run``) and ``workdir`` (its
+        output folder, which holds ``cells/<cell_id>/``) are kept with the cell.
 
         Two attack or shift metrics with one key are refused: the second would silently
         replace the first, e.g. a weaker attack's robust accuracy a stronger one's.
@@ -312,7 +349,8 @@ class ResultStore:
             "config": json.dumps(config, sort_keys=True),
             "grid_values": json.dumps(grid_values, sort_keys=True),
             "info": json.dumps(info, sort_keys=True, default=str),
-            "error": error, "seconds": seconds, "finished": now,
+            "error": error, "seconds": seconds, "finished": now, "owner": owner,
+            "workdir": workdir,
         }  # fmt: skip
         w = self._writes
         with self._cursor(reads=False) as cursor:
@@ -334,7 +372,14 @@ class ResultStore:
                 cursor.execute(w.free_lease.sql, w.free_lease.bind(cell_id=cell_id))
             else:
                 settle = w.settle_lease.bind(
-                    cell_id=cell_id, owner="", state="done", since=now, expires=math.inf
+                    cell_id=cell_id,
+                    owner="",
+                    state="done",
+                    since=now,
+                    expires=math.inf,
+                    host=None,
+                    boot=None,
+                    pid=None,
                 )
                 cursor.execute(w.settle_lease.sql, settle)
 
@@ -378,57 +423,70 @@ class ResultStore:
         """Every stored metric called ``name``, per cell id (cheaper than :meth:`runs` when
         only one kind of result is needed, e.g. to tell which transfer entries are done)."""
         m = metrics_table.c
-        columns = (m.name, m.value, m.attack, m.eps, m.shift, m.severity, m.source, m.n)
+        columns = self._read(metrics_table, "cell_id", *METRIC_FIELDS)
         out: dict[str, list[Metric]] = {}
         with self._transaction() as conn:
-            for cid, *fields in conn.execute(sa.select(m.cell_id, *columns).where(m.name == name)):
+            for cid, *fields in conn.execute(sa.select(*columns).where(m.name == name)):
                 out.setdefault(cid, []).append(Metric(*fields))
         return out
 
     def runs(self, status: str | None = "done") -> list[RunRow]:
         """All runs (of one status, or all with ``None``) with their metrics, oldest first."""
-        r, m = runs_table.c, metrics_table.c
-        query = sa.select(r.cell_id, r.experiment, r.status, r.config, r.grid_values, r.info,
-                          r.error, r.seconds).order_by(r.finished)  # fmt: skip
+        r = runs_table.c
+        names = ("cell_id", "experiment", "status", "config", "grid_values", "info", "error",
+                 "seconds", "owner", "workdir")  # fmt: skip
+        query = sa.select(*self._read(runs_table, *names)).order_by(r.finished)
         if status:
             query = query.where(r.status == status)
         metrics: dict[str, list[Metric]] = {}
         with self._transaction() as conn:
             rows = conn.execute(query).all()
-            columns = (m.cell_id, m.name, m.value, m.attack, m.eps, m.shift, m.severity,
-                       m.source, m.n)  # fmt: skip
+            columns = self._read(metrics_table, "cell_id", *METRIC_FIELDS)
             for cid, *fields in conn.execute(sa.select(*columns)):
                 metrics.setdefault(cid, []).append(Metric(*fields))
         return [
             RunRow(
-                cell_id=row[0],
-                experiment=row[1],
-                status=row[2],
-                config=json.loads(row[3]),
-                grid_values=json.loads(row[4]),
-                info=json.loads(row[5]),
-                error=row[6],
-                seconds=row[7],
-                metrics=metrics.get(row[0], []),
+                cell_id=row.cell_id,
+                experiment=row.experiment,
+                status=row.status,
+                config=json.loads(row.config),
+                grid_values=json.loads(row.grid_values),
+                info=json.loads(row.info),
+                error=row.error,
+                seconds=row.seconds,
+                metrics=metrics.get(row.cell_id, []),
+                owner=row.owner,
+                workdir=row.workdir,
             )
             for row in rows
         ]
 
     # Leases ---------------------------------------------------------------------------------
 
-    def claim(self, cell_id: str, owner: str, seconds: float) -> bool:
-        """Take ``cell_id`` for ``owner`` for ``seconds``, in one statement.
+    def claim(
+        self, cell_id: str, owner: str, seconds: float, process: Process | None = None
+    ) -> bool:
+        """Take ``cell_id`` for ``owner`` (whose process is ``process``, when known) for
+        ``seconds``, in one statement.
 
         Succeeds when nobody holds it, when its lease expired (its owner died or hung), or when
         ``owner`` already holds it (which renews it); never once the cell is done.
         """
-        return bool(self.claim_many([cell_id], owner, seconds))
+        return bool(self.claim_many([cell_id], owner, seconds, process))
 
-    def claim_many(self, cell_ids: Sequence[str], owner: str, seconds: float) -> list[str]:
+    def claim_many(
+        self,
+        cell_ids: Sequence[str],
+        owner: str,
+        seconds: float,
+        process: Process | None = None,
+    ) -> list[str]:
         """Take each of ``cell_ids`` as :meth:`claim` does, in one statement per
         :data:`CLAIM_BATCH` cells; the ones ``owner`` now holds, in the order given."""
         now = time.time()
-        lease = {"owner": owner, "state": "running", "since": now, "expires": now + seconds}
+        lease = {"owner": owner, "state": "running", "since": now, "expires": now + seconds,
+                 "host": process and process.host, "boot": process and process.boot,
+                 "pid": process and process.pid}  # fmt: skip
         taken: set[str] = set()
         for start in range(0, len(cell_ids), CLAIM_BATCH):
             batch = list(dict.fromkeys(cell_ids[start : start + CLAIM_BATCH]))
@@ -460,10 +518,29 @@ class ResultStore:
         with self._transaction() as conn:
             conn.execute(leases_table.delete().where(mine))
 
-    def leases(self) -> list[LeaseRow]:
-        """Every lease, running or done."""
+    def take_back(self, leases: Iterable[LeaseRow]) -> int:
+        """Free ``leases`` whose owners are known dead, each only while that owner still holds
+        it (another run may have taken it meanwhile); how many were freed."""
+        lease, freed = leases_table.c, 0
         with self._transaction() as conn:
-            rows = conn.execute(sa.select(*leases_table.c)).all()
+            for row in leases:
+                held = (lease.cell_id == row.cell_id) & (lease.owner == row.owner)
+                result = conn.execute(
+                    leases_table.delete().where(held & (lease.state == "running"))
+                )
+                freed += int(result.rowcount)
+        return freed
+
+    def leases(self, host: str | None = None) -> list[LeaseRow]:
+        """Every lease, running or done (only the running ones of ``host``'s processes when
+        given)."""
+        if leases_table.name not in self._columns:
+            return []  # a store from before leases, opened read-only
+        query = sa.select(*self._read(leases_table, *(f.name for f in fields(LeaseRow))))
+        if host is not None:
+            query = query.where((leases_table.c.host == host) & (leases_table.c.state == "running"))
+        with self._transaction() as conn:
+            rows = conn.execute(query).all()
         return [LeaseRow(*row) for row in rows]
 
     # The grid -------------------------------------------------------------------------------
@@ -486,6 +563,8 @@ class ResultStore:
     def grid(self) -> list[GridCell]:
         """The cells runs set out to run, in the order they were registered."""
         g = grid_table.c
+        if grid_table.name not in self._columns:
+            return []  # a store from before the grid was recorded, opened read-only
         with self._transaction() as conn:
             query = sa.select(g.cell_id, g.experiment, g.grid_values).order_by(g.added)
             rows = conn.execute(query).all()
@@ -511,7 +590,8 @@ def _bound(names: Iterable[str]) -> dict[str, Any]:
     return {name: sa.bindparam(name) for name in names}
 
 
-LEASE_FIELDS = ("owner", "state", "since", "expires")  # what a claim or a settle writes
+LEASE_FIELDS = ("owner", "state", "since", "expires", "host", "boot", "pid")  # claim, settle
+METRIC_FIELDS = ("name", "value", "attack", "eps", "shift", "severity", "source", "n")
 
 
 class _Writes:
@@ -519,8 +599,8 @@ class _Writes:
     compiled once per store: compiling or caching them anew for every cell cost more than
     running them."""
 
-    def __init__(self, dialect: sa.Dialect) -> None:
-        insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
+    def __init__(self, store: Dialect, dialect: sa.Dialect) -> None:
+        insert = store.insert
         run = insert(runs_table).values(_bound(runs_table.c.keys()))
         self.upsert_run = _Compiled(
             run.on_conflict_do_update(  # replaces an earlier failed attempt
@@ -578,41 +658,6 @@ class _Writes:
         ).returning(lease.cell_id)
 
 
-@contextmanager
-def _pipelined(driver: Any, *, reads: bool) -> Iterator[Any]:
-    """A psycopg cursor: autocommit for one statement that ``reads``, else BEGIN, the block's
-    statements and COMMIT in one pipeline."""
-    driver.autocommit = True
-    try:
-        cursor = driver.cursor()
-        if reads:
-            yield cursor
-            return
-        with driver.pipeline():
-            cursor.execute("BEGIN")
-            yield cursor
-            cursor.execute("COMMIT")
-    except BaseException:
-        driver.rollback()  # a half-sent or failed transaction; nothing when none is open
-        raise
-    finally:
-        driver.autocommit = False
-
-
-@contextmanager
-def _immediate(driver: Any) -> Iterator[sqlite3.Cursor]:
-    """A sqlite3 cursor in BEGIN IMMEDIATE ... COMMIT (the driver is in autocommit mode)."""
-    cursor = driver.cursor()
-    cursor.execute("BEGIN IMMEDIATE")
-    try:
-        yield cursor
-        cursor.execute("COMMIT")
-    except BaseException:
-        if driver.in_transaction:
-            cursor.execute("ROLLBACK")
-        raise
-
-
 def _check_unique(cell_id: str, metrics: list[Metric]) -> None:
     seen: set[tuple[str, str, float, str, int, str]] = set()
     for m in metrics:
@@ -625,31 +670,204 @@ def _check_unique(cell_id: str, metrics: list[Metric]) -> None:
         seen.add(m.key)
 
 
-def _engine(url: str, backend: str) -> Engine:
-    if backend != "sqlite":
+class Dialect:
+    """What one database does its own way, picked once per store (:func:`dialect_of`)."""
+
+    name: ClassVar[str]
+
+    def insert(self, table: sa.Table) -> Any:
+        """An INSERT into ``table`` that takes ON CONFLICT clauses (upserts)."""
+        raise NotImplementedError
+
+    def path(self, url: str) -> Path | None:
+        """The local file the store lives in, if any."""
+        return None
+
+    def engine(self, url: str, *, read_only: bool) -> Engine:
+        raise NotImplementedError
+
+    def cursor(self, driver: Any, *, reads: bool) -> AbstractContextManager[Any]:
+        """A DBAPI cursor on the driver connection ``driver`` for a block of writes, run in
+        one transaction (``reads``: the block is one statement whose rows are read)."""
+        raise NotImplementedError
+
+    def lock_schema(self, conn: Connection) -> None:
+        """Serialise schema changes of processes opening one store at once."""
+
+    def reshape(self, conn: Connection, table: sa.Table, old: sa.engine.Inspector) -> None:
+        """Bring an existing ``table`` to its declared columns and primary key, keeping its
+        rows (a column it lacked takes its server default, or NULL)."""
+        raise NotImplementedError
+
+
+class SQLite(Dialect):
+    """A file: WAL mode, BEGIN IMMEDIATE transactions, tables rebuilt to change a key."""
+
+    name = "sqlite"
+
+    def insert(self, table: sa.Table) -> Any:
+        return sqlite.insert(table)
+
+    def path(self, url: str) -> Path | None:
+        database = sa.make_url(url).database
+        return Path(database) if database else None
+
+    def engine(self, url: str, *, read_only: bool) -> Engine:
+        if read_only:
+            return _sqlite_reader(self.path(url))
+        engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            # Autocommit at the driver level, so the BEGIN below is the only one emitted.
+            dbapi_conn.isolation_level = None
+            cursor = dbapi_conn.cursor()
+            _wal(cursor)
+            cursor.execute("PRAGMA foreign_keys=ON")
+            # WAL with NORMAL sync: a commit is atomic and survives a crash of the process;
+            # only a power cut may lose the last few cells, which a rerun repeats. Saves an
+            # fsync a cell.
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        @sa.event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+
+    @contextmanager
+    def cursor(self, driver: Any, *, reads: bool) -> Iterator[sqlite3.Cursor]:
+        """BEGIN IMMEDIATE ... COMMIT (the driver is in autocommit mode)."""
+        cursor = driver.cursor()
+        cursor.execute("BEGIN IMMEDIATE")
+        try:
+            yield cursor
+            cursor.execute("COMMIT")
+        except BaseException:
+            if driver.in_transaction:
+                cursor.execute("ROLLBACK")
+            raise
+
+    def reshape(self, conn: Connection, table: sa.Table, old: sa.engine.Inspector) -> None:
+        have = {c["name"] for c in old.get_columns(table.name)}
+        missing = [c for c in table.c if c.name not in have]
+        if _same_key(table, old) and all(not c.primary_key for c in missing):
+            for column in missing:  # SQLite adds a column in place, never a key column
+                _add_column(conn, table, column)
+            return
+        # A new key: rebuild the table and copy the rows over, in this transaction.
+        before = f"{table.name}_before_v{SCHEMA_VERSION}"
+        conn.exec_driver_sql(f"ALTER TABLE {table.name} RENAME TO {before}")
+        conn.execute(sa.schema.CreateTable(table))
+        kept = ", ".join(c.name for c in table.c if c.name in have)
+        conn.exec_driver_sql(f"INSERT INTO {table.name} ({kept}) SELECT {kept} FROM {before}")
+        conn.exec_driver_sql(f"DROP TABLE {before}")
+
+
+class PostgreSQL(Dialect):
+    """A server: psycopg, pipelined writes, an advisory lock for the schema, columns and keys
+    changed in place."""
+
+    name = "postgresql"
+
+    def insert(self, table: sa.Table) -> Any:
+        return postgresql.insert(table)
+
+    SCHEMA_LOCK = 7200612  # pg_advisory_xact_lock's key for robcomp's schema changes
+
+    def engine(self, url: str, *, read_only: bool) -> Engine:
         # Recycled hourly rather than pinged before each use: a ping is a round trip per cell.
         # Commits return before the server flushes its log: a crash of the database server
         # may lose the last cells' writes (never half of one), which a rerun repeats, as
         # SQLite's synchronous=NORMAL may on a power cut. Set once per connection.
-        options = {"options": "-c synchronous_commit=off"}
-        return sa.create_engine(url, pool_recycle=3600, connect_args=options)
-    engine = sa.create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+        options = "-c synchronous_commit=off"
+        if read_only:  # the server itself refuses writes on these connections
+            options += " -c default_transaction_read_only=on"
+        return sa.create_engine(url, pool_recycle=3600, connect_args={"options": options})
 
-    @sa.event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
-        # Autocommit at the driver level, so the BEGIN below is the only one emitted.
-        dbapi_conn.isolation_level = None
-        cursor = dbapi_conn.cursor()
-        _wal(cursor)
-        cursor.execute("PRAGMA foreign_keys=ON")
-        # WAL with NORMAL sync: a commit is atomic and survives a crash of the process; only a
-        # power cut may lose the last few cells, which a rerun repeats. Saves an fsync a cell.
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
+    @contextmanager
+    def cursor(self, driver: Any, *, reads: bool) -> Iterator[Any]:
+        """Autocommit for one statement that ``reads`` (atomic on its own), else BEGIN, the
+        block's statements and COMMIT in one pipeline (psycopg's pipeline mode: one round
+        trip; an error skips the rest and the transaction is rolled back)."""
+        driver.autocommit = True
+        try:
+            cursor = driver.cursor()
+            if reads:
+                yield cursor
+                return
+            with driver.pipeline():
+                cursor.execute("BEGIN")
+                yield cursor
+                cursor.execute("COMMIT")
+        except BaseException:
+            driver.rollback()  # a half-sent or failed transaction; nothing when none is open
+            raise
+        finally:
+            driver.autocommit = False
+
+    def lock_schema(self, conn: Connection) -> None:
+        conn.execute(sa.text(f"SELECT pg_advisory_xact_lock({self.SCHEMA_LOCK})"))
+
+    def reshape(self, conn: Connection, table: sa.Table, old: sa.engine.Inspector) -> None:
+        have = {c["name"] for c in old.get_columns(table.name)}
+        for column in table.c:
+            if column.name not in have:
+                _add_column(conn, table, column)
+        if not _same_key(table, old):
+            name = old.get_pk_constraint(table.name)["name"]
+            keys = ", ".join(c.name for c in table.primary_key)
+            conn.exec_driver_sql(f"ALTER TABLE {table.name} DROP CONSTRAINT {name}")
+            conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD PRIMARY KEY ({keys})")
+
+
+DIALECTS: dict[str, Dialect] = {d.name: d for d in (SQLite(), PostgreSQL())}
+
+
+def dialect_of(url: str) -> Dialect:
+    """The :class:`Dialect` of a store URL (see :func:`store_url`)."""
+    return DIALECTS[sa.make_url(url).get_backend_name()]
+
+
+def _same_key(table: sa.Table, old: sa.engine.Inspector) -> bool:
+    key = old.get_pk_constraint(table.name)["constrained_columns"]
+    return set(key) == {c.name for c in table.primary_key}
+
+
+def _add_column(conn: Connection, table: sa.Table, column: sa.Column[Any]) -> None:
+    spec = sa.schema.CreateColumn(column).compile(dialect=conn.dialect)
+    conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {spec}")
+
+
+def _sqlite_reader(path: Path | None) -> Engine:
+    """An engine that only reads the SQLite file ``path`` (``mode=ro``: SQLite refuses
+    writes, and a missing file is an error, not a new store).
+
+    Reading a WAL file takes its shared-memory index (``-shm``) beside it, which SQLite
+    creates when absent; in a folder nobody may write, no run can be writing the store, so
+    it is read as immutable instead.
+    """
+    if path is None:
+        raise FileNotFoundError("an in-memory SQLite store has nothing to read")
+    uri = f"file:{quote(str(path))}?mode=ro"
+    try:
+        with sqlite3.connect(uri, uri=True) as probe:
+            probe.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        probe.close()
+    except sqlite3.OperationalError:
+        uri = f"file:{quote(str(path))}?immutable=1"
+
+    def connect() -> sqlite3.Connection:
+        conn = sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False)
+        conn.isolation_level = None  # the BEGIN below is the only one emitted
+        return conn
+
+    engine = sa.create_engine("sqlite://", creator=connect)
 
     @sa.event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN")  # one snapshot for a transaction's reads
 
     return engine
 
@@ -680,27 +898,29 @@ def _version(conn: Connection) -> int:
     return 2 if "shift" in columns else 1
 
 
-def _migrate(conn: Connection, backend: str) -> None:
-    """Bring the schema to :data:`SCHEMA_VERSION`, one version at a time, in ``conn``'s
-    transaction (PostgreSQL: under an advisory lock, so two processes opening a new database
-    do not both create it)."""
-    if backend == "postgresql":
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(7200612)"))
+def _too_new(version: int) -> ValueError:
+    return ValueError(
+        f"the store has schema version {version}; this robcomp knows up to "
+        f"{SCHEMA_VERSION}: upgrade robcomp"
+    )
+
+
+def _migrate(conn: Connection, dialect: Dialect) -> None:
+    """Bring the schema to :data:`SCHEMA_VERSION` in ``conn``'s transaction, under the
+    dialect's schema lock (so two processes opening a new store do not both create it): every
+    existing table is reshaped to its declared columns and key (:meth:`Dialect.reshape`), the
+    missing tables are created, and data a version needs is filled in."""
+    dialect.lock_schema(conn)
     version = _version(conn)
     if version == SCHEMA_VERSION:
         return
     if version > SCHEMA_VERSION:
-        raise ValueError(
-            f"the store has schema version {version}; this robcomp knows up to "
-            f"{SCHEMA_VERSION}: upgrade robcomp"
-        )
-    if version == 1:
-        for statement in MIGRATE_SHIFT:
-            conn.exec_driver_sql(statement)
-    if 0 < version < 4:
-        source = MIGRATE_SOURCE_POSTGRESQL if backend == "postgresql" else MIGRATE_SOURCE_SQLITE
-        for statement in source:
-            conn.exec_driver_sql(statement)
+        raise _too_new(version)
+    old = sa.inspect(conn)
+    existing = set(old.get_table_names())
+    for table in meta.sorted_tables:
+        if table.name in existing:
+            dialect.reshape(conn, table, old)
     meta.create_all(conn)  # tables of later versions (leases, grid_cells, schema_version)
     if 0 < version < 3:  # cells done before leases existed are never claimed again
         finished = sa.func.coalesce(runs_table.c.finished, 0.0)
@@ -708,6 +928,33 @@ def _migrate(conn: Connection, backend: str) -> None:
             runs_table.c.cell_id, sa.literal(""), sa.literal("done"), finished, sa.literal(math.inf)
         )
         done = done.where(runs_table.c.status == "done")
-        conn.execute(leases_table.insert().from_select(list(leases_table.c.keys()), done))
+        columns = ["cell_id", "owner", "state", "since", "expires"]
+        conn.execute(leases_table.insert().from_select(columns, done))
     conn.execute(version_table.delete())
     conn.execute(version_table.insert().values(version=SCHEMA_VERSION))
+
+
+def _check_readable(conn: Connection, where: str) -> dict[str, set[str]]:
+    """The columns of each table of a store opened read-only, after checking it is a store
+    this robcomp can read."""
+    version = _version(conn)
+    if version == 0:
+        raise FileNotFoundError(f"{where}: no results store here (no runs recorded)")
+    if version > SCHEMA_VERSION:
+        raise _too_new(version)
+    inspector = sa.inspect(conn)
+    known = {t.name for t in meta.sorted_tables}
+    return {
+        name: {c["name"] for c in inspector.get_columns(name)}
+        for name in inspector.get_table_names()
+        if name in known
+    }
+
+
+def _absent(column: sa.Column[Any]) -> Any:
+    """What a column an older schema lacks reads as: its server default, else NULL."""
+    default = column.server_default
+    if default is None:
+        return sa.null().label(column.name)
+    value = column.type.python_type(getattr(default, "arg", ""))
+    return sa.literal(value, column.type).label(column.name)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from robcomp.experiments.store import ResultStore
+from robcomp.experiments.store import ResultStore, RunRow
 from robcomp.report import plots
 from robcomp.report.html import write_html
 from robcomp.report.tables import leaderboard_rows, shift_rows, transfer_rows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,12 +56,13 @@ def write_report(store_path: str | Path, folder: str | Path, html: bool = False)
     ``transfer.csv`` with the transfer heatmap when the store holds transfer attacks, into
     ``folder``. A figure without data is not written.
 
-    The on-manifold examples are read from ``cells/<cell_id>/`` beside the store (see
+    The store is opened read-only: a report never changes it. The on-manifold examples are
+    read from each cell's folder as the store records it (:func:`cell_folders`; see
     :data:`robcomp.report.plots.MANIFOLD_EXAMPLES`). With ``html``, ``report.html`` is
     written last, every figure inlined (:func:`robcomp.report.html.write_html`)."""
     folder = Path(folder)
+    store = ResultStore(store_path, read_only=True)
     folder.mkdir(parents=True, exist_ok=True)
-    store = ResultStore(store_path)
     rows = leaderboard_rows(store)
     csv_path, json_path = folder / "leaderboard.csv", folder / "leaderboard.json"
     _write_csv(csv_path, rows)
@@ -85,7 +89,7 @@ def write_report(store_path: str | Path, folder: str | Path, html: bool = False)
             transferred, plots.transfer_labels(rows), folder / "transfer_heatmap.png"
         ),
         plots.plot_manifold_examples(
-            Path(store_path).parent / "cells", labels, folder / "on_manifold_examples.png"
+            cell_folders(store, runs), labels, folder / "on_manifold_examples.png"
         ),
     )
     drawn = tuple(f for f in [plot, *figures] if f is not None)
@@ -95,3 +99,22 @@ def write_report(store_path: str | Path, folder: str | Path, html: bool = False)
         figures=tuple(f for f in figures if f is not None), shifts=shifts_csv,
         transfer=transfer_csv, html=page,
     )  # fmt: skip
+
+
+def cell_folders(store: ResultStore, runs: list[RunRow]) -> dict[str, Path]:
+    """The folder of each cell's files (``cells/<cell_id>/`` in the output folder of the run
+    that recorded it, as the store records it) that this machine can read. Cells recorded
+    before the store kept that folder are looked for beside a SQLite store's file, where
+    `robcomp run` put them; a PostgreSQL store has no such place."""
+    folders: dict[str, Path] = {}
+    for run in runs:
+        root = Path(run.workdir) if run.workdir else (store.path.parent if store.path else None)
+        if root is not None and (root / "cells" / run.cell_id).is_dir():
+            folders[run.cell_id] = root / "cells" / run.cell_id
+    if len(folders) < len(runs):
+        log.info(
+            "%d of %d cells' folders are not on this machine (another host's run, or a "
+            "store without them): their files (on-manifold examples) are left out",
+            len(runs) - len(folders), len(runs),
+        )  # fmt: skip
+    return folders

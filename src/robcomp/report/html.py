@@ -791,7 +791,7 @@ def report_context(
     (image files to inline)."""
     from robcomp.report.tables import leaderboard_rows
 
-    results = ResultStore(store)
+    results = ResultStore(store, read_only=True)
     rows = leaderboard_rows(results)
     every = results.runs(status=None)
     done = [r for r in every if r.status == "done"]

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import re
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -521,14 +522,15 @@ def load_manifold_examples(path: Path) -> ManifoldExamples:
 
 
 def manifold_example_sets(
-    cells: Path, labels: dict[str, str], max_sets: int
+    folders: Mapping[str, Path], labels: dict[str, str], max_sets: int
 ) -> list[tuple[str, ManifoldExamples]]:
     """Up to ``max_sets`` distinct example sets of the cells in ``labels`` (cell id -> line
-    label), in that order; a file that breaks the contract is logged and skipped."""
+    label), in that order, read from their ``folders`` (cell id -> cell folder); a file that
+    breaks the contract is logged and skipped."""
     found: dict[bytes, tuple[str, ManifoldExamples]] = {}
     for cell_id, label in labels.items():
-        path = cells / cell_id / MANIFOLD_EXAMPLES
-        if len(found) >= max_sets or not path.is_file():
+        path = folders[cell_id] / MANIFOLD_EXAMPLES if cell_id in folders else None
+        if len(found) >= max_sets or path is None or not path.is_file():
             continue
         try:
             examples = load_manifold_examples(path)
@@ -557,13 +559,18 @@ def _show(ax: Any, x: np.ndarray, other: np.ndarray | None = None) -> None:
 
 
 def plot_manifold_examples(
-    cells: Path, labels: dict[str, str], path: Path, max_sets: int = 3, per_set: int = 8
+    folders: Mapping[str, Path],
+    labels: dict[str, str],
+    path: Path,
+    max_sets: int = 3,
+    per_set: int = 8,
 ) -> Path | None:
     """Originals beside their on-manifold adversarial examples (Kwon & Lee 2021): for each
-    distinct example set (:data:`MANIFOLD_EXAMPLES` in a cell folder under ``cells``) a row of
+    distinct example set (:data:`MANIFOLD_EXAMPLES` in a cell's folder, ``folders``: cell
+    id -> folder) a row of
     originals with their labels and a row of adversarials with the predicted label; signals
     are traces (the adversarial solid, the original dashed). ``None`` when no cell has one."""
-    sets = manifold_example_sets(cells, labels, max_sets)
+    sets = manifold_example_sets(folders, labels, max_sets)
     if not sets:
         return None
     plt = _pyplot()
