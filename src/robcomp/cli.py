@@ -19,9 +19,9 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
+# Nothing here imports torch: a mistake in an experiment file is reported before it loads.
 from robcomp.config import ConfigError, parse_data_spec, parse_override, parse_spec
-from robcomp.data.base import DatasetNotFound
-from robcomp.registry import RegistryError
+from robcomp.registry import RegistryError, code_paths
 
 app = typer.Typer(
     help="robcomp: how much robustness does compression cost, and which method keeps the most?",
@@ -29,8 +29,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+errors = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
-USER_ERRORS = (ConfigError, DatasetNotFound, RegistryError, FileNotFoundError, ValueError)
+# A missing dataset (robcomp.data.DatasetNotFound) is a FileNotFoundError.
+USER_ERRORS = (ConfigError, RegistryError, FileNotFoundError, ValueError)
 
 SetOption = Annotated[
     list[str] | None,
@@ -41,16 +43,17 @@ SetOption = Annotated[
 
 
 def user_errors(fn: F) -> F:
-    """Show mistakes a user can fix as one red message and exit 2, without a traceback."""
+    """Show mistakes a user can fix as one red line on stderr and exit 2, without a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as err:
-            # escaped: rich would read "[attacks]" in a message as markup and drop it
-            message = escape(str(err))
-            console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+            # One line, whatever the message holds (a library's multi-line text); escaped:
+            # rich would read "[attacks]" in a message as markup and drop it.
+            message = escape(" ".join(str(err).split()))
+            errors.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -68,8 +71,6 @@ def main(
         format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False)],
     )
-    from robcomp.models.base import code_paths
-
     # module:callable models import from the working directory, as `python -m` would.
     ctx.with_resource(code_paths(Path.cwd()))
 
@@ -290,13 +291,14 @@ def run(
 ) -> None:
     """Run every cell of an experiment file (or of a shipped config: `robcomp list configs`);
     finished cells are skipped, so reruns resume."""
-    from robcomp.experiments import load_experiment
+    from robcomp.experiments.schema import check_experiment
 
     file = _experiment_file(file)
-    if out is None:
-        out = Path("runs") / load_experiment(file, set_ or []).name
     trust = ["trust_code=true"] if trust_code else []
     overrides = [*(set_ or []), *_operational(device, threads), *trust]
+    name = check_experiment(file, overrides)  # the file's own mistakes, before torch loads
+    if out is None:
+        out = Path("runs") / name
     _run_and_report(file, overrides, out, executor, ray_address, append, store, artifacts=artifacts)
 
 

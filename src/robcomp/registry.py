@@ -6,6 +6,8 @@ import difflib
 import fnmatch
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -89,3 +91,28 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+# Folders ``module:callable`` models are imported from (robcomp.models), besides sys.path: the
+# experiment file's folder, the CLI's working directory, the folder a checkpoint's code came from.
+# Here, not in robcomp.models, so that the CLI can enter it before anything loads torch.
+_CODE_PATHS: ContextVar[tuple[str, ...]] = ContextVar("robcomp_code_paths", default=())
+
+
+@contextmanager
+def code_paths(*folders: str | Path | None) -> Iterator[None]:
+    """Within the block, ``module:callable`` models are also imported from ``folders`` (None
+    entries are skipped), as pytest puts its rootdir on the import path. A folder is put on
+    ``sys.path`` when a model is first imported from it, and stays there, since the imported
+    code may import its neighbours later."""
+    extra = tuple(str(Path(f).expanduser().resolve()) for f in folders if f is not None)
+    token = _CODE_PATHS.set(_CODE_PATHS.get() + extra)
+    try:
+        yield
+    finally:
+        _CODE_PATHS.reset(token)
+
+
+def code_folders() -> tuple[str, ...]:
+    """The folders the enclosing :func:`code_paths` blocks added, outermost first."""
+    return _CODE_PATHS.get()

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from torch import nn
 
 from robcomp import data as datasets
+from robcomp.attacks import Attack
 from robcomp.compress import COMPRESSORS, uses_training_data
-from robcomp.config import ConfigError, build_component, canonical_json
+from robcomp.config import ConfigError, build_component, canonical_json, to_dict
 from robcomp.data import DataError, DatasetNotFound, DataSplits, require_training_split
+from robcomp.data.shifts import SHIFTS
 from robcomp.experiments.executors import CACHE, Executor, LocalExecutor
 from robcomp.experiments.leases import LEASE_SECONDS, Leases
 from robcomp.experiments.runner import CellResult, run_cell
@@ -23,6 +28,7 @@ from robcomp.experiments.store import STORE_NAME, ResultStore
 from robcomp.experiments.transfer import TransferSummary, run_transfer
 from robcomp.models import MODELS, checkpoint_trust, create_to_check
 from robcomp.progress import track
+from robcomp.train.loop import training_threat
 
 log = logging.getLogger(__name__)
 # A run claims cells in batches covering about this much work (one at a time for longer
@@ -86,7 +92,10 @@ def run_experiment(
         _check_same_experiment(results, experiment.name, out, append)
         done = results.done_ids()
     todo = [c for c in experiment.cells if c.cell_id not in done]
-    preflight(todo, experiment.source)
+    # Cells on a cluster run on its nodes' devices, which this machine cannot see.
+    local = executor is None or isinstance(executor, LocalExecutor)
+    crafted = experiment.transfer.attacks if experiment.transfer is not None else ()
+    preflight(todo, experiment.source, devices=local, transfer=crafted)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(yaml.safe_dump(experiment.raw, sort_keys=False))
     results = results or ResultStore(target)
@@ -184,7 +193,13 @@ def _check_same_experiment(store: ResultStore, name: str, out: Path, append: boo
         )
 
 
-def preflight(cells: Sequence[Cell], where: str) -> None:
+def preflight(
+    cells: Sequence[Cell],
+    where: str,
+    *,
+    devices: bool = True,
+    transfer: Sequence[Attack] = (),
+) -> None:
     """Load and check each distinct dataset of ``cells`` once, so a missing file, a wrong key
     or NaN pixels are one message before any cell runs instead of one failure per cell; then
     build each distinct registered model for its data on the meta device (no memory, no
@@ -192,12 +207,21 @@ def preflight(cells: Sequence[Cell], where: str) -> None:
     and ask each compressor whether it can compress that model (its optional ``check``), so a
     combination it does not support is refused here rather than after training.
     A model that reads checkpoints while it builds (an ensemble) is built for real, once: that
-    is also the check that its files exist, load and are trusted."""
+    is also the check that its files exist, load and are trusted.
+
+    With the data loaded it also refuses, in one line each: a shift that cannot apply to it (its
+    optional ``check(data)``: corruptions on 1-D series), and an attack or adversarial training
+    objective (or a ``transfer`` attack) whose eps ball covers every input, which would report
+    0 % whatever the model. With ``devices`` (cells run on this machine) a device this machine
+    does not have (``cuda`` without a GPU) is refused too.
+    """
     loaded: dict[str, DataSplits] = {}
     built: dict[str, nn.Module | None] = {}
     checked: set[str] = set()
     for cell in cells:
         cfg = cell.config
+        if devices:
+            _check_device(cfg.device, where)
         key = canonical_json(cfg.data)
         if key not in loaded:
             try:
@@ -212,6 +236,12 @@ def preflight(cells: Sequence[Cell], where: str) -> None:
         if compress_key not in checked:
             checked.add(compress_key)
             _check_compressor(cfg, built[model_key], loaded[key], where)
+        # Not canonical_json: an unbounded attack's eps is inf, which strict JSON refuses.
+        suite_key = json.dumps(to_dict([key, cfg.evaluate, cfg.train, cfg.finetune]))
+        if suite_key not in checked:
+            checked.add(suite_key)
+            _check_shifts(cfg, loaded[key], where)
+            _check_threats(cfg, loaded[key], transfer, where)
 
 
 def _check_model(spec: ModelSpec, data: DataSplits, where: str) -> nn.Module | None:
@@ -252,3 +282,70 @@ def _check_compressor(
             f"{where}: compress {name!r} cannot compress model {cfg.model.name!r} on "
             f"{data.summary()}: {err}"
         ) from None
+
+
+def _check_device(device: str, where: str) -> None:
+    """Refuse a CUDA or MPS device this machine lacks, which would fail every cell."""
+    if device == "auto":
+        return
+    target = torch.device(device)
+    if target.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = " (and this torch is a CPU-only build)" if torch.version.cuda is None else ""
+            raise ConfigError(
+                f"{where}: device {device!r}: torch finds no CUDA GPU on this machine{build}; "
+                "use device: auto (the GPU when there is one) or cpu"
+            )
+        if target.index is not None and target.index >= count:
+            raise ConfigError(
+                f"{where}: device {device!r}: this machine has {count} CUDA GPU(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    if target.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{where}: device {device!r}: MPS is not available on this machine")
+
+
+def _check_shifts(cfg: CellConfig, data: DataSplits, where: str) -> None:
+    """Refuse a shift that says (its optional ``check``) it cannot shift ``data``."""
+    for i, spec in enumerate(cfg.evaluate.shifts):
+        shift = build_component(SHIFTS, spec, f"{where}: evaluate.shifts[{i}]")
+        check = getattr(shift, "check", None)
+        if check is None:
+            continue
+        try:
+            check(data)
+        except ValueError as err:
+            raise ConfigError(
+                f"{where}: evaluate.shifts[{i}]: shift {spec.get('name')!r} cannot apply to "
+                f"{data.summary()}: {err}"
+            ) from None
+
+
+# Inputs are in [0, 1]^d (robcomp.data checks it), whose diameter under each norm is this.
+_DIAMETER = {"linf": lambda d: 1.0, "l2": math.sqrt, "l1": float}
+
+
+def _check_threats(
+    cfg: CellConfig, data: DataSplits, transfer: Sequence[Attack], where: str
+) -> None:
+    """Refuse an eps ball that holds all of [0, 1]^d: every input can be moved onto a point of
+    another class, so robust accuracy is 0 % whatever the model, and training against it is
+    training on noise. An unbounded attack (``eps: inf``, minimal-norm) is meant that way."""
+    dim = math.prod(data.in_shape)
+    attacks = [("evaluate.attacks", a) for a in cfg.evaluate.build_attacks(f"{where}: evaluate")]
+    attacks += [("evaluate.transfer.attack", a) for a in transfer]
+    # (On-manifold attacks' norms are in latent space, with no diameter here: never refused.)
+    threats = [(f"{section}: {a.label()}", float(a.eps), str(a.norm)) for section, a in attacks]
+    for section, train in (("train", cfg.train), ("finetune", cfg.finetune)):
+        threat = training_threat(train.build_objective()) if train is not None else None
+        if threat is not None:
+            threats.append((f"{section}.objective", *threat))
+    for what, eps, norm in threats:
+        diameter = _DIAMETER[norm](dim) if norm in _DIAMETER else math.inf
+        if math.isfinite(eps) and eps >= diameter:
+            raise ConfigError(
+                f"{where}: {what}: eps {eps:.4g} in {norm} covers every input of "
+                f"{data.summary()} ([0, 1]^{dim} has {norm} diameter {diameter:.4g}), so any "
+                "point can be moved anywhere and robust accuracy is 0 %; use a smaller eps"
+            )

@@ -22,7 +22,6 @@ import collections
 import dataclasses
 import difflib
 import inspect
-import itertools
 import json
 import math
 import string
@@ -36,7 +35,6 @@ import torch
 from robcomp.attacks import ATTACKS, Attack
 from robcomp.attacks.base import missing_library
 from robcomp.attacks.manifold import is_latent, needs_manifold
-from robcomp.attacks.presets import preset_attacks
 from robcomp.compress import COMPRESSORS
 from robcomp.config import (
     OPERATIONAL,
@@ -45,15 +43,22 @@ from robcomp.config import (
     build_component,
     config_hash,
     identity_dict,
-    load_yaml,
-    parse_override,
-    set_dotted,
     to_dict,
 )
 from robcomp.data import DATASETS
 from robcomp.data.shifts import SHIFTS
 from robcomp.evaluate.manifold import has_known_generator
 from robcomp.experiments.digest import by_content, content_of
+from robcomp.experiments.schema import (
+    DEVICE_HELP,
+    EvaluateSpec,
+    ModelSpec,
+    Resources,
+    check_threads,
+    expand,
+    lookup,
+    read_experiment,
+)
 from robcomp.models import factory_for
 from robcomp.models.base import code_paths
 from robcomp.models.checkpoint import SPEC, WEIGHTS
@@ -61,154 +66,6 @@ from robcomp.models.ecosystem import is_ecosystem
 from robcomp.models.generative import VAESpec
 from robcomp.registry import RegistryError
 from robcomp.train import OBJECTIVES, TrainConfig
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelSpec:
-    """Which network: a registered name or ``module:callable``, its options, optional weights.
-
-    Attributes:
-        name: a registered model, ``timm:<name>``, ``torchvision:<name>`` or
-            ``module:callable``.
-        weights: a safetensors or PyTorch weights file to start from (read safely); needs
-            ``mean`` and ``std`` unless the model brings its own statistics.
-        mean, std: the normalization statistics (default: the training data's; with
-            ``weights``, those the weights were trained with).
-        code_path: the folder a ``module:callable`` model is imported from, besides sys.path
-            (default: the experiment file's folder; relative to it).
-    """
-
-    name: str = "tiny_cnn"
-    options: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    code_path: str | None = field(default=None, metadata=OPERATIONAL)
-
-
-@dataclass(frozen=True, kw_only=True)
-class EvaluateSpec:
-    """What to measure on the test split.
-
-    Attributes:
-        attacks: attack specs ``{"name": ..., "eps": ..., **fields}``; ``eps`` may be a list,
-            which runs the attack once per value.
-        preset: a named suite (``robcomp list presets``) run before ``attacks``.
-        limit: attack at most this many test points (clean accuracy uses the whole split).
-        batch_size: evaluation batch size.
-        diagnostics: run the gradient-masking checklist and store its flags.
-        diagnostics_points: how many test points the checklist uses.
-        black_box_queries: query budget of the Square attack that joins BPDA and transfer for
-            models without gradients (int8); 5000 is AutoAttack's full budget. Square attacks
-            images only: on 1-D signals BPDA and transfer run without it.
-        latency_batch_sizes: time one forward pass on batches of these sizes (1 = Marshall's
-            Algorithm 4, N = Algorithm 5); empty to skip.
-        latency_repeats: timed passes per batch size (the median is stored).
-        shifts: distribution shifts ``{"name": ..., **fields}`` (``robcomp list shifts``):
-            each turns the test split into shifted splits (corruptions at severities, other
-            domains, on-manifold test sets), scored by clean accuracy and stored per shift and
-            severity. Training data is never shifted.
-        attack_shifted: also run the suite's attacks on each shifted split (``limit`` points).
-        shift_limit: shift at most this many test points (null: all of them); a domain shift
-            scores the whole target domain regardless.
-    """
-
-    attacks: tuple[dict[str, Any], ...] = ()
-    preset: str | None = None
-    limit: int | None = None
-    batch_size: int = 256
-    diagnostics: bool = True
-    diagnostics_points: int = 200
-    black_box_queries: int = 5000
-    latency_batch_sizes: tuple[int, ...] = (1, 64)
-    latency_repeats: int = field(default=20, metadata=OPERATIONAL)
-    shifts: tuple[dict[str, Any], ...] = ()
-    attack_shifted: bool = False
-    shift_limit: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.shift_limit is not None and self.shift_limit < 1:
-            raise ValueError(f"shift_limit must be >= 1 or null (all), got {self.shift_limit}")
-        # limit: 0 would fail every cell after training; a negative one would slice off the
-        # last points instead of keeping the first ones.
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1 (points to attack) or null, got {self.limit}")
-        for name in ("batch_size", "diagnostics_points", "black_box_queries", "latency_repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if any(b < 1 for b in self.latency_batch_sizes):
-            sizes = list(self.latency_batch_sizes)
-            raise ValueError(f"latency_batch_sizes must be >= 1, got {sizes}")
-
-    def attack_specs(self) -> list[dict[str, Any]]:
-        """The preset's attacks then the listed ones, one spec per eps value."""
-        specs = list(preset_attacks(self.preset)) if self.preset else []
-        for spec in self.attacks:
-            eps = spec.get("eps")
-            values = eps if isinstance(eps, list | tuple) else [eps]
-            specs += [{**spec, "eps": e} if e is not None else dict(spec) for e in values]
-        return specs
-
-    def build_attacks(self, where: str = "evaluate") -> list[Attack]:
-        """The suite's attacks; two with one label and eps are an error, since the second's
-        metrics would overwrite the first's in the store."""
-        attacks: list[Attack] = []
-        seen: dict[tuple[str, float], str] = {}
-        for i, spec in enumerate(self.attack_specs()):
-            name = f"{where}.attacks[{i}]"
-            attack = build_component(ATTACKS, spec, name)
-            key = (attack.label(), float(attack.eps))
-            if key in seen:
-                raise ConfigError(
-                    f"{seen[key]} and {name} {spec} are both {key[0]} at eps={key[1]:.6g}; "
-                    "their results would overwrite each other: change a setting or drop one"
-                )
-            seen[key] = f"{name} {spec}"
-            attacks.append(attack)
-        return attacks
-
-
-_MEMORY_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
-
-
-@dataclass(frozen=True, kw_only=True)
-class Resources:
-    """How a cell is scheduled on a cluster (the Ray executor); never part of its identity.
-
-    Attributes:
-        num_cpus: CPUs reserved per cell; also the cell's torch threads unless ``threads`` is set.
-        num_gpus: GPUs reserved per cell (fractions share one GPU).
-        memory: memory reserved per cell: bytes, or a string such as ``512M`` or ``4G``.
-        max_retries: times a cell is run again when its worker process dies (killed, out of
-            memory, node lost); an error raised by the cell itself is recorded, not retried.
-    """
-
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    memory: int | str | None = None
-    max_retries: int = 3
-
-    def __post_init__(self) -> None:
-        if self.num_cpus <= 0 or self.num_gpus < 0:
-            raise ValueError(
-                f"num_cpus must be > 0 and num_gpus >= 0, got {self.num_cpus}, {self.num_gpus}"
-            )
-        if self.max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
-        self.memory_bytes()  # a bad memory value fails when the file loads
-
-    def memory_bytes(self) -> int | None:
-        """``memory`` in bytes (None: no reservation)."""
-        if self.memory is None or isinstance(self.memory, int):
-            return self.memory
-        text = self.memory.strip().lower().removesuffix("ib").removesuffix("b")
-        unit = text[-1:] if text[-1:] in _MEMORY_UNITS else ""
-        try:
-            return int(float(text[: len(text) - len(unit)]) * _MEMORY_UNITS[unit])
-        except ValueError:
-            raise ValueError(
-                f"memory must be bytes or a size such as 512M or 4G, got {self.memory!r}"
-            ) from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -260,12 +117,8 @@ class CellConfig:
             try:
                 torch.device(self.device)
             except (RuntimeError, ValueError):
-                raise ValueError(
-                    f"device must be auto, cpu, cuda, cuda:N or another torch device, "
-                    f"got {self.device!r}"
-                ) from None
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1 or null (auto), got {self.threads}")
+                raise ValueError(f"{DEVICE_HELP}, got {self.device!r}") from None
+        check_threads(self.threads)
 
     def canonical(self) -> dict[str, Any]:
         """The configuration with every component's defaults filled in (data, compressor,
@@ -418,47 +271,6 @@ def resolve(raw: Mapping[str, Any], where: str) -> CellConfig:
     cfg = build(CellConfig, raw, where)
     validate(cfg, where)
     return cfg
-
-
-def expand(base: Mapping[str, Any], grid: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """All combinations of the grid applied to ``base`` (the last key varies fastest).
-
-    A key naming several dotted keys, ``"compress,finetune"``, is one axis whose values are
-    lists setting them together (a method with its own fine-tuning). An empty grid gives one
-    cell: the base itself.
-    """
-    keys = list(grid)
-    for key in keys:
-        values = grid[key]
-        if isinstance(values, str | bytes) or not isinstance(values, Sequence) or not values:
-            raise ConfigError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
-        if "," in key:
-            _check_zipped(key, values)
-    out = []
-    for combo in itertools.product(*(grid[k] for k in keys)):
-        cell = dict(base)
-        for key, value in zip(keys, combo):
-            for part, part_value in _zipped(key, value):
-                cell = set_dotted(cell, part, part_value, where="grid.")
-        out.append(cell)
-    return out
-
-
-def _zipped(key: str, value: Any) -> list[tuple[str, Any]]:
-    """``"a,b": [va, vb]`` sets a and b together (one axis); a plain key sets itself."""
-    if "," not in key:
-        return [(key, value)]
-    return list(zip([k.strip() for k in key.split(",")], value))
-
-
-def _check_zipped(key: str, values: Sequence[Any]) -> None:
-    parts = [k.strip() for k in key.split(",")]
-    for value in values:
-        if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != len(parts):
-            raise ConfigError(
-                f"grid.{key}: each value must be a list of {len(parts)} values, one for each of "
-                f"{', '.join(parts)}; got {value!r}"
-            )
 
 
 # ----------------------------------------------------------------------------- transfer
@@ -681,27 +493,15 @@ def load_experiment(
 
     Every cell is validated before anything runs, so a typo in the last cell costs nothing.
     """
-    if isinstance(source, Mapping):
-        raw, where = dict(source), "<experiment>"
-    else:
-        raw, where = load_yaml(source), str(source)
-    for text in overrides:
-        key, value = parse_override(text)
-        raw = set_dotted(raw, key, value, where="--set ")
-    grid = raw.pop("grid", None) or {}
-    store = raw.pop("store", None)
-    if store is not None and not isinstance(store, str):
-        raise ConfigError(f"{where}: store must be a URL string (sqlite:///PATH, postgresql+"
-                          f"psycopg://USER@HOST/DB), got {store!r}")  # fmt: skip
-    if not isinstance(grid, Mapping):
-        raise ConfigError(f"{where}: grid must map dotted keys to lists of values")
+    file = read_experiment(source, overrides)
+    raw, grid, store, where = file.raw, file.grid, file.store, file.where
     raw, transfer_section = _pop_transfer(raw, grid, where)
     cells = []
     seen: set[str] = set()
     for cell_raw in expand(raw, grid):
         if not isinstance(source, Mapping):
             cell_raw = _with_code_path(cell_raw, Path(source).parent)
-        values = {k: _lookup(cell_raw, k) for k in grid}
+        values = {k: lookup(cell_raw, k) for k in grid}
         label = ", ".join(f"{k}={v}" for k, v in values.items())
         cfg = resolve(cell_raw, f"{where}" + (f" (cell {label})" if label else ""))
         if cfg.cell_id() not in seen:  # a grid may repeat a point; run it once
@@ -731,12 +531,3 @@ def _with_code_path(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
         return raw
     code_path = folder / str(model.get("code_path") or ".")
     return {**raw, "model": {**model, "code_path": str(code_path.expanduser().resolve())}}
-
-
-def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
-    if "," in dotted:
-        return [_lookup(tree, k.strip()) for k in dotted.split(",")]
-    node: Any = tree
-    for part in dotted.split("."):
-        node = node[part]
-    return node

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from robcomp.models.capabilities import builds_from_files
 from robcomp.models.ecosystem import ecosystem_factory, is_ecosystem
-from robcomp.registry import Registry
+from robcomp.registry import Registry, code_folders
+from robcomp.registry import code_paths as code_paths
 
 # A model factory builds the bare network: factory(num_classes=..., in_shape=..., **options).
 ModelFactory = Callable[..., nn.Module]
@@ -104,27 +105,8 @@ def _check_trusted(target: str) -> None:
     )
 
 
-# Folders ``module:callable`` models are imported from, besides sys.path: the experiment
-# file's folder, the CLI's working directory, the folder a checkpoint's code came from.
-_CODE_PATHS: ContextVar[tuple[str, ...]] = ContextVar("robcomp_code_paths", default=())
-
-
-@contextmanager
-def code_paths(*folders: str | Path | None) -> Iterator[None]:
-    """Within the block, ``module:callable`` models are also imported from ``folders`` (None
-    entries are skipped), as pytest puts its rootdir on the import path. A folder is put on
-    ``sys.path`` when a model is first imported from it, and stays there, since the imported
-    code may import its neighbours later."""
-    extra = tuple(str(Path(f).expanduser().resolve()) for f in folders if f is not None)
-    token = _CODE_PATHS.set(_CODE_PATHS.get() + extra)
-    try:
-        yield
-    finally:
-        _CODE_PATHS.reset(token)
-
-
 def _add_code_paths() -> None:
-    for folder in reversed(_CODE_PATHS.get()):
+    for folder in reversed(code_folders()):
         if folder not in sys.path:
             sys.path.insert(0, folder)
             importlib.invalidate_caches()

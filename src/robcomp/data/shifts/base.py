@@ -75,7 +75,9 @@ class Shift(Protocol):
     Shifts are frozen keyword-only dataclasses registered in :data:`SHIFTS`; the dataclass is
     the config, and its fields (with the cell's data and seed) are the cache key of the shifted
     arrays. A shift whose splits depend on the cell's trained baseline says so with
-    ``uses_baseline = True`` (its cache key then includes the baseline).
+    ``uses_baseline = True`` (its cache key then includes the baseline). A shift defined on
+    some inputs only (images) may define ``check(data) -> None``, raising ValueError for data it
+    cannot shift; the experiment driver calls it before any cell runs.
     """
 
     def label(self) -> str: ...

@@ -753,6 +753,15 @@ CORRUPTIONS: dict[str, _Corruption] = {
 }
 
 
+IMAGES_ONLY = "corruptions take NCHW images with 1 or 3 channels and at least 8x8 pixels"
+
+
+def is_image(shape: Sequence[int]) -> bool:
+    """Whether one input of ``shape`` (no batch axis) is an image the corruptions are defined
+    on: channels first, 1 or 3 of them, at least 8x8 pixels (the smallest kernels' support)."""
+    return len(shape) == 3 and shape[0] in (1, 3) and min(shape[1:]) >= 8
+
+
 def _check(name: str, severity: int, constants: str) -> None:
     if constants not in TABLES:
         raise ValueError(f"constants={constants!r} is not one of {sorted(TABLES)}")
@@ -779,11 +788,8 @@ def corrupt(
         A new float32 tensor of ``x``'s shape in [0, 1].
     """
     _check(name, severity, constants)
-    if x.ndim != 4 or x.shape[1] not in (1, 3) or min(x.shape[-2:]) < 8:
-        raise ValueError(
-            f"corruptions take NCHW images with 1 or 3 channels and at least 8x8 pixels; "
-            f"got shape {tuple(x.shape)}"
-        )
+    if x.ndim != 4 or not is_image(x.shape[1:]):
+        raise ValueError(f"{IMAGES_ONLY}; got shape {tuple(x.shape)}")
     params = TABLES[constants][name][severity - 1]
     scale = min(x.shape[-2:]) / REFERENCE_SIZE[constants]
     device = x.device
@@ -862,6 +868,13 @@ class Corruptions:
         bad = [s for s in self.severities if s not in (1, 2, 3, 4, 5)]
         if bad or not self.severities:
             raise ValueError(f"corruptions: severities={self.severities!r}; allowed: 1-5")
+
+    def check(self, data: DataSplits) -> None:
+        """Refuse inputs that are not such images (1-D sensor series, tables, 4x4 pictures)
+        before any cell runs, rather than failing in the first cell's evaluation."""
+        if not is_image(data.in_shape):
+            shape = "x".join(str(n) for n in data.in_shape)
+            raise ValueError(f"{IMAGES_ONLY}; {data.name}'s inputs are {shape}")
 
     def label(self) -> str:
         names = resolve(self.corruptions)
