@@ -83,6 +83,7 @@ def test_a_table_for_pandas_and_tensors_as_a_test_set(
     assert clean == pytest.approx(accuracy(trained_cnn, digits.test.head(120)))
     robust = frame[frame.metric == "robust_accuracy"]
     assert robust.attack.item() == "pgd3-linf" and robust.eps.item() == pytest.approx(0.1)
+    assert robust.norm.item() == "linf" and robust.n.item() == 120  # typed, with its points
     spec_rows = robcomp.evaluate_model(
         trained_cnn, (x, y), attacks=["pgd:eps=0.1,steps=3"], as_frame=False
     )

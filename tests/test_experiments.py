@@ -125,7 +125,7 @@ def test_run_stores_results_and_saves_resolved_configs(tmp_path: Path) -> None:
     for run in runs:
         names = {(m.name, m.attack) for m in run.metrics}
         assert {("clean_accuracy", ""), ("robust_accuracy", "fgsm-linf"), ("params", "")} <= names
-        assert ("flag:zero_gradients", "") in names and ("flag:unbounded_attack", "") in names
+        assert ("zero_gradients", "") in names and ("unbounded_attack", "") in names
         assert run.info["masking"] == "no sign of gradient masking"
         saved = yaml.safe_load((tmp_path / "cells" / run.cell_id / "config.yaml").read_text())
         assert saved == run.config and saved["train"]["epochs"] == 2
@@ -301,7 +301,9 @@ def test_quantized_cells_report_their_own_size_and_int8_is_attacked_without_grad
         assert value(run, "latency_ms_b1") > 0 and value(run, "latency_ms_b8") > 0
     # int8: never fine-tuned; robust accuracy is the worst case over BPDA, transfer, Square
     assert "skipped" in int8.info["finetune"] and isinstance(lowbit.info["finetune"], dict)
-    routes = int8.info["gradient_free"]["pgd5-linf@0.1"]
+    (routes,) = [
+        r for r in int8.info["gradient_free"] if (r["attack"], r["eps"]) == ("pgd5-linf", 0.1)
+    ]
     assert set(routes["per_route"]) == {"bpda", "transfer", "black-box"}
     robust = value(int8, "robust_accuracy", "pgd5-linf")
     assert robust == routes["robust_accuracy"] <= min(routes["per_route"].values())

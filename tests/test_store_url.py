@@ -330,6 +330,45 @@ def test_a_version_3_store_gains_the_transfer_source_in_its_metric_key(url: str)
         store.add_metrics("nope", two)
 
 
+# Version 4: metrics with a source and n, no norm; masking checks named flag:<check>
+V4_METRICS = (
+    "CREATE TABLE metrics (cell_id TEXT NOT NULL REFERENCES runs(cell_id), name TEXT NOT NULL, "
+    "attack TEXT NOT NULL DEFAULT '', eps DOUBLE PRECISION NOT NULL DEFAULT 0, "
+    "value DOUBLE PRECISION, shift TEXT NOT NULL DEFAULT '', severity INTEGER NOT NULL "
+    "DEFAULT 0, source TEXT NOT NULL DEFAULT '', n INTEGER, "
+    "PRIMARY KEY (cell_id, name, attack, eps, shift, severity, source))",
+    "INSERT INTO metrics VALUES ('c1', 'robust_accuracy', 'pgd10-linf', 0.1, 0.4, '', 0, '', 200)",
+    "INSERT INTO metrics VALUES ('c1', 'worst_robust_accuracy', 'worst-l2', 0.5, 0.3, '', 0, "
+    "'', NULL)",
+    "INSERT INTO metrics VALUES ('c1', 'flag:zero_gradients', '', 0, 1.0, '', 0, '', NULL)",
+)
+
+
+def test_a_version_4_store_gains_the_norm_and_names_checks_plainly(url: str) -> None:
+    runs, _, version, _, run, _ = V3_SCHEMA  # the same runs table and row, a version 4
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        for statement in (runs, version, "INSERT INTO schema_version VALUES (4)", run, *V4_METRICS):
+            conn.exec_driver_sql(statement)
+    engine.dispose()
+    typed = [
+        Metric("robust_accuracy", 0.4, "pgd10-linf", 0.1, n=200),  # its norm was not stored
+        Metric("worst_robust_accuracy", 0.3, "worst-l2", 0.5, norm="l2"),
+        Metric("zero_gradients", 1.0),
+    ]
+    # a report reads it as it is (read-only), as the migration will leave it
+    reader = ResultStore(url, read_only=True)
+    assert sorted(reader.runs()[0].metrics, key=lambda m: m.name) == typed
+    assert reader.metrics_named("zero_gradients") == {"c1": [typed[2]]}
+    reader.close()
+    store = ResultStore(url)
+    with store.engine.connect() as conn:
+        assert conn.scalar(sa.text("SELECT version FROM schema_version")) == SCHEMA_VERSION
+    assert sorted(store.runs()[0].metrics, key=lambda m: m.name) == typed
+    store.add_metrics("c1", [Metric("robust_accuracy", 0.2, "pgd", 0.1, n=8, norm="linf")])
+    assert Metric("robust_accuracy", 0.2, "pgd", 0.1, n=8, norm="linf") in store.runs()[0].metrics
+
+
 def test_store_in_the_experiment_file_keeps_cell_ids_and_is_used(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'team.sqlite'}"
     plain = load_experiment(tiny_grid(1))

@@ -116,8 +116,8 @@ def _cell(store: ResultStore, cell_id: str, per_attack: float, worst: float) -> 
             Metric("robust_accuracy", per_attack, "pgd10-linf", 0.1),
             Metric("robust_accuracy", per_attack, "square5000-linf", 0.1),
             Metric("robust_accuracy", 0.8, "pgd10-l2", 0.5),
-            Metric("worst_robust_accuracy", worst, "worst-linf", 0.1),
-            Metric("worst_robust_accuracy", 0.8, "worst-l2", 0.5),
+            Metric("worst_robust_accuracy", worst, "worst-linf", 0.1, norm="linf"),
+            Metric("worst_robust_accuracy", 0.8, "worst-l2", 0.5, norm="l2"),
         ],
         info={"worst_case": {"primary": {"norm": "linf", "eps": 0.1}}}, seconds=1.0,
     )  # fmt: skip

@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 Data = DataSplits | str | os.PathLike[str] | Mapping[str, Any] | tuple[Tensor, Tensor]
 Model = nn.Module | str
 ComponentSpec = str | Mapping[str, Any]
-COLUMNS = ("variant", "metric", "attack", "eps", "shift", "severity", "value")
+COLUMNS = ("variant", "metric", "attack", "norm", "eps", "shift", "severity", "value", "n")
 
 
 def evaluate_model(
@@ -133,7 +133,7 @@ def evaluate_model(
         limit: attack at most this many test points (clean accuracy uses them all).
         shift_limit: shift at most this many test points.
         batch_size: evaluation batch size.
-        diagnostics: run the gradient-masking checklist (``flag:*`` metrics).
+        diagnostics: run the gradient-masking checklist (a metric per check, 1 if raised).
         latency_batch_sizes: time one forward pass on batches of these sizes.
         seed: seeds the evaluation (attacks, shifts) as a cell's seed does.
         as_frame: a pandas DataFrame (True), a list of dicts (False), or a DataFrame when
@@ -141,8 +141,9 @@ def evaluate_model(
 
     Returns:
         One row per number, columns ``variant`` (the compressor's label), ``metric``,
-        ``attack`` and ``eps`` (``""`` and 0 when no attack), ``shift`` and ``severity``
-        (``""`` and 0 on the test split itself), ``value``: the store's own layout.
+        ``attack``, ``norm`` and ``eps`` (``""`` and 0 when no attack), ``shift`` and
+        ``severity`` (``""`` and 0 on the test split itself), ``value`` and ``n`` (the points
+        it was measured on, None where not counted): the store's own layout.
     """
     model, splits = as_inputs(model, data, weights=weights, mean=mean, std=std, seed=seed)
     if holdout is not None:
@@ -451,10 +452,12 @@ def _row(variant: str, metric: Metric) -> dict[str, Any]:
         "variant": variant,
         "metric": metric.name,
         "attack": metric.attack,
+        "norm": metric.norm,
         "eps": metric.eps,
         "shift": metric.shift,
         "severity": metric.severity,
         "value": math.nan if value is None else float(value),
+        "n": metric.n,
     }
 
 

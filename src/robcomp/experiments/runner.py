@@ -52,7 +52,7 @@ from robcomp.experiments.cache import compressed_model, own_callables
 from robcomp.experiments.shifts import baseline_scores, build_shifts, shifted_splits
 from robcomp.experiments.shifts import scores as shift_scores
 from robcomp.experiments.spec import Cell, CellConfig
-from robcomp.experiments.store import Metric
+from robcomp.experiments.store import ATTACKED_CLEAN_ACCURACY, Metric
 from robcomp.experiments.telemetry import model_telemetry
 from robcomp.experiments.threads import choose_threads, intra_op_threads, load_1min
 from robcomp.experiments.worst import record_worst_case
@@ -202,11 +202,12 @@ def _latency_metrics(cfg: CellConfig, model: nn.Module, data: DataSplits) -> lis
 
 
 def _attack_metrics(result: AttackResult) -> list[Metric]:
+    attack = Metric("", None, result.attack, result.eps, n=result.n, norm=result.norm)
     return [
-        Metric("robust_accuracy", result.robust_accuracy, result.attack, result.eps),
-        Metric("mean_norm", result.mean_norm, result.attack, result.eps),
-        Metric("median_norm", result.median_norm, result.attack, result.eps),
-        Metric("attack_seconds", result.seconds, result.attack, result.eps),
+        replace(attack, name="robust_accuracy", value=result.robust_accuracy),
+        replace(attack, name="mean_norm", value=result.mean_norm),
+        replace(attack, name="median_norm", value=result.median_norm),
+        replace(attack, name="attack_seconds", value=result.seconds),
     ]
 
 
@@ -217,7 +218,7 @@ class Evaluation:
     metrics: list[Metric] = field(default_factory=list)
     attacks: list[Attack] = field(default_factory=list)
     results: list[AttackResult] = field(default_factory=list)  # one per attack, in order
-    routes: dict[str, dict[str, Any]] = field(default_factory=dict)  # gradient-free breakdown
+    routes: list[dict[str, Any]] = field(default_factory=list)  # gradient-free breakdown
     clean_accuracy: float = math.nan  # on the whole test split
 
 
@@ -233,7 +234,7 @@ def _evaluate(
     spec = cfg.evaluate
     clean = accuracy(model, data.test, spec.batch_size)
     out = _attack_suite(cfg, model, data.test.head(spec.limit), surrogate)
-    out.metrics.insert(0, Metric("clean_accuracy", clean))
+    out.metrics.insert(0, Metric("clean_accuracy", clean, n=len(data.test)))
     out.clean_accuracy = clean
     return out
 
@@ -242,7 +243,8 @@ def _attack_suite(
     cfg: CellConfig, model: nn.Module, points: Split, surrogate: nn.Module
 ) -> Evaluation:
     """Every attack of the suite on ``points`` (the test split's first ``limit``, or a
-    shifted split's)."""
+    shifted split's), and the clean accuracy on those same points
+    (:data:`ATTACKED_CLEAN_ACCURACY`), which robust accuracy is to be read against."""
     spec = cfg.evaluate
     out = Evaluation()
     cache: dict[tuple[str, str, float], RouteOutcome] = {}
@@ -257,14 +259,18 @@ def _attack_suite(
                 ),
                 batch_size=spec.batch_size, cache=cache,
             )  # fmt: skip
-            out.routes[f"{result.attack}@{result.eps:.4g}"] = _route_info(worst)
-            out.metrics += [
-                Metric(f"route_accuracy:{name}", value, result.attack, result.eps)
-                for name, value in worst.per_attack.items()
-            ]
+            out.routes.append(_route_info(result, worst))
+            out.metrics += [  # the route is where the adversarial examples were crafted
+                Metric("route_accuracy", value, result.attack, result.eps, source=route,
+                       n=result.n, norm=result.norm)
+                for route, value in worst.per_attack.items()
+            ]  # fmt: skip
         out.attacks.append(attack)
         out.results.append(result)
         out.metrics += _attack_metrics(result)
+    if out.results:  # every attack of the suite ran on the same points
+        first = out.results[0]
+        out.metrics.insert(0, Metric(ATTACKED_CLEAN_ACCURACY, first.clean_accuracy, n=first.n))
     return out
 
 
@@ -284,7 +290,7 @@ def _shift_metrics(
     if not spec.shifts:
         return [], {}
     metrics = (
-        [Metric("val_accuracy", accuracy(model, data.val, spec.batch_size))]
+        [Metric("val_accuracy", accuracy(model, data.val, spec.batch_size), n=len(data.val))]
         if len(data.val)
         else []
     )
@@ -296,7 +302,7 @@ def _shift_metrics(
         dense = baseline_scores(cfg, shift, splits, baseline, cache)
         sizes = {(s.shift, s.severity): len(s.split) for s in splits}
         metrics += [
-            Metric("clean_accuracy", acc, shift=name, severity=severity)
+            Metric("clean_accuracy", acc, shift=name, severity=severity, n=sizes[(name, severity)])
             for (name, severity), acc in ours.items()
         ]
         metrics += [
@@ -349,8 +355,11 @@ def _reconstruction_metrics(
     ]
 
 
-def _route_info(worst: WorstCase) -> dict[str, Any]:
+def _route_info(result: AttackResult, worst: WorstCase) -> dict[str, Any]:
     return {
+        "attack": result.attack,
+        "norm": result.norm,
+        "eps": result.eps,
         "per_route": worst.per_attack,
         "found_by": worst.found_counts(),
         "strongest": worst.strongest,
@@ -397,7 +406,8 @@ def _diagnostics(
         black_box=black_box or None,
         white_box=min(gradient) if gradient else None,
     )  # fmt: skip
-    metrics = [Metric(f"flag:{f.check}", float(f.raised), "", 0.0) for f in flags]
+    # one metric per check, named by it; the report tells checks by the info's records
+    metrics = [Metric(f.check, float(f.raised)) for f in flags]
     return metrics, [to_dict(f) for f in flags]
 
 

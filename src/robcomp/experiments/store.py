@@ -40,7 +40,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, Connection, Engine
 
 STORE_NAME = "results.sqlite"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
+# Clean accuracy on the points the attacks ran on (the test split's first ``evaluate.limit``),
+# beside ``clean_accuracy`` on the whole split: robust accuracy is read against it.
+ATTACKED_CLEAN_ACCURACY = "attacked_clean_accuracy"
 CLAIM_BATCH = 200  # cells claimed by one statement
 
 meta = sa.MetaData()
@@ -70,6 +73,8 @@ metrics_table = sa.Table(
     # the model the adversarial examples were crafted on (transfer attacks); '' for the cell's own
     sa.Column("source", sa.Text, primary_key=True, server_default=""),
     sa.Column("n", sa.Integer),  # points the value was measured on, where it was recorded
+    # the attack's norm (version 6); '' when attack-free
+    sa.Column("norm", sa.Text, nullable=False, server_default=""),
 )  # fmt: skip
 leases_table = sa.Table(
     "leases", meta,
@@ -106,6 +111,8 @@ class Metric:
             ``checkpoint:<folder>``); ``""`` when the cell's own model was attacked.
         n: how many points the value was measured on (None where it was not recorded); not
             part of the key.
+        norm: the threat model's norm of an attack metric (``linf``, ``l2``), ``""`` for
+            attack-free metrics and in stores older than schema 5; not part of the key.
     """
 
     name: str
@@ -116,6 +123,7 @@ class Metric:
     severity: int = 0
     source: str = ""
     n: int | None = None
+    norm: str = ""
 
     @property
     def key(self) -> tuple[str, str, float, str, int, str]:
@@ -304,6 +312,16 @@ class ResultStore:
         have = self._columns.get(table.name, set())
         return [table.c[n] if n in have else _absent(table.c[n]) for n in names]
 
+    def _metric_columns(self) -> list[Any]:
+        """The metrics' ``cell_id`` and :data:`METRIC_FIELDS` for a select; a store before
+        version 6 opened read-only reads as the migration would have left it
+        (:func:`_typed_metric_fields`)."""
+        columns = self._read(metrics_table, "cell_id", *METRIC_FIELDS)
+        if "norm" in self._columns.get("metrics", set()):
+            return columns
+        typed = _typed_metric_fields(metrics_table.c)
+        return [typed[c.name].label(c.name) if c.name in typed else c for c in columns]
+
     def close(self) -> None:
         """Close the store's pooled connections."""
         self.engine.dispose()
@@ -363,7 +381,7 @@ class ResultStore:
                         w.insert_metric.bind(
                             cell_id=cell_id, name=m.name, attack=m.attack, eps=m.eps,
                             value=_finite(m.value), shift=m.shift, severity=m.severity,
-                            source=m.source, n=m.n,
+                            source=m.source, n=m.n, norm=m.norm,
                         )
                         for m in metrics
                     ],
@@ -416,17 +434,18 @@ class ResultStore:
                         cell_id=cell_id, name=metric.name, attack=metric.attack, eps=metric.eps,
                         value=_finite(metric.value), shift=metric.shift,
                         severity=metric.severity, source=metric.source, n=metric.n,
+                        norm=metric.norm,
                     )
                 )  # fmt: skip
 
     def metrics_named(self, name: str) -> dict[str, list[Metric]]:
         """Every stored metric called ``name``, per cell id (cheaper than :meth:`runs` when
         only one kind of result is needed, e.g. to tell which transfer entries are done)."""
-        m = metrics_table.c
-        columns = self._read(metrics_table, "cell_id", *METRIC_FIELDS)
+        columns = self._metric_columns()
+        named = next(c for c in columns if c.name == "name")  # as read (older stores: typed)
         out: dict[str, list[Metric]] = {}
         with self._transaction() as conn:
-            for cid, *fields in conn.execute(sa.select(*columns).where(m.name == name)):
+            for cid, *fields in conn.execute(sa.select(*columns).where(named == name)):
                 out.setdefault(cid, []).append(Metric(*fields))
         return out
 
@@ -441,7 +460,7 @@ class ResultStore:
         metrics: dict[str, list[Metric]] = {}
         with self._transaction() as conn:
             rows = conn.execute(query).all()
-            columns = self._read(metrics_table, "cell_id", *METRIC_FIELDS)
+            columns = self._metric_columns()
             for cid, *fields in conn.execute(sa.select(*columns)):
                 metrics.setdefault(cid, []).append(Metric(*fields))
         return [
@@ -591,7 +610,7 @@ def _bound(names: Iterable[str]) -> dict[str, Any]:
 
 
 LEASE_FIELDS = ("owner", "state", "since", "expires", "host", "boot", "pid")  # claim, settle
-METRIC_FIELDS = ("name", "value", "attack", "eps", "shift", "severity", "source", "n")
+METRIC_FIELDS = ("name", "value", "attack", "eps", "shift", "severity", "source", "n", "norm")
 
 
 class _Writes:
@@ -930,8 +949,24 @@ def _migrate(conn: Connection, dialect: Dialect) -> None:
         done = done.where(runs_table.c.status == "done")
         columns = ["cell_id", "owner", "state", "since", "expires"]
         conn.execute(leases_table.insert().from_select(columns, done))
+    if 0 < version < 6:
+        m = metrics_table.c
+        conn.execute(metrics_table.update().values(_typed_metric_fields(m)))
     conn.execute(version_table.delete())
     conn.execute(version_table.insert().values(version=SCHEMA_VERSION))
+
+
+def _typed_metric_fields(m: Any) -> dict[str, Any]:
+    """Version 6's fields of an older store's metric: a gradient-masking check, stored as
+    ``flag:<check>`` until then, is named by its check (the report tells checks by the cell's
+    ``info["diagnostics"]``), and a worst case's norm is its attack label's (``worst-<norm>``);
+    other metrics have no recorded norm."""
+    flag = sa.func.substr(m.name, 1, 5) == "flag:"
+    worst = (m.name == "worst_robust_accuracy") & (sa.func.substr(m.attack, 1, 6) == "worst-")
+    return {
+        "name": sa.case((flag, sa.func.substr(m.name, 6)), else_=m.name),
+        "norm": sa.case((worst, sa.func.substr(m.attack, 7)), else_=""),
+    }
 
 
 def _check_readable(conn: Connection, where: str) -> dict[str, set[str]]:

@@ -131,7 +131,8 @@ class _Work:
                 continue
             metrics.append(
                 Metric(TRANSFER_METRIC, value, entry.attack.label(), float(entry.attack.eps),
-                       source=entry.source.name, n=len(examples.y))
+                       source=entry.source.name, n=len(examples.y),
+                       norm=entry.attack.norm)
             )  # fmt: skip
         return metrics
 

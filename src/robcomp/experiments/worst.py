@@ -24,7 +24,10 @@ def record_worst_case(
     worst = worst_case_per_threat_model(results)
     if not worst:
         return [], None
-    metrics = [Metric(WORST, w.robust_accuracy, w.label, w.eps) for w in worst]
+    metrics = [
+        Metric(WORST, w.robust_accuracy, w.label, w.eps, norm=w.norm, n=len(w.robust))
+        for w in worst
+    ]
     info = {
         "primary": {"norm": worst[0].norm, "eps": worst[0].eps},
         "threat_models": [

@@ -13,7 +13,7 @@ from typing import Any
 from robcomp.experiments.store import ResultStore, RunRow
 from robcomp.report import plots
 from robcomp.report.html import write_html
-from robcomp.report.tables import leaderboard_rows, shift_rows, transfer_rows
+from robcomp.report.tables import leaderboard_rows, shift_rows, spreadsheet_row, transfer_rows
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def write_report(store_path: str | Path, folder: str | Path, html: bool = False)
     folder.mkdir(parents=True, exist_ok=True)
     rows = leaderboard_rows(store)
     csv_path, json_path = folder / "leaderboard.csv", folder / "leaderboard.json"
-    _write_csv(csv_path, rows)
+    _write_csv(csv_path, [spreadsheet_row(r) for r in rows])
     json_path.write_text(json.dumps(rows, indent=2, default=str))
     plot = plots.plot_robustness_vs_compression(rows, folder / "robustness_vs_compression.png")
     runs = store.runs()

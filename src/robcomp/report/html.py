@@ -28,41 +28,25 @@ import yaml
 
 from robcomp.experiments.store import ResultStore, RunRow
 from robcomp.report import plots
+from robcomp.report.columns import Column, Kind, columns_of, points
+from robcomp.report.columns import value as column_value
+from robcomp.report.format import human_bytes, human_count, interval, pct
+from robcomp.report.format import missing as _missing
+from robcomp.report.format import ms as _ms
 from robcomp.report.tables import (
+    ATTACKED_CLEAN,
+    CLEAN,
     SHIFT_SUMMARIES,
     attack_columns,
-    human_count,
     latency_columns,
+    masking_checks,
     shift_rows,
+    shift_summaries,
 )
 
 log = logging.getLogger(__name__)
 
 HTML_NAME = "report.html"
-
-# ---------------------------------------------------------------------------- numbers as text
-
-
-def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def pct(value: Any) -> str:
-    """A fraction as a percentage with one decimal, ``-`` when missing."""
-    return "-" if _missing(value) else f"{100 * value:.1f}"
-
-
-def human_bytes(value: Any) -> str:
-    if _missing(value):
-        return "-"
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if value >= size:
-            return f"{value / size:.1f} {unit}"
-    return f"{int(value)} B"
-
-
-def _ms(value: Any) -> str:
-    return "-" if _missing(value) else f"{value:.3g}"
 
 
 # ---------------------------------------------------------------------------- what is compared
@@ -111,43 +95,22 @@ def summary_measures(rows: list[dict[str, Any]]) -> list[Measure]:
     (bounded attacks when no worst case was recorded), the shift summaries (mean corruption
     accuracy, mCE) and the accuracy on every ungraded shifted split (a target domain)."""
     primary = Counter(r["primary_threat_model"] for r in rows if r.get("primary_threat_model"))
-    columns = [c for c in attack_columns(rows) if not c.endswith("@inf")]
-    worst = [c for c in columns if c.startswith("worst-")] or columns
+    columns = [c for c in attack_columns(rows) if c.bounded]
+    worst = [c for c in columns if c.kind is Kind.WORST] or columns
     if primary:
-        first = primary.most_common(1)[0][0]
-        worst = [first, *(c for c in worst if c != first)]
-    out = [Measure(c, f"robust accuracy, {_threat(c)}", "threat model") for c in worst]
+        first = primary.most_common(1)[0][0]  # the label of the primary worst-case column
+        worst = sorted(worst, key=lambda c: c.label() != first)
+    out = [Measure(c.label(), f"robust accuracy, {c.threat()}", "threat model") for c in worst]
     for name, lower in (("mean_corruption_accuracy", False), ("mce", True)):
-        for key in _summary_keys(rows, name):
+        for c in shift_summaries(rows, name):
             label = " ".join(SHIFT_SUMMARIES[name].split())
-            shift = key.partition(":")[2]
-            out.append(Measure(key, label + (f" ({shift})" if shift else ""), "shift", not lower))
+            shift = f" ({c.shift})" if c.shift else ""
+            out.append(Measure(c.label(), label + shift, "shift", not lower))
     out += [
-        Measure(k, f"accuracy on {k[4:]}", "shift")
-        for k in _keys(rows, lambda k: k.startswith("acc:"))
+        Measure(c.label(), f"accuracy on {c.shift}", "shift")
+        for c in columns_of(rows, Kind.SHIFT_ACCURACY)
     ]
     return [m for m in out if sum(not _missing(r.get(m.key)) for r in rows) > 0]
-
-
-def _threat(column: str) -> str:
-    """``worst-linf@0.05`` -> ``worst case linf eps=0.05``; ``pgd10-linf@0.1`` -> ``pgd10-linf
-    eps=0.1``."""
-    attack, _, eps = column.rpartition("@")
-    if attack.startswith("worst-"):
-        return f"worst case {attack.removeprefix('worst-')} eps={eps}"
-    return f"{attack} eps={eps}"
-
-
-def _summary_keys(rows: list[dict[str, Any]], name: str) -> list[str]:
-    """The columns of a shift summary: ``mce``, or ``mce:<shift>`` when qualified."""
-    return _keys(rows, lambda k: k == name or k.startswith(f"{name}:"))
-
-
-def _keys(rows: list[dict[str, Any]], keep: Callable[[str], bool]) -> list[str]:
-    seen: dict[str, None] = {}
-    for row in rows:
-        seen.update({k: None for k in row if keep(k)})
-    return list(seen)
 
 
 def pareto_front(
@@ -195,6 +158,20 @@ def _num(value: Any, fmt: Callable[[Any], str], cls: str = "num") -> Cell:
 
 def _column(key: str, fmt: Callable[[Any], str]) -> Callable[[dict[str, Any]], Cell]:
     return lambda row: _num(row.get(key), fmt)
+
+
+def _accuracy(column: Column) -> Callable[[dict[str, Any]], Cell]:
+    """An accuracy in % with its 95 % Wilson interval and the points it was measured on, when
+    the store recorded them (sorted by the accuracy)."""
+
+    def cell(row: dict[str, Any]) -> Cell:
+        found, n = column_value(row, column), points(row, column)
+        band = interval(found, n)
+        text = f"{pct(found)} ({band}, n={n})" if band else pct(found)
+        title = f"95 % Wilson interval {band} on n={n} points" if band else ""
+        return Cell(text, "" if _missing(found) else repr(float(found)), "num", title)
+
+    return cell
 
 
 def _text(value: Any, title: str = "") -> Cell:
@@ -255,30 +232,33 @@ def _dense_bytes(rows: list[dict[str, Any]]) -> float | None:
 def robustness_table(rows: list[dict[str, Any]], labels: dict[str, str]) -> HtmlTable:
     columns: list[tuple[str, str, Callable[[dict[str, Any]], Cell]]] = [
         ("model", "", lambda r: _text(labels[r["cell_id"]], r["cell_id"])),
-        ("clean %", "accuracy on the test split", lambda r: _num(r.get("clean_accuracy"), pct)),
-    ]
+        ("clean %", "accuracy on the test split", _accuracy(CLEAN)),
+        ("clean on attacked %", "accuracy on the points the attacks ran on",
+         _accuracy(ATTACKED_CLEAN)),
+    ]  # fmt: skip
     for c in attack_columns(rows):
-        attack, _, eps = c.rpartition("@")
-        if eps == "inf":
-            key = f"min_norm:{attack}"
-            columns.append((f"{attack} avg min norm", "the average minimal perturbation",
-                            _column(key, _ms)))  # fmt: skip
+        if not c.bounded:
+            norms = Column(Kind.MIN_NORM, attack=c.attack, norm=c.norm, eps=c.eps)
+            columns.append((f"{c.attack} avg min norm", "the average minimal perturbation",
+                            _column(norms.label(), _ms)))  # fmt: skip
         else:
-            head = c.replace("worst-", "worst ", 1)
-            columns.append((f"{head} %", f"robust accuracy, {_threat(c)}",
-                            _column(c, pct)))  # fmt: skip
+            head = f"worst {c.norm or c.attack}" if c.kind is Kind.WORST else c.attack
+            columns.append((f"{head}@{c.eps:.4g} %", f"robust accuracy, {c.threat()}",
+                            _accuracy(c)))  # fmt: skip
     for name, header in SHIFT_SUMMARIES.items():
-        for key in _summary_keys(rows, name):
-            head = " ".join(header.split()) + (f" {key.partition(':')[2]}" if ":" in key else "")
-            columns.append((head + " %", name, _column(key, pct)))
-    for key in _keys(rows, lambda k: k.startswith("acc:")):
-        columns.append((f"on {key[4:]} %", "clean accuracy on this shifted split",
-                        _column(key, pct)))  # fmt: skip
+        for c in shift_summaries(rows, name):
+            head = " ".join(header.split()) + (f" {c.shift}" if c.shift else "")
+            columns.append((head + " %", name, _column(c.label(), pct)))
+    for c in columns_of(rows, Kind.SHIFT_ACCURACY):
+        columns.append((f"on {c.shift} %", "clean accuracy on this shifted split",
+                        _accuracy(c)))  # fmt: skip
     if any("masking_flags" in r for r in rows):
         columns.append(("masking flags", "raised gradient-masking checks", _flag_cell))
     caption = (
         "Accuracy in %: clean on the test split, under attack on its first evaluate.limit "
-        "points; worst case: points no attack of that norm and eps broke. Click a header to sort."
+        "points (clean on attacked: clean accuracy on those same points); worst case: points "
+        "no attack of that norm and eps broke. In brackets the 95 % Wilson interval and the "
+        "points n, where the store recorded n. Click a header to sort."
     )
     return _build("robustness", caption, rows, columns)
 
@@ -615,11 +595,7 @@ class FlagSection:
 
 
 def flag_section(runs: list[RunRow], labels: dict[str, str]) -> FlagSection | None:
-    flags = {
-        r.cell_id: {m.name.removeprefix("flag:"): m.value for m in r.metrics if
-                    m.name.startswith("flag:") and not m.shift}
-        for r in runs if r.cell_id in labels
-    }  # fmt: skip
+    flags = {r.cell_id: masking_checks(r.info) for r in runs if r.cell_id in labels}
     checks = list(dict.fromkeys(c for f in flags.values() for c in f))
     if not checks:
         return None

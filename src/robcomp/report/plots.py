@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from robcomp.experiments.store import RunRow
-from robcomp.report.tables import attack_column, attack_columns, grid_value
+from robcomp.report.columns import Column, Kind
+from robcomp.report.tables import attack_columns, grid_value
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def plot_robustness_vs_compression(rows: list[dict[str, Any]], path: Path) -> Pa
         return None
     plt = _pyplot()
     # unbounded attacks (eps=inf) bring every model to ~0 %: nothing to plot
-    measures = ["clean_accuracy", *(c for c in attack_columns(rows) if not c.endswith("@inf"))]
+    measures = ["clean_accuracy", *(c.label() for c in attack_columns(rows) if c.bounded)]
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         groups[_group_key(row)].append(row)
@@ -610,8 +611,12 @@ def transfer_matrices(
         return labels.get(source) or source.rsplit("@", 1)[0]
 
     out: dict[str, tuple[list[str], list[str], list[list[float]]]] = {}
-    for panel in dict.fromkeys(attack_column(r["attack"], r["eps"]) for r in transfer):
-        rows = [r for r in transfer if attack_column(r["attack"], r["eps"]) == panel]
+
+    def panel_of(r: dict[str, Any]) -> str:
+        return Column(Kind.ROBUST, attack=r["attack"], eps=r["eps"]).label()
+
+    for panel in dict.fromkeys(map(panel_of, transfer)):
+        rows = [r for r in transfer if panel_of(r) == panel]
         named = list(dict.fromkeys(r["source"] for r in rows))
         cells = list(dict.fromkeys(r["cell_id"] for r in rows))
         # the cells among the sources first, in both lists, so their diagonal lines up

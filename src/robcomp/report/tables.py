@@ -9,15 +9,24 @@ from typing import Any
 from rich.console import Group
 from rich.table import Table
 
-from robcomp.experiments.store import Metric, ResultStore, RunRow
+from robcomp.experiments.store import ATTACKED_CLEAN_ACCURACY, Metric, ResultStore, RunRow
 from robcomp.experiments.transfer import TRANSFER_METRIC
 from robcomp.experiments.worst import WORST
+from robcomp.report.columns import (
+    COLUMNS,
+    Column,
+    Kind,
+    columns_of,
+    metric_column,
+    points,
+    value,
+)
+from robcomp.report.format import human_count, ms, ordered_keys, pct, pct_interval
 
 EFFICIENCY = ("compression_rate", "params", "nonzero_params", "size_bytes", "sparse_bytes", "macs")
-
-
-def attack_column(attack: str, eps: float) -> str:
-    return f"{attack}@{eps:.4g}"
+CLEAN = metric_column("clean_accuracy")
+ATTACKED_CLEAN = metric_column(ATTACKED_CLEAN_ACCURACY)
+VAL = metric_column("val_accuracy")
 
 
 def _finetune_label(finetune: dict[str, Any] | None) -> str:
@@ -49,48 +58,76 @@ def _identity(run: RunRow) -> dict[str, Any]:
     }
 
 
+def masking_checks(info: dict[str, Any]) -> dict[str, bool]:
+    """The gradient-masking checks a cell ran and whether each was raised, from its info's
+    ``diagnostics`` records (its metrics are named by these checks)."""
+    return {
+        str(d["check"]): bool(d.get("raised"))
+        for d in info.get("diagnostics") or []
+        if isinstance(d, dict) and "check" in d
+    }
+
+
 def _row(run: RunRow) -> dict[str, Any]:
+    """A cell's leaderboard row: its flat columns (the rendering) and, under ``columns``,
+    their typed descriptions with the points each value was measured on."""
     row = _identity(run)
+    typed: dict[Column, int | None] = {}
+
+    def put(column: Column, value: Any, n: int | None) -> None:
+        row[column.label()] = value
+        typed[column] = n
+
+    checks = masking_checks(run.info)
+    if checks:
+        row["masking_flags"] = ",".join(sorted(c for c, up in checks.items() if up)) or "none"
+        row["masking"] = run.info.get("masking")
     # Metrics of shifted splits (the same names, keyed by shift and severity) have columns of
     # their own (:func:`_shift_columns`): they must never overwrite the test split's.
     unshifted = [m for m in run.metrics if not m.shift]
-    worst: dict[str, float | None] = {}
-    flags = sorted(
-        m.name.removeprefix("flag:") for m in unshifted if m.name.startswith("flag:") and m.value
-    )
-    if any(m.name.startswith("flag:") for m in unshifted):
-        row["masking_flags"] = ",".join(flags) or "none"
-        row["masking"] = run.info.get("masking")
     for m in unshifted:
+        attack = Column(Kind.ROBUST, attack=m.attack, norm=m.norm, eps=m.eps)
         if m.name == "robust_accuracy":
-            row[attack_column(m.attack, m.eps)] = m.value
-        elif m.name == WORST:
-            worst[attack_column(m.attack, m.eps)] = m.value
+            put(attack, m.value, m.n)
         elif m.name == "mean_norm" and math.isinf(m.eps):
             # an unbounded minimal-norm attack: its mean norm is the average minimal perturbation
-            row[f"min_norm:{m.attack}"] = m.value
-        elif not m.attack and not m.name.startswith("flag:"):
-            row[m.name] = m.value
+            put(Column(Kind.MIN_NORM, attack=m.attack, norm=m.norm, eps=m.eps), m.value, m.n)
+        elif not (m.attack or m.source or m.name in checks):
+            if m.n is None:
+                row[m.name] = m.value
+            else:
+                put(metric_column(m.name), m.value, m.n)
     if run.info.get("gradient_free"):
         row["gradient_free"] = run.info["gradient_free"]
     # after the attack columns: per threat model, the points no attack of it broke
-    row.update(worst)
-    row.update(_shift_columns(run.metrics, taken=set(row)))
-    primary = (run.info.get("worst_case") or {}).get("primary")
-    row["primary_threat_model"] = (
-        attack_column(f"worst-{primary['norm']}", primary["eps"]) if primary else None
-    )
-    row[WORST] = worst.get(row["primary_threat_model"] or "")
+    worst = [
+        (Column(Kind.WORST, attack=m.attack, norm=m.norm, eps=m.eps), m)
+        for m in unshifted
+        if m.name == WORST
+    ]
+    for column, m in worst:
+        put(column, m.value, m.n)
+    for column, m in _shift_columns(run.metrics, taken=set(row)):
+        put(column, m.value, m.n)
+    primary = _primary(run.info, [c for c, _ in worst])
+    row["primary_threat_model"] = primary.label() if primary else None
+    row[WORST] = value(row, primary) if primary else None
     row["seconds"] = run.seconds
+    row[COLUMNS] = [column.record(n) for column, n in typed.items()]
     return row
 
 
-def shift_column(split: str) -> str:
-    """The leaderboard column of clean accuracy on an ungraded shifted split (``acc:usps``)."""
-    return f"acc:{split}"
+def _primary(info: dict[str, Any], worst: list[Column]) -> Column | None:
+    """The worst-case column of the primary threat model the runner recorded (the first
+    bounded one of the suite), by its norm and eps."""
+    primary = (info.get("worst_case") or {}).get("primary")
+    if not primary:
+        return None
+    wanted = (str(primary["norm"]), float(primary["eps"]))
+    return next((c for c in worst if (c.norm, c.eps) == wanted), None)
 
 
-def _shift_columns(metrics: list[Metric], taken: set[str]) -> dict[str, float | None]:
+def _shift_columns(metrics: list[Metric], taken: set[str]) -> list[tuple[Column, Metric]]:
     """Leaderboard columns of the shifted splits: each shift's summary (``mce``,
     ``mean_corruption_accuracy``) under its own name, and clean accuracy on every split without
     a grade (a target domain, ``adv-on``) as ``acc:<split>``. Graded splits (a corruption at
@@ -100,20 +137,21 @@ def _shift_columns(metrics: list[Metric], taken: set[str]) -> dict[str, float | 
     A summary name two shifts of the cell share, or one a test-split column already has, is
     qualified by the shift's label (``mce:<label>``), so no value replaces another."""
     summaries: dict[str, list[Metric]] = {}
-    out: dict[str, float | None] = {}
+    accuracies: list[tuple[Column, Metric]] = []
     for m in metrics:
         if not m.shift or m.attack:
             continue
         if m.name == "clean_accuracy":
             if m.severity == 0:
-                out[shift_column(m.shift)] = m.value
-        else:
+                accuracies.append((Column(Kind.SHIFT_ACCURACY, shift=m.shift), m))
+        elif m.name != ATTACKED_CLEAN_ACCURACY:
             summaries.setdefault(m.name, []).append(m)
+    out = []
     for name, found in summaries.items():
         plain = len(found) == 1 and name not in taken
         for m in found:
-            out[name if plain else f"{name}:{m.shift}"] = m.value
-    return dict(sorted(out.items(), key=lambda kv: kv[0].startswith("acc:")))
+            out.append((Column(Kind.SHIFT_SUMMARY, name=name, shift="" if plain else m.shift), m))
+    return out + accuracies
 
 
 def _source_name(data: Any) -> str:
@@ -132,18 +170,22 @@ _SHIFT_ATTACK_METRICS = ("robust_accuracy", WORST)
 
 
 def _attacked(run: RunRow) -> dict[tuple[str, int], dict[str, float | None]]:
-    """Per shifted split ``(split, severity)``: its robust-accuracy columns (``pgd@0.03``) and
-    the average minimal perturbation of unbounded attacks (``min_norm:<attack>``)."""
+    """Per shifted split ``(split, severity)``: its robust-accuracy columns (``pgd@0.03``),
+    the average minimal perturbation of unbounded attacks (``min_norm:<attack>``) and the
+    clean accuracy on the attacked points (``attacked_clean_accuracy``)."""
     out: dict[tuple[str, int], dict[str, float | None]] = {}
     for m in run.metrics:
-        if not (m.shift and m.attack):
+        if not m.shift:
             continue
         cells = out.setdefault((m.shift, m.severity), {})
-        if m.name in _SHIFT_ATTACK_METRICS:
-            cells[attack_column(m.attack, m.eps)] = m.value
-        elif m.name == "mean_norm" and math.isinf(m.eps):
-            cells[f"min_norm:{m.attack}"] = m.value
-    return out
+        kind = Kind.ROBUST if m.name == "robust_accuracy" else Kind.WORST
+        if m.name == ATTACKED_CLEAN_ACCURACY:
+            cells[ATTACKED_CLEAN.label()] = m.value
+        elif m.attack and m.name in _SHIFT_ATTACK_METRICS:
+            cells[Column(kind, attack=m.attack, norm=m.norm, eps=m.eps).label()] = m.value
+        elif m.attack and m.name == "mean_norm" and math.isinf(m.eps):
+            cells[Column(Kind.MIN_NORM, attack=m.attack, norm=m.norm, eps=m.eps).label()] = m.value
+    return {split: cells for split, cells in out.items() if cells}
 
 
 def _split_records(run: RunRow) -> list[tuple[str, dict[str, Any]]]:
@@ -229,46 +271,29 @@ def leaderboard_rows(store: ResultStore) -> list[dict[str, Any]]:
     return sorted(rows, key=score, reverse=True)
 
 
-def attack_columns(rows: list[dict[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {}
-    for row in rows:
-        seen.update({k: None for k in row if "@" in k})
-    return list(seen)
+def spreadsheet_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A leaderboard row for ``leaderboard.csv``: its flat columns only (the typed ones are a
+    list, kept in ``leaderboard.json``)."""
+    return {k: v for k, v in row.items() if k != COLUMNS}
 
 
-def _pct(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{100 * value:.1f}"
-
-
-def human_count(value: Any) -> str:
-    """``1.44k``, ``22.33M``: a count for people; ``-`` when missing."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= size:
-            return f"{value / size:.2f}{unit}"
-    return str(int(value))
-
-
-def _ms(value: Any) -> str:
-    return "-" if value is None else f"{value:.3g}"
+def attack_columns(rows: list[dict[str, Any]]) -> list[Column]:
+    """The rows' attack columns, robust accuracy per attack then the per-point worst cases,
+    in the order they first appear."""
+    return columns_of(rows, Kind.ROBUST, Kind.WORST)
 
 
 def latency_columns(rows: list[dict[str, Any]]) -> list[str]:
-    seen: dict[str, None] = {}
-    for row in rows:
-        seen.update({k: None for k in row if k.startswith("latency_ms_b")})
-    return list(seen)
+    return ordered_keys(rows, lambda k: k.startswith("latency_ms_b"))
 
 
-def _via(info: dict[str, Any] | None) -> str:
+def _via(info: list[dict[str, Any]] | dict[str, Any] | None) -> str:
     """For models attacked without their own gradients: the route that broke most points."""
     if not info:
         return "-"
     found: dict[str, int] = {}
-    for breakdown in info.values():
+    # a record per attack; stores before schema 5 keyed them by the attack's column
+    for breakdown in info.values() if isinstance(info, dict) else info:
         for route, count in breakdown["found_by"].items():
             found[route] = found.get(route, 0) + count
     total = sum(found.values())
@@ -284,14 +309,14 @@ def _flags(value: str | None) -> str:
     return "ok" if value == "none" else f"[bold red]{value}[/]"
 
 
-Column = tuple[str, list[str], bool]  # (header, cells, numeric)
+TableColumn = tuple[str, list[str], bool]  # (header, cells, numeric)
 
 
-def _cost_columns(rows: list[dict[str, Any]]) -> list[Column]:
+def _cost_columns(rows: list[dict[str, Any]]) -> list[TableColumn]:
     return [
-        ("compr %", [_pct(r.get("compression_rate")) for r in rows], True),
+        ("compr %", [pct(r.get("compression_rate")) for r in rows], True),
         *(  # a pruner's rate over the Conv/Linear weights (proximal-l0), next to compr %
-            [("wt sparse %", [_pct(r.get("weight_sparsity")) for r in rows], True)]
+            [("wt sparse %", [pct(r.get("weight_sparsity")) for r in rows], True)]
             if any(r.get("weight_sparsity") is not None for r in rows)
             else []
         ),
@@ -299,34 +324,50 @@ def _cost_columns(rows: list[dict[str, Any]]) -> list[Column]:
         ("size", [human_count(r.get("size_bytes")) + "B" for r in rows], True),
         ("MACs", [human_count(r.get("macs")) for r in rows], True),
         *(
-            (f"ms b{k.removeprefix('latency_ms_b')}", [_ms(r.get(k)) for r in rows], True)
+            (f"ms b{k.removeprefix('latency_ms_b')}", [ms(r.get(k)) for r in rows], True)
             for k in latency_columns(rows)
         ),
         *(  # a timing means little without the threads it used and the load it ran under
-            (header, [_ms(r.get(key)) for r in rows], True)
+            (header, [ms(r.get(key)) for r in rows], True)
             for header, key in (("threads", "threads"), ("load", "load_1min"))
             if latency_columns(rows) and any(key in r for r in rows)
         ),
     ]
 
 
-def _attack_column(column: str, rows: list[dict[str, Any]]) -> Column:
+def _accuracy_column(header: list[str], column: Column, rows: list[dict[str, Any]]) -> TableColumn:
+    """Accuracy in % with its 95 % interval below it (in whole percents: a terminal is
+    narrow); ``n`` under the header when every row measured it on the same number of points,
+    else in each cell (no interval where n is unknown)."""
+    counts = {points(r, column) for r in rows if value(r, column) is not None}
+    shared = counts.pop() if len(counts) == 1 else None
+    if shared is not None:
+        header = [*header, f"n={shared}"]
+    cells = [
+        pct_interval(value(r, column), points(r, column), with_n=shared is None, digits=0, sep="\n")
+        for r in rows
+    ]
+    return ("\n".join(header), cells, True)
+
+
+def _attack_column(column: Column, rows: list[dict[str, Any]]) -> TableColumn:
     """Robust accuracy in % under a bounded attack; for an unbounded (eps=inf) minimal-norm
     attack, the mean norm of its perturbations: the average minimal perturbation."""
-    attack, _, eps = column.rpartition("@")
-    if eps == "inf":
-        values = [r.get(f"min_norm:{attack}") for r in rows]
-        return (f"{attack}\navg min\nnorm", [_ms(v) for v in values], True)
-    return (
-        "\n".join(column.replace("@", "-").rsplit("-", 2)),
-        [_pct(r.get(column)) for r in rows],
-        True,
-    )
+    if not column.bounded:
+        norms = Column(Kind.MIN_NORM, attack=column.attack, norm=column.norm, eps=column.eps)
+        values = [value(r, norms) for r in rows]
+        return (f"{column.attack}\navg min\nnorm", [ms(v) for v in values], True)
+    return _accuracy_column(column.headers(), column, rows)
 
 
-def _robustness_columns(rows: list[dict[str, Any]]) -> list[Column]:
-    columns: list[Column] = [
-        ("clean", [_pct(r.get("clean_accuracy")) for r in rows], True),
+def _robustness_columns(rows: list[dict[str, Any]]) -> list[TableColumn]:
+    columns: list[TableColumn] = [
+        _accuracy_column(["clean"], CLEAN, rows),
+        *(
+            [_accuracy_column(["clean on", "attacked"], ATTACKED_CLEAN, rows)]
+            if any(value(r, ATTACKED_CLEAN) is not None for r in rows)
+            else []
+        ),
         *(_attack_column(c, rows) for c in attack_columns(rows)),
     ]
     columns += _shift_table_columns(rows)
@@ -346,28 +387,24 @@ SHIFT_SUMMARIES = {
 }
 
 
-def _keys(rows: list[dict[str, Any]], keep: Any) -> list[str]:
-    seen: dict[str, None] = {}
-    for row in rows:
-        seen.update({k: None for k in row if keep(k)})
-    return list(seen)
+def shift_summaries(rows: list[dict[str, Any]], name: str) -> list[Column]:
+    """The columns of the shift summary ``name`` (``mce``, or one per shift when qualified)."""
+    return [c for c in columns_of(rows, Kind.SHIFT_SUMMARY) if c.name == name]
 
 
-def _shift_table_columns(rows: list[dict[str, Any]]) -> list[Column]:
+def _shift_table_columns(rows: list[dict[str, Any]]) -> list[TableColumn]:
     """Shift summaries (mean corruption accuracy, mCE and relative mCE, in %), the source
     validation accuracy and the accuracy on each ungraded shifted split (``on usps``), when
     any row has them."""
-    columns: list[Column] = []
+    columns: list[TableColumn] = []
     for name, header in SHIFT_SUMMARIES.items():
-        for key in _keys(rows, lambda k, n=name: k == n or k.startswith(f"{n}:")):
-            label = key.partition(":")[2]
-            columns.append(
-                (header + (f"\n{label}" if label else ""), [_pct(r.get(key)) for r in rows], True)
-            )
-    splits = _keys(rows, lambda k: k.startswith("acc:"))
-    if splits and any(r.get("val_accuracy") is not None for r in rows):
-        columns.append(("val", [_pct(r.get("val_accuracy")) for r in rows], True))
-    columns += [(f"on\n{k[4:]}", [_pct(r.get(k)) for r in rows], True) for k in splits]
+        for c in shift_summaries(rows, name):
+            qualified = header + (f"\n{c.shift}" if c.shift else "")
+            columns.append((qualified, [pct(value(r, c)) for r in rows], True))
+    splits = columns_of(rows, Kind.SHIFT_ACCURACY)
+    if splits and any(value(r, VAL) is not None for r in rows):
+        columns.append(_accuracy_column(["val"], VAL, rows))
+    columns += [_accuracy_column(["on", c.shift], c, rows) for c in splits]
     return columns
 
 
@@ -381,7 +418,7 @@ def grid_value(value: Any) -> str:
     return str(value)
 
 
-def _table(title: str, caption: str, rows: list[dict[str, Any]], body: list[Column]) -> Table:
+def _table(title: str, caption: str, rows: list[dict[str, Any]], body: list[TableColumn]) -> Table:
     """Name columns (grid values, data, model, compress) then ``body``. Columns whose value is
     the same in every row (one model, one dataset) move into the caption."""
     # A grid over whole ``compress`` sections is shown by the compress column (its label).
@@ -390,7 +427,7 @@ def _table(title: str, caption: str, rows: list[dict[str, Any]], body: list[Colu
         for k in (rows[0] if rows else {})
         if k.startswith("grid:") and k.split(",")[0] != "grid:compress"
     ]
-    columns: list[Column] = [
+    columns: list[TableColumn] = [
         *(
             (k.removeprefix("grid:"), [grid_value(r.get(k)) for r in rows], False)
             for k in grid_keys
@@ -404,17 +441,17 @@ def _table(title: str, caption: str, rows: list[dict[str, Any]], body: list[Colu
     keep = ("grid", "masking", "compress")
     shown = [c for c in columns if len(rows) < 2 or len(set(c[1])) > 1 or c[0].startswith(keep)]
     same = [  # headers are folded over lines; the caption has them on one
-        f"{' '.join(h.split())}={cells[0]}"
+        f"{' '.join(h.split())}={' '.join(cells[0].split())}"
         for h, cells, _ in columns
         if (h, cells, _) not in shown and cells and cells[0] != "-"
     ]
     table = Table(title=title, caption=caption + ("; all rows: " + ", ".join(same) if same else ""))
     for header, cells, numeric in shown:
-        table.add_column(  # cells are never folded; long headers are
-            header,
+        table.add_column(  # words of a cell are never folded (an interval may wrap under
+            header,  # its accuracy in a narrow terminal); long headers are
             justify="right" if numeric else "left",
             overflow="fold",
-            min_width=max(map(len, cells), default=1),
+            min_width=max((len(word) for cell in cells for word in cell.split()), default=1),
         )
     for i in range(len(rows)):
         table.add_row(*(cells[i] for _, cells, _ in shown))
@@ -427,12 +464,17 @@ def leaderboard_table(rows: list[dict[str, Any]], title: str = "robcomp leaderbo
     caption = (
         "accuracy in %: clean on the test split, under attack on its first evaluate.limit points"
     )
-    if any(k.startswith("worst-") for k in attack_columns(rows)):
+    if columns_of(rows, Kind.METRIC):  # n recorded (schema 5): intervals are shown
+        caption += (
+            " (clean on attacked: clean accuracy on those points), each with its 95 % Wilson "
+            "interval on n points"
+        )
+    if columns_of(rows, Kind.WORST):
         caption += (
             "; worst: points no attack of that norm and eps broke; rows ordered by it at "
             "the first threat model"
         )
-    if any(k.partition(":")[0] in SHIFT_SUMMARIES or k.startswith("acc:") for r in rows for k in r):
+    if columns_of(rows, Kind.SHIFT_SUMMARY, Kind.SHIFT_ACCURACY):
         caption += (
             "; corr acc: mean over corruptions and severities; mCE, rel mCE: corruption error "
             "against the cell's dense baseline (Hendrycks & Dietterich 2019), 100 = as "
