@@ -17,10 +17,12 @@ from robcomp.config import build_component
 from robcomp.data.base import DataSplits
 from robcomp.evaluate.bpda import StraightThrough
 from robcomp.evaluate.diagnostics import DEFAULT_EPS, DEFAULT_NORM, diagnose, probe_threat_model
-from robcomp.experiments import runner
+from robcomp.experiments import pipeline, runner
 from robcomp.experiments.spec import CellConfig, EvaluateSpec
 from robcomp.models import (
+    Capabilities,
     GradientFree,
+    capabilities,
     create,
     factory_for,
     model_device,
@@ -64,6 +66,9 @@ class _Masked(nn.Module):
     def eager(self) -> _Masked:
         return self
 
+    def capabilities(self) -> Capabilities:
+        return Capabilities(gradients=False, trainable=False, eager=True)
+
 
 def test_gradient_free_is_a_capability_not_a_type(trained_cnn: nn.Module) -> None:
     masked = _Masked(trained_cnn)
@@ -86,14 +91,17 @@ def test_any_gradient_free_model_is_attacked_through_its_twin(
             diagnostics_points=40,
         )
     )
-    evaluation = runner._evaluate(cfg, _Masked(trained_cnn), digits, surrogate=trained_cnn)
+    masked = _Masked(trained_cnn)
+    caps = capabilities(masked)
+    evaluation = pipeline._evaluate(cfg, masked, digits, trained_cnn, caps)
     # the gradient attack ran as BPDA + transfer + black box; Square ran on the model itself
-    assert list(evaluation.routes) == ["pgd3-linf@0.1"]
-    assert set(evaluation.routes["pgd3-linf@0.1"]["per_route"]) == {
+    (route,) = evaluation.routes
+    assert (route["attack"], route["eps"]) == ("pgd3-linf", 0.1)
+    assert set(route["per_route"]) == {
         "bpda", "transfer", "black-box",
     }  # fmt: skip
     assert [a.uses_gradients for a in evaluation.attacks] == [True, False]
-    metrics, flags = runner._diagnostics(cfg, _Masked(trained_cnn), digits, evaluation)
+    metrics, flags = pipeline._diagnostics(cfg, masked, digits, evaluation, caps)
     checks = {f["check"] for f in flags}
     assert "black_box_weaker" in checks  # Square is recognised as black box by its capability
     assert metrics
@@ -118,22 +126,56 @@ def test_diagnostics_without_a_bounded_attack_use_the_default_threat_model(
         seen.update(kwargs)
         return []
 
-    monkeypatch.setattr(runner, "diagnose", spy)
+    monkeypatch.setattr(pipeline, "diagnose", spy)
     cfg = CellConfig(evaluate=EvaluateSpec(diagnostics_points=10))
-    runner._diagnostics(cfg, trained_cnn, digits, runner.Evaluation())
+    pipeline._diagnostics(cfg, trained_cnn, digits, pipeline.Evaluation(), Capabilities())
     assert (seen["norm"], seen["eps"]) == (DEFAULT_NORM, DEFAULT_EPS)
 
 
-def test_the_runner_names_no_attack_model_or_compressor() -> None:
-    """The runner asks components for their capabilities; it does not recognise them."""
-    tree = ast.parse(Path(inspect.getfile(runner)).read_text())
+@pytest.mark.parametrize("module", [runner, pipeline])
+def test_the_runner_names_no_attack_model_or_compressor(module: object) -> None:
+    """The runner and its pipeline ask components for their capabilities (one declared
+    record, read once); they do not recognise them."""
+    tree = ast.parse(Path(inspect.getfile(module)).read_text())  # type: ignore[arg-type]
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     names |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
     names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)}
-    for special_case in ("Square", "PGD", "QuantizedModel", "startswith", "getattr", "trainable"):
+    for special_case in ("Square", "PGD", "QuantizedModel", "startswith", "getattr"):
         assert special_case not in names, special_case
     assert "ensemble" not in strings
+
+
+def _isinstance_checks(path: Path) -> list[str]:
+    """The class names every ``isinstance(x, Name)`` in ``path`` tests against."""
+    tree = ast.parse(path.read_text())
+    return [
+        ast.unparse(call.args[1])
+        for call in ast.walk(tree)
+        if isinstance(call, ast.Call)
+        and isinstance(call.func, ast.Name)
+        and call.func.id == "isinstance"
+        and len(call.args) == 2
+    ]
+
+
+def test_models_and_executors_are_asked_for_capabilities_not_types() -> None:
+    """No isinstance ladder on the kind of model (int8) or executor (local): the code asks
+    :func:`robcomp.models.capabilities` and ``Executor.one_at_a_time``."""
+    src = Path(inspect.getfile(runner)).parents[1]
+    found = {
+        f"{p.relative_to(src)}: {name}"
+        for p in src.rglob("*.py")
+        for name in _isinstance_checks(p)
+        if name in ("GradientFree", "LocalExecutor", "RayExecutor", "QuantizedModel")
+    }
+    assert not found, found
+
+
+def test_a_model_declares_its_capabilities(trained_cnn: nn.Module) -> None:
+    assert capabilities(trained_cnn) == Capabilities()  # an ordinary module declares nothing
+    masked = capabilities(_Masked(trained_cnn))
+    assert not masked.gradients and not masked.trainable and masked.eager
 
 
 def test_model_device_reads_parameters_then_buffers() -> None:

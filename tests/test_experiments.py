@@ -28,6 +28,7 @@ from robcomp.experiments import (
     load_experiment,
     run_experiment,
 )
+from robcomp.experiments import pipeline as pipeline_module
 from robcomp.experiments import runner as runner_module
 from robcomp.experiments.runner import CellResult
 from robcomp.report import write_report
@@ -144,7 +145,8 @@ def test_baseline_is_trained_once_and_cached(
         calls.append(kwargs.get("description", "train"))
         return real_fit(*args, **kwargs)
 
-    monkeypatch.setattr(runner_module, "fit", counting_fit)
+    monkeypatch.setattr(runner_module, "fit", counting_fit)  # trains the baseline
+    monkeypatch.setattr(pipeline_module, "fit", counting_fit)  # fine-tunes the variants
     run_experiment(load_experiment(tiny_experiment()), tmp_path)
     assert calls.count("train baseline") == 1 and calls.count("fine-tune") == 3
     assert len(list((tmp_path / "cache").glob("baseline-*"))) == 1

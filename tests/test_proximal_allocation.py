@@ -22,7 +22,7 @@ from robcomp.compress.proximal import (
 )
 from robcomp.config import absent_at, identity_dict
 from robcomp.data.base import DataSplits
-from robcomp.experiments.runner import _efficiency_metrics
+from robcomp.experiments.pipeline import _efficiency_metrics
 from robcomp.experiments.spec import resolve
 from robcomp.models import create
 from robcomp.models.base import Classifier

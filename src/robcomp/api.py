@@ -11,7 +11,8 @@ table = robcomp.evaluate_model(
 pruned, record = robcomp.compress_model(model, "l1-filter", ratio=0.5, data="digits")
 ```
 
-Both go through the experiment runner's own functions (the attack suite, the gradient-free
+Both go through the pipeline ``robcomp run`` uses for each cell
+(:func:`robcomp.experiments.pipeline.evaluate_variant`: the attack suite, the gradient-free
 route for int8 models, the shift suite with mCE, the compressor's cost record), so the numbers
 are the ones ``robcomp run`` stores for the same settings.
 
@@ -22,13 +23,12 @@ same name on ``robcomp`` would be replaced by the package as soon as anything im
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,6 @@ from torch import Tensor, nn
 from robcomp import data as datasets
 from robcomp.attacks import ATTACKS, Attack
 from robcomp.attacks.base import missing_library
-from robcomp.attacks.cascade import Cascade, CascadeResult
 from robcomp.compress import COMPRESSORS, Record, uses_training_data
 from robcomp.config import (
     ConfigError,
@@ -57,22 +56,29 @@ from robcomp.data.base import (
     require_training_split,
 )
 from robcomp.data.shifts import SHIFTS
-from robcomp.evaluate import AttackResult, evaluate_attack
-from robcomp.experiments.runner import (
-    _diagnostics,
-    _efficiency_metrics,
-    _evaluate,
-    _latency_metrics,
-    _place,
-    _shift_metrics,
-    build_model,
-    compress_and_finetune,
-)
+from robcomp.evaluate.stages import Stage, autoattack_breakdown
+from robcomp.experiments.pipeline import Variant, compress_and_finetune, evaluate_variant
+from robcomp.experiments.runner import build_model
 from robcomp.experiments.spec import CellConfig
 from robcomp.experiments.store import Metric
-from robcomp.experiments.worst import record_worst_case
-from robcomp.models import Classifier, GradientFree, Normalize, model_device
+from robcomp.models import Classifier, Normalize, model_device
 from robcomp.registry import Registry
+
+__all__ = [
+    "COLUMNS",
+    "Stage",
+    "as_inputs",
+    "as_model",
+    "as_splits",
+    "autoattack_breakdown",
+    "check_training_data",
+    "compress_model",
+    "data_spec_of",
+    "evaluate_model",
+    "model_from_weights",
+    "parse_spec",
+    "with_normalization",
+]
 
 log = logging.getLogger(__name__)
 
@@ -159,14 +165,16 @@ def evaluate_model(
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="robcomp-api-") as tmp:
         for i, compressor in enumerate(variants):
-            # The uncompressed model is scored as it is, never fine-tuned.
-            own = cfg if i else replace(cfg, finetune=None)
-            variant, record, _ = compress_and_finetune(own, compressor, model, splits)
             folder = Path(tmp, f"variant-{i}")
             folder.mkdir()
-            metrics = _efficiency_metrics(record, model, splits)
-            metrics += _variant_metrics(cfg, variant, model, splits, folder)
-            rows += [_row(compressor.label(), m) for m in metrics]
+            variant = Variant(
+                # The uncompressed model is scored as it is, never fine-tuned.
+                config=cfg if i else replace(cfg, finetune=None),
+                baseline=model, compressor=compressor, cache=Path(tmp, "cache"),
+                folder=folder, reuse=False,
+            )  # fmt: skip
+            result = evaluate_variant(variant, splits)
+            rows += [_row(compressor.label(), m) for m in result.metrics]
     _log_scored(splits, cfg)
     return _table(rows, as_frame)
 
@@ -422,30 +430,6 @@ def _config(
     return cfg
 
 
-def _variant_metrics(
-    cfg: CellConfig, variant: nn.Module, base: nn.Module, splits: DataSplits, folder: Path
-) -> list[Metric]:
-    """What ``run_cell`` measures on a compressed model, in its order."""
-    variant = _place(variant, splits.device)
-    # Attacks call the model on many batch shapes; an int8 model would compile each.
-    attacked = variant.eager() if isinstance(variant, GradientFree) else variant
-    data = splits.to(model_device(attacked))
-    base_here = base if model_device(base) == data.device else _moved_copy(base, data.device)
-    evaluation = _evaluate(cfg, attacked, data, surrogate=base_here)
-    shift_metrics, _ = _shift_metrics(
-        cfg, attacked, data, base_here, folder, evaluation.clean_accuracy
-    )
-    flag_metrics, _ = _diagnostics(cfg, attacked, data, evaluation)
-    worst_metrics, _ = record_worst_case(evaluation.results, folder)
-    latency = _latency_metrics(cfg, variant, data)
-    return latency + evaluation.metrics + worst_metrics + shift_metrics + flag_metrics
-
-
-def _moved_copy(model: nn.Module, device: torch.device) -> nn.Module:
-    """The caller's model on another device without moving theirs (never mutate arguments)."""
-    return copy.deepcopy(model).to(device)
-
-
 def _row(variant: str, metric: Metric) -> dict[str, Any]:
     value = metric.value
     return {
@@ -479,67 +463,6 @@ def _log_scored(splits: DataSplits, cfg: CellConfig) -> None:
     log.info(
         "scored %s: the test split, %d points (attacks on the first %d)", splits.name, n, attacked
     )
-
-
-# --- AutoAttack's per-stage breakdown ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One attack of an AutoAttack cascade, over the whole split.
-
-    Attributes:
-        attack: the member's name (``apgd-ce``, ``apgd-t``, ``fab-t``, ``square``).
-        broke: points this stage broke (robust to every earlier stage).
-        robust_accuracy: robust accuracy over the split after this stage.
-        seconds: wall time of this stage, summed over batches.
-    """
-
-    attack: str
-    broke: int
-    robust_accuracy: float
-    seconds: float
-
-
-@dataclass
-class _Recording:
-    """The cascade as the evaluator's attack, keeping each batch's :class:`CascadeResult`, so
-    the breakdown costs no second run."""
-
-    cascade: Cascade
-    batches: list[CascadeResult] = field(default_factory=list)
-
-    def __getattr__(self, name: str) -> Any:  # eps, norm, uses_gradients, label, ...
-        return getattr(self.cascade, name)
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        result = self.cascade.run(model, x, y)
-        self.batches.append(result)
-        return result.x_adv
-
-
-def autoattack_breakdown(
-    model: nn.Module, cascade: Cascade, split: Split, batch_size: int = 256
-) -> tuple[AttackResult, list[Stage]]:
-    """Run an AutoAttack cascade through the evaluator (threat model checked) and report
-    what each stage did, as the official code prints it (Croce & Hein 2020, fra31/auto-attack):
-    points broken, robust accuracy after it, seconds."""
-    recording = _Recording(cascade)
-    result = evaluate_attack(model, recording, split, batch_size)
-    n = result.n
-    robust = round(result.clean_accuracy * n)
-    stages = []
-    for name, _ in cascade.members():
-        broke = sum(r.found_by.count(name) for r in recording.batches)
-        robust -= broke
-        seconds = sum(r.seconds_per_attack.get(name, 0.0) for r in recording.batches)
-        stages.append(Stage(attack=name, broke=broke, robust_accuracy=robust / n, seconds=seconds))
-    # The cascade attacks only points the evaluator found correct; one the cascade found wrong
-    # on its own forward pass (a nondeterministic model) counts as broken before any stage.
-    already = sum(r.found_by.count("clean") for r in recording.batches)
-    if already:
-        log.warning("%d points changed class between two clean forward passes", already)
-    return result, stages
 
 
 # --- A model from someone else's weights file -------------------------------------------------

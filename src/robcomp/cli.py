@@ -369,6 +369,10 @@ def _data_spec(text: str) -> Any:
     return parse_data_spec(text)
 
 
+DEFAULT_ATTACK = "pgd:eps=0.1"  # PGD-10, L-inf, on [0, 1] inputs
+DEFAULT_LIMIT = 1000
+
+
 @app.command()
 @user_errors
 def evaluate(
@@ -378,7 +382,18 @@ def evaluate(
     ] = None,
     attack: Annotated[
         list[str] | None,
-        typer.Option(help="NAME:key=value,... e.g. pgd:eps=8/255,steps=20 (repeatable)."),
+        typer.Option(
+            help="NAME:key=value,... e.g. pgd:eps=8/255,steps=20 (repeatable).",
+            show_default=f"{DEFAULT_ATTACK}: PGD-10, L-inf, eps 0.1",
+        ),
+    ] = None,
+    shift: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Distribution shift NAME:key=value,... e.g. corruptions:severities=[1,3,5] "
+            "(repeatable; `robcomp list shifts`): accuracy on each shifted test split and its "
+            "mCE against the model itself."
+        ),
     ] = None,
     data: Annotated[
         str | None,
@@ -408,7 +423,9 @@ def evaluate(
     option: Annotated[
         list[str] | None, typer.Option(help="Model option KEY=VALUE for --model (repeatable).")
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Attack at most this many test points.")] = None,
+    limit: Annotated[
+        int, typer.Option(help="Attack the first LIMIT test points (0: all of them).")
+    ] = DEFAULT_LIMIT,
     seed: Annotated[int, typer.Option(help="Split seed.")] = 0,
     trust_code: Annotated[
         bool,
@@ -420,75 +437,131 @@ def evaluate(
     ] = False,
     device: DeviceOption = None,
 ) -> None:
-    """Clean and robust accuracy of a saved model (a checkpoint, or --model with a foreign
-    --weights file) on the test split, threat model checked."""
-    from robcomp import progress
-    from robcomp.api import autoattack_breakdown, model_from_weights
-    from robcomp.attacks import ATTACKS
-    from robcomp.attacks.base import missing_library
-    from robcomp.attacks.cascade import Cascade
-    from robcomp.config import build_component, load_yaml
-    from robcomp.data import get
-    from robcomp.evaluate import accuracy, evaluate_attack
-    from robcomp.models import load_checkpoint, resolve_device
+    """Clean and robust accuracy (and shifted accuracy with --shift) of a saved model (a
+    checkpoint, or --model with a foreign --weights file) on the test split, threat model
+    checked, through the same pipeline as `robcomp run`."""
+    import tempfile
 
+    from robcomp import progress
+    from robcomp.compress import COMPRESSORS
+    from robcomp.config import build, build_component
+    from robcomp.experiments import CellConfig
+    from robcomp.experiments.pipeline import Variant, evaluate_variant
+    from robcomp.models import resolve_device
+
+    net, splits, data_spec, source = _model_and_data(
+        checkpoint, data, model, weights, mean, std, option, seed, trust_code
+    )
     where = resolve_device(device or "auto")
+    raw = {
+        "seed": seed,
+        "data": data_spec if isinstance(data_spec, dict) else {"name": data_spec},
+        "evaluate": {
+            "attacks": [_parse_attack(a) for a in attack or [DEFAULT_ATTACK]],
+            "shifts": [_parse_attack(s) for s in shift or []],
+            "limit": limit or None, "diagnostics": False, "latency_batch_sizes": [],
+        },
+    }  # fmt: skip
+    cfg = build(CellConfig, raw, "robcomp evaluate")
+    _check_libraries(cfg)
+    points = min(len(splits.test), limit or len(splits.test))
+    console.print(
+        f"scored on the test split of {escape(splits.name)}: {len(splits.test)} points clean, "
+        f"{points} attacked ({escape(splits.summary())}); --limit sets how many are attacked",
+        highlight=False, soft_wrap=True,
+    )  # fmt: skip
+    none = build_component(COMPRESSORS, "none", "compress")
+    with tempfile.TemporaryDirectory(prefix="robcomp-evaluate-") as tmp, progress.display(console):
+        variant = Variant(
+            config=cfg, baseline=net.to(where), compressor=none, cache=Path(tmp, "cache"),
+            folder=Path(tmp), reuse=False,
+        )  # fmt: skip
+        result = evaluate_variant(variant, splits.to(where))
+    _print_attacks(f"{source} on {splits.name}", result.evaluation, len(splits.test))
+    for i, stages in result.evaluation.stages.items():
+        _print_breakdown(result.evaluation.results[i], stages)
+    _print_shifts(result.metrics)
+
+
+def _model_and_data(
+    checkpoint: Path | None,
+    data: str | None,
+    model: str | None,
+    weights: Path | None,
+    mean: str | None,
+    std: str | None,
+    option: list[str] | None,
+    seed: int,
+    trust_code: bool,
+) -> tuple[Any, Any, Any, str]:
+    """(model, splits, data spec, what to call the model) of `robcomp evaluate`'s arguments."""
+    from robcomp.api import model_from_weights
+    from robcomp.config import load_yaml
+    from robcomp.data import get
+    from robcomp.models import load_checkpoint
+
     if weights is not None and checkpoint is None:
         if model is None or data is None:
             raise ConfigError("--weights needs --model (its architecture) and --data")
-        splits = get(_data_spec(data), seed=seed)
+        data_spec = _data_spec(data)
+        splits = get(data_spec, seed=seed)
         options = dict(parse_override(o) for o in option or [])
         net = model_from_weights(
             model, weights, splits, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
             options=options, seed=seed,
         )  # fmt: skip
-        source = str(weights)
-    elif checkpoint is not None and weights is None:
+        return net, splits, data_spec, str(weights)
+    if checkpoint is not None and weights is None:
         net, _ = load_checkpoint(checkpoint, trust_code=trust_code)
         config_path = checkpoint / "config.yaml"
         saved = load_yaml(config_path)["data"] if config_path.is_file() else None
-        data_spec: Any = _data_spec(data) if data else saved
+        data_spec = _data_spec(data) if data else saved
         if data_spec is None:
             raise ConfigError(f"{checkpoint}: no config.yaml to tell the dataset; pass --data NAME")
-        splits = get(data_spec, seed=seed)
-        source = str(checkpoint)
-    else:
-        raise ConfigError("pass a checkpoint folder, or --model and --weights (not both)")
-    net.to(where)
-    splits = splits.to(where)
-    attacks = [
-        build_component(ATTACKS, _parse_attack(a), f"--attack {a}")
-        for a in (attack or ["pgd:eps=0.1"])
-    ]
-    for atk in attacks:  # before the first attack runs, not halfway through the table
+        return net, get(data_spec, seed=seed), data_spec, str(checkpoint)
+    raise ConfigError("pass a checkpoint folder, or --model and --weights (not both)")
+
+
+def _check_libraries(cfg: Any) -> None:
+    """Before the first attack runs, not halfway through the table: every attack's library
+    is installed and every shift is a registered one."""
+    from robcomp.attacks.base import missing_library
+    from robcomp.config import build_component
+    from robcomp.data.shifts import SHIFTS
+
+    for atk in cfg.evaluate.build_attacks("--attack"):
         if message := missing_library(atk):
             raise ConfigError(f"--attack: {message}")
-    points = splits.test.head(limit)
-    console.print(
-        f"scored on the test split of {escape(splits.name)}: {len(splits.test)} points clean, "
-        f"{len(points)} attacked ({escape(splits.summary())})",
-        highlight=False, soft_wrap=True,
-    )  # fmt: skip
-    table = Table(title=f"{source} on {splits.name}")
+    for i, spec in enumerate(cfg.evaluate.shifts):
+        build_component(SHIFTS, dict(spec), f"--shift[{i}]")
+
+
+def _print_attacks(title: str, evaluation: Any, n: int) -> None:
+    table = Table(title=title)
     for col in ("attack", "eps", "points", "clean %", "robust %", "median norm", "seconds"):
         table.add_column(col, justify="right")
-    clean = accuracy(net, splits.test)
-    table.add_row("none", "0", str(len(splits.test)), f"{100 * clean:.2f}", "", "", "")
-    breakdowns = []
-    with progress.display(console):
-        for atk in attacks:
-            if isinstance(atk, Cascade):  # AutoAttack: what each stage did, as fra31 prints
-                r, stages = autoattack_breakdown(net, atk, points)
-                breakdowns.append((r, stages))
-            else:
-                r = evaluate_attack(net, atk, points)
-            table.add_row(
-                r.attack, f"{r.eps:.4g}", str(r.n), f"{100 * r.clean_accuracy:.2f}",
-                f"{100 * r.robust_accuracy:.2f}", f"{r.median_norm:.4g}", f"{r.seconds:.1f}",
-            )  # fmt: skip
+    table.add_row("none", "0", str(n), f"{100 * evaluation.clean_accuracy:.2f}", "", "", "")
+    for r in evaluation.results:
+        table.add_row(
+            r.attack, f"{r.eps:.4g}", str(r.n), f"{100 * r.clean_accuracy:.2f}",
+            f"{100 * r.robust_accuracy:.2f}", f"{r.median_norm:.4g}", f"{r.seconds:.1f}",
+        )  # fmt: skip
     console.print(table)
-    for r, stages in breakdowns:
-        _print_breakdown(r, stages)
+
+
+def _print_shifts(metrics: list[Any]) -> None:
+    """Accuracy on each shifted test split, then each shift's summary (mCE, mean accuracy)."""
+    per_split = [m for m in metrics if m.shift and m.severity and not m.attack]
+    summaries = [m for m in metrics if m.shift and not m.severity and not m.attack]
+    if not per_split and not summaries:
+        return
+    table = Table(title="shifted test splits")
+    for col in ("shift", "severity", "metric", "value"):
+        table.add_column(col, justify="right")
+    for m in [*per_split, *summaries]:
+        value = f"{100 * m.value:.2f} %" if m.name.endswith("accuracy") else f"{m.value:.4g}"
+        table.add_row(m.shift, str(m.severity or ""), m.name, value)
+    console.print(table)
 
 
 def _print_breakdown(result: Any, stages: list[Any]) -> None:

@@ -24,8 +24,8 @@ import logging
 import math
 import operator
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 import torch
@@ -35,10 +35,16 @@ from torch.fx import GraphModule, Node
 from torch.nn.utils import parametrize
 
 from robcomp.compress.base import COMPRESSORS, Record
-from robcomp.compress.efficiency import count_macs, prunable_layers, select_layers
+from robcomp.compress.efficiency import (
+    Efficiency,
+    count_macs,
+    prunable_layers,
+    select_layers,
+)
 from robcomp.compress.prune import finalize
 from robcomp.data.base import DataSplits, require_training_split
 from robcomp.evaluate.bpda import twin_agreement
+from robcomp.models.capabilities import Capabilities
 
 log = logging.getLogger(__name__)
 
@@ -253,13 +259,21 @@ class QuantizedModel(nn.Module):
     trainable = False  # the experiment runner skips fine-tuning for such models
 
     def __init__(
-        self, int8: GraphModule, twin: GraphModule, reference: GraphModule, compiled: bool
+        self,
+        int8: GraphModule,
+        twin: GraphModule,
+        reference: GraphModule,
+        compiled: bool,
+        cost: Efficiency | None = None,
     ) -> None:
         super().__init__()
         self.int8 = int8
         self.twin = twin
         self.reference = reference
         self.compiled = compiled
+        # What it stores, counted when it was quantized: its packed oneDNN weights are opaque
+        # tensors that cannot be saved or counted again.
+        self.cost = cost
         self.compile_error: str | None = None
         self._shapes: set[tuple[int, ...]] = set()
         # Not a submodule: the compiled wrapper shares the reference graph's tensors.
@@ -300,7 +314,18 @@ class QuantizedModel(nn.Module):
     def eager(self) -> QuantizedModel:
         """The same int8 model, never compiled: the same int8 kernels for any batch shape with
         no compilation cost (attacks call a model on many shapes)."""
-        return QuantizedModel(self.int8, self.twin, self.reference, compiled=False)
+        return QuantizedModel(self.int8, self.twin, self.reference, False, self.cost)
+
+    def capabilities(self) -> Capabilities:
+        """No input gradients (attacks go through ``twin``), no training, CPU kernels only,
+        and an eager form for attacks."""
+        return Capabilities(gradients=False, trainable=False, pinned=True, eager=True)
+
+    def efficiency(self, in_shape: Sequence[int]) -> Efficiency:
+        """The cost counted when the model was quantized (see :class:`Int8PTQ`)."""
+        if self.cost is None:
+            raise ValueError("this int8 model was built without its cost; quantize it with Int8PTQ")
+        return self.cost
 
     def train(self, mode: bool = True) -> QuantizedModel:
         if mode:
@@ -318,6 +343,7 @@ class QuantizedModel(nn.Module):
             copy.deepcopy(self.twin, memo),
             copy.deepcopy(self.reference, memo),
             self.compiled,
+            self.cost,
         )
 
 
@@ -449,14 +475,17 @@ class Int8PTQ:
             calib = torch.cat(batches)
             same = qmodel.int8(calib).argmax(1) == twin(calib).argmax(1)
         agreement = float(same.float().mean())
-        return qmodel, Record(
-            method=self.label(),
+        qmodel.cost = Efficiency(
             params=stored["params"],
             nonzero_params=stored["nonzero"],
             bits=8,
             size_bytes=size,
             sparse_bytes=size,
             macs=count_macs(float_model, data.in_shape),
+        )
+        return qmodel, Record(
+            method=self.label(),
+            **asdict(qmodel.cost),
             seconds=seconds,
             details={
                 "int8_weight_bytes": stored["int8_weight_bytes"],

@@ -1,4 +1,5 @@
-"""Experiments: grid expansion, the cell runner, executors and the result store.
+"""Experiments: grid expansion, the one pipeline a variant goes through, the cell runner,
+executors and the result store.
 
 The names below are imported on first use, so that reading and checking an experiment file
 (:mod:`robcomp.experiments.schema`) does not load torch: a mistake in the file is reported in a
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from robcomp.experiments.driver import STORE_NAME, RunSummary, run_experiment
     from robcomp.experiments.executors import Executor, LocalExecutor
+    from robcomp.experiments.pipeline import CellInfo, Variant, VariantResult, evaluate_variant
     from robcomp.experiments.runner import CellResult, run_cell
     from robcomp.experiments.spec import (
         Cell,
@@ -31,6 +33,10 @@ _WHERE = {
     "run_experiment": "driver",
     "Executor": "executors",
     "LocalExecutor": "executors",
+    "CellInfo": "pipeline",
+    "Variant": "pipeline",
+    "VariantResult": "pipeline",
+    "evaluate_variant": "pipeline",
     "CellResult": "runner",
     "run_cell": "runner",
     "Cell": "spec",
@@ -48,6 +54,7 @@ __all__ = [
     "STORE_NAME",
     "Cell",
     "CellConfig",
+    "CellInfo",
     "CellResult",
     "EvaluateSpec",
     "Executor",
@@ -57,6 +64,9 @@ __all__ = [
     "ModelSpec",
     "ResultStore",
     "RunSummary",
+    "Variant",
+    "VariantResult",
+    "evaluate_variant",
     "expand",
     "load_experiment",
     "run_cell",

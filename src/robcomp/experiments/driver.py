@@ -93,7 +93,7 @@ def run_experiment(
         done = results.done_ids()
     todo = [c for c in experiment.cells if c.cell_id not in done]
     # Cells on a cluster run on its nodes' devices, which this machine cannot see.
-    local = executor is None or isinstance(executor, LocalExecutor)
+    local = executor is None or executor.on_this_machine
     crafted = experiment.transfer.attacks if experiment.transfer is not None else ()
     preflight(todo, experiment.source, devices=local, transfer=crafted)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +122,7 @@ def run_experiment(
                     config=result.config,
                     grid_values=result.grid_values,
                     metrics=result.metrics,
-                    info=result.info,
+                    info=result.info_json(),
                     seconds=result.seconds,
                     error=result.error,
                     owner=leases.owner,
@@ -160,7 +160,7 @@ def _claimed(
     cells in parallel gets all the cells claimed at once (its leases are renewed together
     while it works through them).
     """
-    if isinstance(executor, LocalExecutor):
+    if executor.one_at_a_time:
         pending, ahead = list(todo), 1
         while pending:
             batch, pending = pending[:ahead], pending[ahead:]

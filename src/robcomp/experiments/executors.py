@@ -33,7 +33,22 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class Executor(Protocol):
-    """Runs ``fn(cell, workdir)`` for each cell and yields results as they finish (any order)."""
+    """Runs ``fn(cell, workdir)`` for each cell and yields results as they finish (any order).
+
+    Attributes:
+        one_at_a_time: it runs the cells one after another, in the caller's process, as
+            ``map`` is iterated; the driver then claims each cell just before it runs, so
+            concurrent runs interleave. An executor running cells in parallel has them all
+            claimed before ``map``.
+        on_this_machine: its cells run on this machine, so the devices they ask for must be
+            this machine's (a cluster's nodes have devices this machine cannot see).
+    """
+
+    @property
+    def one_at_a_time(self) -> bool: ...
+
+    @property
+    def on_this_machine(self) -> bool: ...
 
     def map(self, fn: CellFn, cells: Sequence[Cell], workdir: Path) -> Iterator[CellResult]: ...
 
@@ -67,6 +82,9 @@ class LocalExecutor:
     Args:
         artifacts: the artifacts folder (None: ``workdir/cache``).
     """
+
+    one_at_a_time = True
+    on_this_machine = True
 
     def __init__(self, artifacts: str | Path | None = None) -> None:
         self.artifacts = artifacts_path(artifacts)
@@ -148,6 +166,9 @@ class RayExecutor:
         num_cpus: CPUs per cell, overriding the file's ``resources.num_cpus``.
         init_kwargs: extra arguments for ``ray.init`` (e.g. ``num_cpus`` of a local Ray).
     """
+
+    one_at_a_time = False
+    on_this_machine = False  # a cluster's nodes, even when Ray runs here
 
     def __init__(
         self,

@@ -37,8 +37,9 @@ from robcomp.experiments.spec import Cell, Experiment, Transfer, TransferSource
 from robcomp.experiments.store import Metric, ResultStore
 from robcomp.experiments.threads import intra_op_threads
 from robcomp.models import (
-    GradientFree,
+    capabilities,
     checkpoint_trust,
+    gradient_form,
     load_checkpoint,
     model_device,
     save_tensors,
@@ -158,9 +159,10 @@ class _Work:
     def _craft(self, entry: _Entry, points: Split) -> TransferExamples:
         source, threads = self._source(entry.source)
         attackable = source
-        if entry.attack.uses_gradients and isinstance(source, GradientFree):
+        caps = capabilities(source)
+        if entry.attack.uses_gradients and not caps.gradients:
             # int8 has no useful gradients: craft through its twin (BPDA), scored on itself
-            attackable = StraightThrough(source, source.twin)
+            attackable = StraightThrough(source, gradient_form(source, caps))
         with intra_op_threads(threads):
             return craft_examples(
                 attackable, entry.attack, points.to(model_device(source)), self.transfer.batch_size

@@ -12,8 +12,12 @@ from robcomp.models.base import (
     factory_for,
 )
 from robcomp.models.capabilities import (
+    Capabilities,
     GradientFree,
+    attack_form,
     builds_from_files,
+    capabilities,
+    gradient_form,
     input_statistics,
     model_device,
     normalizes_inputs,
@@ -33,16 +37,20 @@ from robcomp.models.checkpoint import (
 
 __all__ = [
     "MODELS",
+    "Capabilities",
     "Classifier",
     "GradientFree",
     "Normalize",
     "UntrustedCodeError",
+    "attack_form",
     "builds_from_files",
+    "capabilities",
     "checkpoint_trust",
     "code_trust",
     "create",
     "create_to_check",
     "factory_for",
+    "gradient_form",
     "input_statistics",
     "load_checkpoint",
     "load_weights",

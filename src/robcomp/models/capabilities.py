@@ -1,5 +1,8 @@
 """Facts about models that the code running them asks for, instead of testing names or types.
 
+- :func:`capabilities`: what a model can do (input gradients, training, moving between
+  devices), as the model declares it; the experiment pipeline asks once per model and passes
+  the answer on instead of testing the model's type.
 - :class:`GradientFree`: a model whose forward pass has no useful gradient (an int8 model) and
   that carries a differentiable ``twin`` to attack through (BPDA, Athalye et al. 2018). It
   cannot be trained, and ``eager()`` gives the same model without per-shape compilation.
@@ -17,7 +20,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -44,6 +48,47 @@ class GradientFree(Protocol):
         ...
 
     def __call__(self, x: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class Capabilities:
+    """What a model can do, declared by the model (a ``capabilities()`` method) and read once
+    by whoever runs it.
+
+    Attributes:
+        gradients: its input gradients are useful to attacks; without them (an int8 model, a
+            :class:`GradientFree`) a gradient attack goes through the model's ``twin``
+            (BPDA), transfer from a surrogate and a black-box attack.
+        trainable: fine-tuning applies to it (an int8 model cannot be trained).
+        pinned: its kernels run on one device (oneDNN int8: the CPU), so it is never moved
+            and its data follow it there.
+        eager: ``eager()`` gives the same model without per-shape compilation, the form
+            attacks should call (they use many batch shapes).
+    """
+
+    gradients: bool = True
+    trainable: bool = True
+    pinned: bool = False
+    eager: bool = False
+
+
+def capabilities(model: nn.Module) -> Capabilities:
+    """What ``model`` declares it can do; a model that declares nothing is an ordinary
+    differentiable, trainable, movable module."""
+    declared = getattr(model, "capabilities", None)
+    return declared() if callable(declared) else Capabilities()
+
+
+def attack_form(model: nn.Module, caps: Capabilities) -> nn.Module:
+    """The form of ``model`` attacks call: its eager form when it has one (see
+    :class:`Capabilities`), else the model itself."""
+    return cast(GradientFree, model).eager() if caps.eager else model
+
+
+def gradient_form(model: nn.Module, caps: Capabilities) -> nn.Module:
+    """The differentiable form of ``model`` whose gradients stand in for its own: its
+    ``twin`` when it has no useful gradients, else the model itself."""
+    return model if caps.gradients else cast(GradientFree, model).twin
 
 
 def self_normalizing(factory: F) -> F:
