@@ -25,6 +25,17 @@ settings.load_profile("robcomp")
 torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects on the markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Real-data tests (marked ``realdata``, or using the ``robcomp_data`` fixture) are part
+    of the slow tier: they load real checkpoints and datasets and run for tens of seconds
+    to minutes, so ``-m "not slow"`` (the fast tier) leaves them out and ``-m slow`` runs them."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if item.get_closest_marker("realdata") or "robcomp_data" in fixtures:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def digits() -> DataSplits:
     return datasets.get("digits", seed=0)

@@ -433,6 +433,7 @@ def robust_then_natural() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("robust_then_natural")
+@pytest.mark.slow
 def test_adversarial_training_keeps_the_most_robust_epoch_not_the_most_accurate(
     digits: DataSplits,
 ) -> None:
@@ -449,6 +450,7 @@ def test_adversarial_training_keeps_the_most_robust_epoch_not_the_most_accurate(
 
 
 @pytest.mark.usefixtures("robust_then_natural")
+@pytest.mark.slow
 def test_robust_selection_without_a_monitor_attacks_at_the_objectives_eps(
     digits: DataSplits,
 ) -> None:

@@ -224,6 +224,7 @@ CROSS_CHECK_STEPS = 20
 
 @pytest.mark.filterwarnings("ignore:there are .* points with zero gradient")
 @pytest.mark.parametrize(("norm", "eps"), [("linf", 0.05), ("linf", 0.1), ("l2", 0.5)])
+@pytest.mark.slow
 def test_targeted_matches_the_official_apgd_t(
     digits: tuple[nn.Module, Tensor, Tensor], norm: AutoAttackNorm, eps: float
 ) -> None:

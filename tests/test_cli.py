@@ -25,6 +25,7 @@ def test_every_command_has_help(command: str) -> None:
     assert "Usage" in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", ["robcomp", "robcomp.cli"])
 def test_python_dash_m_runs_the_command(module: str) -> None:
     """`python -m robcomp.cli run ...` used to import the module and exit 0 having done nothing."""
@@ -80,6 +81,7 @@ def test_user_errors_exit_2_with_a_message(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "download: true" in result.output
 
 
+@pytest.mark.slow
 def test_run_resume_and_report(tmp_path: Path) -> None:
     exp = tmp_path / "exp.yaml"
     exp.write_text(
@@ -111,6 +113,7 @@ def test_run_resume_and_report(tmp_path: Path) -> None:
     assert (out / "report" / "robustness_vs_compression.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_quickstart_shows_a_real_effect(tmp_path: Path) -> None:
     out = tmp_path / "qs"
     result = runner.invoke(app, ["quickstart", "--out", str(out)])

@@ -374,6 +374,7 @@ class _ResidualAdd(nn.Module):
         return self.fc(x.mean((2, 3)))  # (B, 10)
 
 
+@pytest.mark.slow
 def test_int8_answers_an_empty_batch() -> None:
     """Square calls the model on empty batches; oneDNN's conv with a fused residual add raised
     "accum tensor must be contiguous" on them."""
@@ -388,6 +389,7 @@ def test_int8_answers_an_empty_batch() -> None:
         assert qmodel(torch.zeros(3, 1, 6, 6)).shape == (3, 10)
 
 
+@pytest.mark.slow
 def test_int8_compiled_runs_the_same_int8_model(trained_cnn: nn.Module, digits: DataSplits) -> None:
     qmodel, _ = Int8PTQ(compile=True, calibration_batches=2)(trained_cnn, digits)
     eager = QuantizedModel(qmodel.int8, qmodel.twin, qmodel.reference, compiled=False)

@@ -82,6 +82,7 @@ def test_crops_are_drawn_on_the_cpu_and_made_on_the_inputs_device() -> None:
     assert cropped.device.type == "meta" and cropped.shape == x.shape
 
 
+@pytest.mark.slow
 def test_a_cell_moves_its_data_once_and_evaluates_int8_on_the_cpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -273,6 +273,7 @@ def test_eps_lists_and_presets_expand_to_attacks() -> None:
         load_experiment(raw)
 
 
+@pytest.mark.slow
 def test_quantized_cells_report_their_own_size_and_int8_is_attacked_without_gradients(
     tmp_path: Path,
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from html import unescape
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -106,7 +107,9 @@ def _record(store: ResultStore, cell_id: str) -> None:
     store.record(
         cell_id=cell_id, experiment="html", grid_values={"compress": spec}, info=info,
         config={"data": {"name": "digits"}, "model": {"name": "tiny_cnn"}, "compress": spec,
-                "train": {"epochs": 2}, "seed": 0, "threads": None},
+                "train": {"epochs": 2}, "seed": 0, "threads": None,
+                "evaluate": {"shifts": [{"name": "corruptions",
+                                         "corruptions": ["fog", "gaussian_noise"]}]}},
         metrics=metrics, seconds=2.0,
     )  # fmt: skip
 
@@ -288,6 +291,26 @@ def test_masking_guide_cells_and_environment(built: tuple[Path, str]) -> None:
     assert platform.python_version() in env
 
 
+def test_first_column_stays_in_view(built: tuple[Path, str]) -> None:
+    """Wide tables scroll sideways under a sticky first column with its own background (or
+    the scrolled cells would show through it)."""
+    rules = re.findall(r"([^{}]*)\{([^}]*)\}", built[1])
+    sticky = [
+        body for selector, body in rules
+        if "td:first-child" in selector and re.search(r"position:\s*sticky", body)
+    ]  # fmt: skip
+    assert sticky and all(re.search(r"left:\s*0", b) and "background" in b for b in sticky)
+
+
+def test_a_shift_with_another_datasets_constants_says_so(built: tuple[Path, str]) -> None:
+    page = built[1]
+    section = page[page.index(f"<h3>{LABEL}</h3>") :]
+    note = re.search(r'<p class="note">([^<]*)</p>', section)
+    assert note and section.index(note.group(0)) < section.index("<table")
+    text = unescape(note.group(1))
+    assert "CIFAR-10-C's corruption constants" in text and "on digits" in text
+
+
 def test_pareto_front_directions() -> None:
     pts = [("a", 1.0, 0.5), ("b", 2.0, 0.4), ("c", 3.0, 0.7), ("d", 3.0, 0.6)]
     assert pareto_front(pts) == ["a", "c"]
@@ -300,6 +323,7 @@ def test_pareto_front_directions() -> None:
     assert pareto_front(pts, cost_lower_is_smaller=False) == ["c", "a"]
 
 
+@pytest.mark.slow
 def test_robcomp_report_html_writes_the_page_last(tmp_path: Path) -> None:
     from robcomp.cli import app
 
@@ -396,6 +420,8 @@ def test_the_page_in_headless_chromium(built: tuple[Path, str], browser: Any) ->
     )
     models = _column(browser, "table-robustness", "model")
     assert models[0] == "none"  # the rows moved whole: the 95 % row is the dense model's
+    first = "return getComputedStyle(document.querySelector('#table-robustness tbody td'))"
+    assert browser.execute_script(first + ".position") == "sticky"
 
     # the cost-axis picker shows one trade-off figure at a time, bytes first
     def shown() -> list[str]:

@@ -87,6 +87,7 @@ def _grid(attacks: list[dict[str, Any]]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_adding_an_attack_reruns_only_the_evaluation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -322,6 +322,7 @@ def test_mc_at_dual_needs_a_manifold_and_trains_on_both(
 # --- the paper's Table 2 direction ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_mc_at_on_keeps_more_adv_on_accuracy_at_high_sparsity(
     gaussians: DataSplits, manifold: GaussianManifold, baseline: nn.Module
 ) -> None:

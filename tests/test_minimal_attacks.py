@@ -246,6 +246,7 @@ def _library_norms(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor, norm: 
     return torch.where(correct, torch.where(broken, lengths, math.inf), 0.0)
 
 
+@pytest.mark.slow
 def test_cw_matches_torchattacks_cw(trained: Model) -> None:
     """Same objective and tanh box; ours searches over c, torchattacks fixes c = 1 (both 100 Adam
     steps). Measured on these 64 points: ours is up to 0.031 below, never above."""
@@ -263,6 +264,7 @@ def test_cw_matches_torchattacks_cw(trained: Model) -> None:
         assert abs(a - b) <= 0.06, f"eps={e}: ours {a:.3f} vs torchattacks {b:.3f}"
 
 
+@pytest.mark.slow
 def test_deepfool_matches_torchattacks_deepfool(trained: Model) -> None:
     """Same algorithm (L2, overshoot 0.02). Torchattacks recomputes each step from the
     box-clipped point and stalls on some digits, so we compare norms where both succeed, on all
@@ -300,6 +302,7 @@ def test_ead_matches_torchattacks_eadl1(trained: Model) -> None:
         assert abs(a - b) <= 0.05, f"eps={e}: ours {a:.3f} vs torchattacks {b:.3f}"
 
 
+@pytest.mark.slow
 def test_ddn_matches_foolbox_epsilons_semantics(trained: Model) -> None:
     """``DDN(eps=e)`` is Foolbox's ``DDNAttack()(..., epsilons=e)``: the same clipped points, so
     the same robust accuracy; the minimal-norm curve is an upper bound (clipping may still
@@ -331,6 +334,7 @@ def test_ddn_matches_foolbox_epsilons_semantics(trained: Model) -> None:
 # --- one minimal-norm run versus PGD at each eps ---------------------------------------------
 
 
+@pytest.mark.slow
 def test_ddn_curve_is_at_least_as_strong_as_pgd_l2(trained: Model) -> None:
     """Measured on these 200 points: max(DDN curve - PGD-50 robust accuracy) = +0.005."""
     model, x, y = trained
@@ -342,6 +346,7 @@ def test_ddn_curve_is_at_least_as_strong_as_pgd_l2(trained: Model) -> None:
         assert c <= robust + 0.02, f"eps={e}: DDN curve {c:.3f} vs PGD-50 {robust:.3f}"
 
 
+@pytest.mark.slow
 def test_fmn_linf_curve_is_close_to_pgd_linf(trained: Model) -> None:
     """FMN-Linf with the larger initial step its authors advise for Linf (10 instead of 1).
     Measured on these 200 points: max(FMN curve - PGD-50 robust accuracy) = +0.04 (at 0.1);

@@ -19,7 +19,8 @@ from robcomp.experiments import STORE_NAME, ResultStore, load_experiment, run_ex
 from robcomp.experiments.executors import LocalExecutor, RayExecutor, artifacts_path
 
 # A bring-your-own model whose first build, in whichever process, writes its pid and sleeps
-# until the test kills that process; every later build (the retry) goes through at once.
+# until the test kills that process (10 minutes bound a broken test); every later build (the
+# retry) goes through at once.
 KILLABLE = """
 import os, time
 from math import prod
@@ -37,7 +38,7 @@ def net(num_classes, in_shape):
         return nn.Sequential(nn.Flatten(), nn.Linear(prod(in_shape), num_classes))
     (FOLDER / "pid.tmp").write_text(str(os.getpid()))
     os.replace(FOLDER / "pid.tmp", FOLDER / "pid")
-    time.sleep(120)
+    time.sleep(600)
     raise RuntimeError("the test did not kill this worker")
 """
 
@@ -68,7 +69,10 @@ def killable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     state = tmp_path_factory.mktemp("state")
     (code / "killable_model.py").write_text(textwrap.dedent(KILLABLE.format(folder=str(state))))
     env = {"PYTHONPATH": os.pathsep.join([str(code), os.environ.get("PYTHONPATH", "")])}
+    # address="local": a Ray of its own, even when a parallel test's cluster is up (a bare
+    # ray.init() would connect to that one and refuse num_cpus)
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,
@@ -83,20 +87,48 @@ def killable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         ray.shutdown()
 
 
-def kill_first_build(state: Path, timeout: float = 60.0) -> threading.Thread:
-    """Start a thread that SIGKILLs the process of the first model build once it signals."""
+class FirstBuildKiller(threading.Thread):
+    """SIGKILLs the process of the first model build once it has written its pid, however long
+    the cluster takes to get there, until :meth:`stop`. (A fixed 60 s wait ran out on a loaded
+    machine: the worker was never killed and outlived the test.)"""
 
-    def killer() -> None:
-        deadline = time.monotonic() + timeout
-        while not (state / "pid").is_file():
-            if time.monotonic() > deadline:
+    def __init__(self, state: Path) -> None:
+        super().__init__(daemon=True)
+        self.state = state
+        self.stopped = threading.Event()
+        self.killed: int | None = None
+
+    def run(self) -> None:
+        while not (self.state / "pid").is_file():
+            if self.stopped.wait(0.05):
                 return
-            time.sleep(0.05)
-        os.kill(int((state / "pid").read_text()), signal.SIGKILL)
+        self.killed = int((self.state / "pid").read_text())
+        os.kill(self.killed, signal.SIGKILL)
 
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    return thread
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join()
+
+
+def died(pid: int, timeout: float = 60.0) -> bool:
+    """Whether ``pid`` is dead, waiting up to ``timeout`` s: gone, or a zombie its parent (the
+    raylet, not us) has not reaped yet, which ``os.kill(pid, 0)`` still finds: checking that
+    at once raced the raylet ("DID NOT RAISE ProcessLookupError")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # Linux: the state is the field after the parenthesised command name
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, IndexError):
+            state = ""
+        if state == "Z":
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def reset(state: Path) -> None:
@@ -111,14 +143,15 @@ def test_killed_worker_is_retried_and_nothing_is_lost_or_duplicated(
     reset(killable)
     experiment = load_experiment(grid(retries=2))
     shared = tmp_path / "shared"
-    thread = kill_first_build(killable)
+    killer = FirstBuildKiller(killable)
+    killer.start()
     summary = run_experiment(experiment, tmp_path / "out", RayExecutor(artifacts=shared))
-    thread.join(1)
+    killer.stop()
     victim = int((killable / "pid").read_text())
+    assert killer.killed == victim
     attempts = [int(x) for x in (killable / "attempts").read_text().split()]
     assert victim in attempts and len(set(attempts)) >= 2  # killed, then built elsewhere
-    with pytest.raises(ProcessLookupError):
-        os.kill(victim, 0)  # it really died
+    assert died(victim)  # it really died
     assert (summary.ran, summary.failed) == (4, [])
     runs = ResultStore(tmp_path / "out" / STORE_NAME).runs(status=None)
     ids = [r.cell_id for r in runs]
@@ -137,9 +170,11 @@ def test_a_worker_dying_past_max_retries_fails_only_its_cells(
 ) -> None:
     reset(killable)
     experiment = load_experiment(grid(retries=0))
-    thread = kill_first_build(killable)
+    killer = FirstBuildKiller(killable)
+    killer.start()
     summary = run_experiment(experiment, tmp_path / "out", RayExecutor())
-    thread.join(1)
+    killer.stop()
+    assert killer.killed is not None
     # The killed cell is recorded as failed with Ray's reason; the grid still completes.
     assert summary.ran == 4
     assert [len(summary.failed)] == [1] and "Worker" in (summary.failed[0].error or "")

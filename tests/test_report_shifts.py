@@ -272,3 +272,100 @@ def test_manifold_examples_contract(tmp_path: Path) -> None:
     (tmp_path / "broken.npz").rename(tmp_path / "d" / MANIFOLD_EXAMPLES)
     assert plot_manifold_examples(folders, {"d": "D", "x": "X"}, tmp_path / "n.png") is None
     assert not (tmp_path / "n.png").exists()
+
+
+def _legend_colors(fig: Any) -> dict[str, str]:
+    """Each legend entry's colour (lines and scatter points), as hex."""
+    from matplotlib.colors import to_hex
+
+    out = {}
+    for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes)]:
+        if legend is None:
+            continue
+        for handle, text in zip(legend.legend_handles, legend.get_texts()):
+            color = handle.get_color() if hasattr(handle, "get_color") else None
+            if color is None or not isinstance(color, str):
+                color = handle.get_facecolor()[0]
+            out[text.get_text()] = to_hex(color)
+    return out
+
+
+def test_a_variant_has_one_colour_in_every_figure(
+    store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The robustness and mCE plots draw a line per variant (``magnitude``), the severity plot
+    one per compressed model (``magnitude-0.5``): every line of a variant, in every figure,
+    has that variant's colour (the two magnitude cells and the l1-filter cell differ)."""
+    from robcomp.report import plots
+
+    seen: dict[str, dict[str, str]] = {}
+    real_save = plots._save
+
+    def spy(fig: Any, path: Path) -> Path:
+        seen[path.name] = _legend_colors(fig)
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    write_report(store_path, tmp_path / "report", html=False)
+    rows = leaderboard_rows(ResultStore(store_path))
+    names = {plots._group_key(r): r["cell_id"] for r in rows} | {
+        cell_label(r): r["cell_id"] for r in rows
+    }
+    variant = {r["cell_id"]: plots._group_key(r) for r in rows}
+    colors: dict[str, set[str]] = {}
+    for legend in seen.values():
+        for label, color in legend.items():
+            if label in names:  # a line of one cell, or of its variant
+                colors.setdefault(variant[names[label]], set()).add(color)
+    figures = {
+        "robustness_vs_compression.png",
+        "accuracy_vs_severity.png",
+        "mce_vs_compression.png",
+    }
+    assert figures <= set(seen)
+    assert len(colors) == 2 and all(len(c) == 1 for c in colors.values()), colors
+    assert len(set.union(*colors.values())) == 2
+
+
+def test_titles_and_legends_are_inside_the_saved_image(
+    store_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A figure narrower than its title (one mCE panel under a long title) or its legend is
+    saved whole: the image holds the box around every artist."""
+    from PIL import Image as PILImage
+
+    from robcomp.report import plots
+
+    drawn: dict[Path, tuple[float, float]] = {}
+    real_save = plots._save
+
+    def spy(fig: Any, path: Path) -> Path:
+        fig.set_dpi(110)  # the dpi it is saved at: text extents depend on it
+        box = fig.get_tightbbox(fig.canvas.get_renderer())  # inches
+        drawn[path] = (box.width, box.height)
+        return real_save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    rows = [{k: v for k, v in r.items() if k != "relative_mce"} for r in
+            leaderboard_rows(ResultStore(store_path))]  # fmt: skip
+    assert plots.plot_mce_vs_compression(rows, tmp_path / "mce.png")
+    write_report(store_path, tmp_path / "report", html=False)
+    assert len(drawn) >= 4
+    for path, (width, height) in drawn.items():
+        with PILImage.open(path) as image:
+            w, h = image.size
+        assert w >= 110 * width - 1 and h >= 110 * height - 1, (path.name, (w, h), width, height)
+
+
+def test_a_model_that_skipped_fine_tuning_is_named_so() -> None:
+    """int8 models cannot be trained, so their fine-tuning is skipped: figures call them
+    ``int8 (no fine-tuning)``, not ``int8 + skipped``."""
+    from robcomp.report.plots import _group_key, transfer_labels
+
+    row = {"cell_id": "c", "model": "tiny_cnn", "compress": "int8", "finetune": "skipped"}
+    tuned = {"cell_id": "d", "model": "tiny_cnn", "compress": "magnitude-0.5",
+             "finetune": "ce x1"}  # fmt: skip
+    for name in (cell_label(row), _group_key(row), transfer_labels([row])["c"]):
+        assert name == "tiny_cnn, int8 (no fine-tuning)"
+    assert cell_label(tuned) == "tiny_cnn, magnitude-0.5 + ce x1"
+    assert transfer_labels([tuned])["d"] == "tiny_cnn, magnitude-0.5 + ce x1"

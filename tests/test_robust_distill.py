@@ -360,6 +360,7 @@ def ce_student(digits: DataSplits) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("objective", ["ard", "rslad"])
+@pytest.mark.slow
 def test_robust_distillation_beats_a_ce_student(
     objective: str,
     robust_teacher: Classifier,

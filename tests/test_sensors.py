@@ -225,6 +225,7 @@ def test_har_cnn_is_the_authors_size_and_refuses_bad_shapes() -> None:
         create("resnet18_1d", 6, (3, 32, 32))
 
 
+@pytest.mark.slow
 def test_har_cnn_learns_separable_waves_and_pgd_stays_in_the_ball(waves: DataSplits) -> None:
     torch.manual_seed(0)
     model = create("har_cnn", 3, waves.in_shape, mean=waves.mean, std=waves.std)

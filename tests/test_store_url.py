@@ -239,6 +239,7 @@ def _run_in_child(url: str, out: str, barrier: Any, results: Any) -> None:
     results.put((summary.ran, summary.skipped, len(summary.elsewhere)))
 
 
+@pytest.mark.slow
 def test_two_runs_on_one_store_split_the_grid(url: str, tmp_path: Path) -> None:
     context = mp.get_context("spawn")  # a fresh interpreter each, as two `robcomp run`s
     barrier, results = context.Barrier(2), context.Queue()

@@ -87,6 +87,7 @@ def test_a_cell_records_its_threads_and_the_load_next_to_latency(tmp_path: Path)
     assert rows[0]["load_1min"] == values["load_1min"]
 
 
+@pytest.mark.slow
 def test_threads_and_device_are_operational_and_set_from_the_command_line(tmp_path: Path) -> None:
     ids = {load_experiment(_tiny(threads=t)).cells[0].cell_id for t in (None, 1, 2)}
     assert len(ids) == 1  # how fast a result is computed is not which result it is

@@ -256,7 +256,8 @@ def test_cells_on_ray_workers_then_the_matrix_in_the_driver(tmp_path: Path) -> N
     ray = pytest.importorskip("ray")
     from robcomp.experiments.executors import RayExecutor
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    # a Ray of its own, even when a parallel test's cluster is up
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         experiment = load_experiment(_two_cells())
         summary = run_experiment(experiment, tmp_path / "out", RayExecutor())

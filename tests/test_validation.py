@@ -334,6 +334,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_another_experiment_into_the_same_out_needs_append(tmp_path: Path) -> None:
     first = _run(tmp_path, _base(name="first"))
     assert first.exit_code == 0, first.output
@@ -369,6 +370,7 @@ def test_training_curves_are_labelled_by_every_varying_axis() -> None:
     assert "fine-tune m-0.9 [seed=1] (ce)" in curves
 
 
+@pytest.mark.slow
 def test_quick_quickstart(tmp_path: Path) -> None:
     out = tmp_path / "qs"
     result = runner.invoke(app, ["quickstart", "--quick", "--out", str(out)])

@@ -24,7 +24,9 @@ import logging
 import math
 import operator
 import time
+import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Any, cast
 
@@ -92,7 +94,55 @@ def fake_quantize_ste(
     return _FakeQuantSTE.apply(x, scale, zero_point, qmin, qmax)
 
 
+# Known, harmless warnings of third-party code on the int8 path, each silenced by its exact
+# logger (or module) and message so that nothing else is hidden:
+# - torchao registers its KernelPreference enum with ``register_constant``, which torch 2.14
+#   deprecates for enums (torchao's change, nothing a caller can do);
+# - Inductor's C++ toolchain probe finds ``nvcc`` on a machine without a GPU and says it will
+#   use that CUDA_HOME; the int8 kernels are CPU-only, so it never does.
+_TORCH_LOG_NOISE = {
+    "torch.utils._pytree": ("Calling register_constant() on Enum subclasses is deprecated",),
+    "torch.utils.cpp_extension": ("No CUDA runtime is found",),
+}
+
+
+class _DropKnown(logging.Filter):
+    """Drop a logger's records whose message contains one of ``fragments``."""
+
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(f in message for f in self.fragments)
+
+
+def _quiet_known_torch_logs() -> None:
+    """Install the :data:`_TORCH_LOG_NOISE` filters once (before torchao's import)."""
+    for name, fragments in _TORCH_LOG_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKnown) for f in logger.filters):
+            logger.addFilter(_DropKnown(fragments))
+
+
+@contextmanager
+def _quiet_int8_lowering() -> Iterator[None]:
+    """Inductor's oneDNN int8 lowering (``torch/_inductor/mkldnn_lowerings.py``) copies a
+    zero-point tensor with ``torch.tensor(tensor)``, which warns; it is torch's own code, so
+    that one warning is ignored while compiling."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message="To copy construct from a tensor",
+            category=UserWarning,
+            module=r"torch\._inductor\.mkldnn_lowerings",
+        )
+        yield
+
+
 def _torchao() -> Any:
+    _quiet_known_torch_logs()
     try:
         from torchao.quantization.pt2e import quantize_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
@@ -276,6 +326,7 @@ class QuantizedModel(nn.Module):
         self.cost = cost
         self.compile_error: str | None = None
         self._shapes: set[tuple[int, ...]] = set()
+        _quiet_known_torch_logs()  # compiling imports Inductor's C++ toolchain probe
         # Not a submodule: the compiled wrapper shares the reference graph's tensors.
         self.__dict__["_compiled"] = torch.compile(reference, dynamic=False) if compiled else None
         super().train(False)
@@ -301,7 +352,11 @@ class QuantizedModel(nn.Module):
                 try:
                     # Dynamo reads the global freezing flag (not torch.compile's options) to
                     # make weights constants, which the int8 lowering needs.
-                    with torch._inductor.config.patch(freezing=True):
+                    new_shape = shape not in self._shapes  # only then does Inductor compile
+                    with (
+                        torch._inductor.config.patch(freezing=True),
+                        _quiet_int8_lowering() if new_shape else nullcontext(),
+                    ):
                         out: Tensor = compiled(x)
                     self._shapes.add(shape)
                     return out

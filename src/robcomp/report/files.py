@@ -78,10 +78,11 @@ def write_report(store_path: str | Path, folder: str | Path, html: bool = False)
     if transfer_csv:
         _write_csv(transfer_csv, transferred)
     labels = {r["cell_id"]: plots.cell_label(r) for r in rows}
+    colors = plots.cell_colors(rows)  # one colour per variant in every figure
     figures = (
-        plots.plot_training(runs, folder / "training_curves.png"),
+        plots.plot_training(runs, folder / "training_curves.png", colors),
         plots.plot_weights(runs, folder / "weights.png"),
-        plots.plot_kept_per_layer(runs, folder / "kept_per_layer.png"),
+        plots.plot_kept_per_layer(runs, folder / "kept_per_layer.png", colors),
         plots.plot_accuracy_vs_severity(rows, shifted, folder / "accuracy_vs_severity.png"),
         plots.plot_domain_heatmap(rows, shifted, folder / "domain_heatmap.png"),
         plots.plot_mce_vs_compression(rows, folder / "mce_vs_compression.png"),

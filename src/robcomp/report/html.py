@@ -337,6 +337,24 @@ def _single_attacks(run: RunRow) -> dict[tuple[str, float], float]:
     }
 
 
+def shift_notes(runs: list[RunRow]) -> dict[str, str]:
+    """Per shift label, what its shifts say about fitting the cells' data (a shift with a
+    ``data_note``, such as corruptions with another dataset's constants), for its table."""
+    from robcomp.config import build_component
+    from robcomp.data.shifts import SHIFTS
+
+    notes: dict[str, dict[str, None]] = defaultdict(dict)
+    for run in runs:
+        data = str((run.config.get("data") or {}).get("name", "?"))
+        specs = (run.config.get("evaluate") or {}).get("shifts") or []
+        for i, spec in enumerate(specs):
+            shift = build_component(SHIFTS, spec, f"evaluate.shifts[{i}]")
+            note = getattr(shift, "data_note", None)
+            if note is not None and (text := note(data)):
+                notes[shift.label()][text] = None
+    return {label: " ".join(texts) for label, texts in notes.items()}
+
+
 def shift_tables(
     shifted: list[dict[str, Any]], labels: dict[str, str]
 ) -> list[tuple[str, HtmlTable]]:
@@ -510,7 +528,7 @@ def _tradeoff_svg(
         fig.suptitle(f"Robustness vs {axis.label}")
         plots._legend_below(fig, axes, 3.5 * nrows)
         buffer = BytesIO()
-        fig.savefig(buffer, format="svg", metadata={"Date": None})
+        fig.savefig(buffer, format="svg", metadata={"Date": None}, bbox_inches="tight")
         plt.close(fig)
     return buffer.getvalue()
 
@@ -529,10 +547,11 @@ def _tradeoff_panel(
         if not _missing(r.get(axis.key)) and not _missing(r.get(measure.key))
     ]
     group = {r["cell_id"]: plots._group_key(r) for r in rows}
-    for i, name in enumerate(groups):
+    palette = plots.variant_colors(rows)  # the colours of every other figure
+    for name in groups:
         mine = [(x, y) for c, x, y in pts if group[c] == name]
         if mine:
-            ax.scatter(*zip(*mine), color=plots._color(i), label=name, zorder=3)
+            ax.scatter(*zip(*mine), color=palette[name], label=name, zorder=3)
     front = pareto_front(
         pts, cost_lower_is_smaller=axis.lower_is_smaller, higher_is_better=measure.higher_is_better
     )
@@ -792,6 +811,7 @@ def report_context(
         "robustness": robustness_table(rows, labels) if rows else None,
         "worst_case": worst_case_table(done, labels),
         "shifts": shift_tables(shifted, labels),
+        "shift_notes": shift_notes(done),
         "figures": folder_figures(figures),
         "flags": flag_section(done, labels),
         "cells": cell_details(every, labels),

@@ -34,26 +34,77 @@ def _rate_axis(key: str) -> bool:
     return axis.startswith("compress.") and axis.removeprefix("compress.") in RATE_AXES
 
 
+def variant_label(compress: Any, finetune: Any) -> str:
+    """A compression variant as figures name it: the compressor's label and its fine-tuning
+    (``magnitude-global-0.8 + ce x1``); a model whose fine-tuning was skipped because it
+    cannot be trained (int8) reads ``int8 (no fine-tuning)``."""
+    if finetune in ("-", None):
+        return str(compress)
+    if finetune == "skipped":
+        return f"{compress} (no fine-tuning)"
+    return f"{compress} + {finetune}"
+
+
 def _group_key(row: dict[str, Any]) -> str:
     # Cells of one compression method (its label without the rate, e.g. magnitude-global) and
     # one fine-tuning that differ only in the rate form one line; any other grid axis splits
     # lines.
     grid = {k: v for k, v in row.items() if k.startswith("grid:") and not _rate_axis(k)}
     method = _RATE.sub("", str(row["compress"]))
-    finetune = row.get("finetune", "-")
     return ", ".join(
         [
-            row["model"],
-            method + ("" if finetune == "-" else f" + {finetune}"),
+            str(row["model"]),
+            variant_label(method, row.get("finetune", "-")),
             *(f"{k[5:]}={grid_value(v)}" for k, v in grid.items()),
         ]
     )
 
 
 def _color(i: int) -> str:
-    """The i-th line's colour, the same in every panel (matplotlib's cycle restarts per axes,
-    so a line missing from one panel would shift every colour after it)."""
+    """The i-th colour of matplotlib's default cycle (for things that are not variants)."""
     return f"C{i % 10}"
+
+
+def variant_colors(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """One colour per compression variant (a line of the robustness plot,
+    :func:`_group_key`), the same in every figure of a report: each figure passes all the
+    report's rows and the variants take colours in sorted order, so neither a figure's own
+    subset of cells nor its order shifts them (matplotlib's cycle restarts per axes)."""
+    variants = sorted({_group_key(r) for r in rows})
+    if len(variants) <= 10:
+        return {v: f"C{i}" for i, v in enumerate(variants)}
+    from matplotlib import colormaps, colors
+
+    tab20 = colormaps["tab20"]
+    return {v: colors.to_hex(tab20(i % 20)) for i, v in enumerate(variants)}
+
+
+def cell_colors(rows: list[dict[str, Any]]) -> dict[str, str]:
+    """Each cell's (``cell_id``'s) variant colour (:func:`variant_colors`)."""
+    palette = variant_colors(rows)
+    return {r["cell_id"]: palette[_group_key(r)] for r in rows}
+
+
+_LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _styles(
+    owners: dict[str, str | None], colors: dict[str, str] | None
+) -> dict[str, dict[str, str]]:
+    """``color`` and ``linestyle`` per line label: the colour of the cell that owns the line
+    (``owners``: label -> cell id; grey for lines no cell owns, such as a shared baseline's
+    training), and a new line style for each further line of the same colour. Without
+    ``colors`` (a figure drawn on its own), each owner takes the next colour of the cycle."""
+    if colors is None:
+        distinct = dict.fromkeys(o for o in owners.values() if o is not None)
+        colors = {o: _color(i) for i, o in enumerate(distinct)}
+    seen: Counter[str] = Counter()
+    out = {}
+    for label, owner in owners.items():
+        color = colors.get(owner or "", "0.35")
+        out[label] = {"color": color, "linestyle": _LINESTYLES[seen[color] % len(_LINESTYLES)]}
+        seen[color] += 1
+    return out
 
 
 def _legend_below(fig: Any, axes: Any, height: float, ncol: int = 3) -> None:
@@ -85,15 +136,16 @@ def plot_robustness_vs_compression(rows: list[dict[str, Any]], path: Path) -> Pa
     cols = min(3, len(measures))
     nrows = -(-len(measures) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False)
+    palette = variant_colors(rows)
     for ax, measure in zip(axes.flat, measures):
-        for i, (label, members) in enumerate(groups.items()):
+        for label, members in groups.items():
             pts = sorted(
                 (100 * (r.get("compression_rate") or 0.0), 100 * r[measure])
                 for r in members
                 if r.get(measure) is not None
             )
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=label, color=_color(i))
+                ax.plot(*zip(*pts), marker="o", label=label, color=palette[label])
         ax.set_title("clean" if measure == "clean_accuracy" else measure, fontsize=10)
         ax.set_xlabel("compression rate (% of parameters removed)")
         ax.set_ylabel("accuracy (%)")
@@ -147,11 +199,15 @@ def _axes_suffix(run: RunRow, axes: list[str]) -> str:
     return f" [{', '.join(parts)}]" if parts else ""
 
 
-def _training_curves(runs: list[RunRow]) -> dict[str, list[dict[str, float]]]:
+def _training_curves(
+    runs: list[RunRow], owners: dict[str, str | None] | None = None
+) -> dict[str, list[dict[str, float]]]:
     """Per-epoch records by stage: each distinct baseline once, then each cell's compressor's
     own training (robust pruning, distillation) and its fine-tuning, labelled by every grid
-    axis that varies (the compressor's label already names its own settings)."""
+    axis that varies (the compressor's label already names its own settings). ``owners``, when
+    given, receives each curve's cell id (``None`` for a baseline, which cells share)."""
     curves: dict[str, list[dict[str, float]]] = {}
+    owners = {} if owners is None else owners
     varying = _varying_axes(runs)
     baseline_axes = [k for k in varying if k.split(".")[0] in _BASELINE_AXES]
     cell_axes = [k for k in varying if not k.startswith("compress")]
@@ -161,6 +217,7 @@ def _training_curves(runs: list[RunRow]) -> dict[str, list[dict[str, float]]]:
         if baseline:
             label = f"train {run.config['model']['name']} ({objective})"
             curves.setdefault(label + _axes_suffix(run, baseline_axes), baseline)
+            owners.setdefault(label + _axes_suffix(run, baseline_axes), None)
         compressor = run.info.get("compressor", run.cell_id[:8]) + _axes_suffix(run, cell_axes)
         details = (run.info.get("record") or {}).get("details") or {}
         curves.update(_stage_histories(compressor, details.get("history")))
@@ -170,13 +227,20 @@ def _training_curves(runs: list[RunRow]) -> dict[str, list[dict[str, float]]]:
         if isinstance(finetune, dict) and finetune.get("epochs"):
             tuned = (run.config.get("finetune") or {}).get("objective", {}).get("name", "ce")
             curves[f"fine-tune {compressor} ({tuned})"] = finetune["epochs"]
+        owners.update({label: run.cell_id for label in curves if label not in owners})
     return curves
 
 
-def plot_training(runs: list[RunRow], path: Path) -> Path | None:
+def plot_training(
+    runs: list[RunRow], path: Path, colors: dict[str, str] | None = None
+) -> Path | None:
     """Per-epoch loss and accuracy of every training stage (with ``train.monitor``, also the
-    adversarial loss and accuracy on validation points: Marshall's adversarial-loss curves)."""
-    curves = _training_curves(runs)
+    adversarial loss and accuracy on validation points: Marshall's adversarial-loss curves).
+    ``colors``: each cell's colour (:func:`cell_colors`); a cell's stages take its colour, the
+    shared baselines grey."""
+    owners: dict[str, str | None] = {}
+    curves = _training_curves(runs, owners)
+    styles = _styles(owners, colors)
     measures = [m for m in CURVES if any(m in e for c in curves.values() for e in c)]
     if not measures:
         return None
@@ -185,10 +249,10 @@ def plot_training(runs: list[RunRow], path: Path) -> Path | None:
     nrows = -(-len(measures) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     for ax, measure in zip(axes.flat, measures):
-        for i, (label, epochs) in enumerate(curves.items()):
+        for label, epochs in curves.items():
             pts = [(e["epoch"], e[measure]) for e in epochs if measure in e]
             if pts:
-                ax.plot(*zip(*pts), marker=".", label=label, color=_color(i))
+                ax.plot(*zip(*pts), marker=".", label=label, **styles[label])
         ax.set_title(CURVES[measure], fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
@@ -228,8 +292,11 @@ def plot_weights(runs: list[RunRow], path: Path, max_cells: int = 12) -> Path | 
     return _save(fig, path)
 
 
-def plot_kept_per_layer(runs: list[RunRow], path: Path) -> Path | None:
-    """Fraction of each layer's weights that compression kept, one line per cell."""
+def plot_kept_per_layer(
+    runs: list[RunRow], path: Path, colors: dict[str, str] | None = None
+) -> Path | None:
+    """Fraction of each layer's weights that compression kept, one line per cell, in its
+    variant's colour (``colors``: :func:`cell_colors`)."""
     cells = [r for r in runs if (r.info.get("telemetry") or {}).get("kept_per_layer")]
     cells = [r for r in cells if min(r.info["telemetry"]["kept_per_layer"].values()) < 1.0]
     if not cells:
@@ -237,10 +304,12 @@ def plot_kept_per_layer(runs: list[RunRow], path: Path) -> Path | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     layers: list[str] = []
+    styles = _styles({r.cell_id: r.cell_id for r in cells}, colors)
     for run in cells:
         kept = run.info["telemetry"]["kept_per_layer"]
         layers = layers if len(layers) >= len(kept) else list(kept)
-        ax.plot(range(len(kept)), list(kept.values()), marker="o", label=run.info["compressor"])
+        ax.plot(range(len(kept)), list(kept.values()), marker="o", label=run.info["compressor"],
+                **styles[run.cell_id])  # fmt: skip
     ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("fraction of weights kept")
     ax.set_ylim(-0.02, 1.02)
@@ -265,11 +334,10 @@ def cell_label(row: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
         for k, v in row.items()
         if k.startswith("grid:") and not _rate_axis(k) and not (skip and k[5:].startswith(skip))
     }
-    finetune = row.get("finetune", "-")
     return ", ".join(
         [
             str(row.get("model")),
-            str(row.get("compress")) + ("" if finetune == "-" else f" + {finetune}"),
+            variant_label(row.get("compress"), row.get("finetune", "-")),
             *(f"{k[5:]}={grid_value(v)}" for k, v in grid.items()),
         ]
     )
@@ -325,6 +393,8 @@ def plot_accuracy_vs_severity(
         return None
     plt = _pyplot()
     labels = list(dict.fromkeys(label for curves in panels.values() for label in curves))
+    owner = {cell_label(r): r["cell_id"] for r in shifts}  # cells of one label: one variant
+    styles = _styles({label: owner.get(label) for label in labels}, cell_colors(rows))
     cols = min(4, len(panels))
     nrows = -(-len(panels) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.8 * cols, 3.2 * nrows), squeeze=False)
@@ -332,7 +402,7 @@ def plot_accuracy_vs_severity(
         for label, pts in curves.items():
             severities, accs = zip(*pts)
             ax.plot(severities, [100 * a for a in accs], marker="o", label=label,
-                    color=_color(labels.index(label)))  # fmt: skip
+                    **styles[label])  # fmt: skip
         ax.set_title(family, fontsize=10)
         ax.set_xlabel("severity (0 = clean)")
         ax.set_ylabel("accuracy (%)")
@@ -447,15 +517,16 @@ def plot_mce_vs_compression(rows: list[dict[str, Any]], path: Path) -> Path | No
     for row in rows:
         groups[_group_key(row)].append(row)
     fig, axes = plt.subplots(1, len(measures), figsize=(4.6 * len(measures), 3.4), squeeze=False)
+    palette = variant_colors(rows)
     for ax, measure in zip(axes.flat, measures):
-        for i, (label, members) in enumerate(groups.items()):
+        for label, members in groups.items():
             pts = sorted(
                 (100 * (r.get("compression_rate") or 0.0), 100 * r[measure])
                 for r in members
                 if r.get(measure) is not None
             )
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=label, color=_color(i))
+                ax.plot(*zip(*pts), marker="o", label=label, color=palette[label])
         ax.axhline(100, color="0.5", linestyle="--", linewidth=1)  # the dense baseline
         ax.set_title(MCE_MEASURES[measure], fontsize=10)
         ax.set_xlabel("compression rate (% of parameters removed)")
@@ -636,12 +707,10 @@ def transfer_labels(rows: list[dict[str, Any]]) -> dict[str, str]:
     """A short name per cell for the transfer heatmap: its model and compression variant
     (``tiny_cnn, magnitude-global-0.8``, the names ``evaluate.transfer.sources`` takes), with
     the fine-tuning when any, and the cell id's start where two cells would share a name."""
-    names = {}
-    for r in rows:
-        finetune = r.get("finetune", "-")
-        names[r["cell_id"]] = f"{r.get('model')}, {r.get('compress')}" + (
-            "" if finetune in ("-", None) else f" + {finetune}"
-        )
+    names = {
+        r["cell_id"]: f"{r.get('model')}, {variant_label(r.get('compress'), r.get('finetune'))}"
+        for r in rows
+    }
     counts = Counter(names.values())
     return {c: n if counts[n] == 1 else f"{n} [{c[:6]}]" for c, n in names.items()}
 
@@ -684,7 +753,9 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=110)
+    # The image is the box around everything drawn (``bbox_inches="tight"``): a title or
+    # legend wider than the panels (one narrow panel under a long title) is never clipped.
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.1)
     fig.clf()
     _pyplot().close(fig)
     return path

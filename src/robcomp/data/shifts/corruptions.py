@@ -841,6 +841,15 @@ def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator != 0 else math.nan
 
 
+# What each table of constants was made for: its benchmark, its images and the datasets it
+# belongs to (CIFAR-100-C was made with CIFAR-10-C's constants).
+CONSTANTS_MADE_FOR = {
+    "cifar": ("CIFAR-10-C", "32x32 CIFAR-10", ("cifar10", "cifar100")),
+    "imagenet": ("ImageNet-C", "224x224 ImageNet", ()),
+    "tiny": ("Tiny-ImageNet-C", "64x64 Tiny ImageNet", ()),
+}
+
+
 @SHIFTS.register("corruptions")
 @dataclass(frozen=True, kw_only=True)
 class Corruptions:
@@ -880,6 +889,18 @@ class Corruptions:
         names = resolve(self.corruptions)
         what = "+".join(self.corruptions) if len(names) > 3 else "+".join(names)
         return f"corruptions[{what}]-{self.constants}"
+
+    def data_note(self, data: str) -> str | None:
+        """What a reader of results on ``data`` (a dataset name) should know: whether the
+        constants are another dataset's (CIFAR-10-C's on 8x8 digits), or ``None``."""
+        benchmark, images, own = CONSTANTS_MADE_FOR[self.constants]
+        if data in own:
+            return None
+        return (
+            f"These corruptions use {benchmark}'s corruption constants (made for {images} "
+            f"images) on {data}: lengths are rescaled to its image size, but the severities "
+            f"are {benchmark}'s, not calibrated for {data}."
+        )
 
     def shifted(self, data: DataSplits, context: ShiftContext) -> Sequence[ShiftedSplit]:
         """One split of ``data.test`` per (corruption, severity), seeded by ``context.seed``."""
