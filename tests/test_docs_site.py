@@ -46,6 +46,16 @@ def test_the_cpu_torch_command_installs_the_pinned_versions(page: str) -> None:
     assert command in (ROOT / page).read_text()
 
 
+def test_the_readme_test_command_is_the_fast_tier_of_ci() -> None:
+    """The README's test command is the one .ci/run runs as its fast tier."""
+    readme = (ROOT / "README.md").read_text()
+    install = r"^python -m pip install -q -e '\.\[dev\]' && "
+    commands = re.findall(install + r"(python -m pytest .*)$", readme, re.MULTILINE)
+    assert len(commands) == 1, commands
+    ci = (ROOT / ".ci/run").read_text().splitlines()
+    assert commands[0] in ci
+
+
 def test_every_registered_component_has_a_section_with_its_options() -> None:
     pages = dp.pages()
     for kind, registry in dp.registries().items():
