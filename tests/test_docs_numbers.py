@@ -301,12 +301,15 @@ def test_repository_docs_agree_with_their_results_files() -> None:
 
 
 def test_the_quickstart_section_is_generated() -> None:
-    """The README's quickstart tables come from the kept leaderboard, not from a paste."""
-    readme = (ROOT / "README.md").read_text()
-    assert "<!-- data: q = docs/results/quickstart/leaderboard.json -->" in readme
-    assert "<!-- table: q style=leaderboard -->" in readme
-    section = readme[readme.index("## What the quickstart shows") : readme.index("## The command")]
-    assert section.count("<!-- n: ") >= 15
+    """The quickstart tables of the README and of its docs page come from the kept leaderboard,
+    not from a paste."""
+    for page, numbers in (("README.md", 5), ("docs/quickstart.md", 15)):
+        text = (ROOT / page).read_text()
+        assert "<!-- data: q = docs/results/quickstart/leaderboard.json -->" in text
+        assert "<!-- table: q style=leaderboard -->" in text
+        start = text.index("What the quickstart shows")
+        end = text.find("\n## ", start)
+        assert text[start : end if end > 0 else None].count("<!-- n: ") >= numbers, page
 
 
 def test_a_number_changed_by_hand_is_caught(tmp_path: Path) -> None:
