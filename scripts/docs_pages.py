@@ -65,7 +65,7 @@ def registries() -> dict[str, Any]:
     from robcomp.attacks import ATTACKS
     from robcomp.compress import COMPRESSORS
     from robcomp.data import DATASETS
-    from robcomp.data.shifts import SHIFTS
+    from robcomp.evaluate import SHIFTS  # data's shifts and the evaluate layer's (manifold-sets)
     from robcomp.models import MODELS
     from robcomp.train import OBJECTIVES
 
@@ -167,9 +167,11 @@ def options(obj: Any) -> list[tuple[str, str, str]]:
     """(name, type, default) of every option: a dataclass's init fields (private ones left
     out), else a factory's keyword parameters except those filled from the data."""
     if dataclasses.is_dataclass(obj):
+        from robcomp.config import fields_of  # run-time fields (a bound VAE) are no options
+
         rows = []
-        for f in dataclasses.fields(obj):
-            if not f.init or f.name.startswith("_"):
+        for f in fields_of(obj).values():
+            if f.name.startswith("_"):
                 continue
             default: Any = f.default
             if f.default_factory is not dataclasses.MISSING:

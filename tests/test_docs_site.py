@@ -156,3 +156,11 @@ def test_the_results_page_names_every_kept_run_and_benchmark() -> None:
 def test_sphinx_roles_become_markdown_code() -> None:
     text = "a :class:`~robcomp.data.DataSplits`, :func:`robcomp.api.parse_spec` and ``x``"
     assert dp.markdown(text) == "a `DataSplits`, `robcomp.api.parse_spec` and `x`"
+
+
+def test_the_shift_page_lists_the_evaluate_layer_shifts_without_run_time_fields() -> None:
+    """manifold-sets registers into robcomp.evaluate's shift registry, not data's; its VAE is
+    bound by the pipeline at run time and is no option a user can set."""
+    page = dp.pages()["components/shifts.md"]
+    assert "## `manifold-sets`\n" in page
+    assert "**`manifold`**" not in page
