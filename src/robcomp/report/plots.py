@@ -676,10 +676,11 @@ def transfer_matrices(
     """Per attack and eps (``pgd5-linf@0.1``): source names, target names (the cells among
     the sources first, so the diagonal lines up) and the accuracy matrix (NaN where nothing
     is stored), from :func:`~robcomp.report.tables.transfer_rows`. A cell is named by
-    ``labels`` (its :func:`cell_label`), a checkpoint by its folder as the file wrote it."""
+    ``labels`` (its :func:`cell_label`), a checkpoint by the source label the store holds
+    (``checkpoint:<folder>@<content hash>``), shown whole rather than parsed apart."""
 
     def name(source: str) -> str:
-        return labels.get(source) or source.rsplit("@", 1)[0]
+        return labels.get(source, source)
 
     out: dict[str, tuple[list[str], list[str], list[list[float]]]] = {}
 
