@@ -446,6 +446,19 @@ def _cli(*args: str) -> list[str]:
 
 
 @pytest.mark.slow
+def _running_leases(path: Path) -> list[str]:
+    """The cells leased as running in the SQLite store at ``path``; none while the run that
+    writes it is still creating it (no file, no schema yet, or its schema write holding the
+    lock), which a poll racing that run sees under load."""
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        leases = ResultStore(path, read_only=True).leases()
+    except (FileNotFoundError, OperationalError):
+        return []
+    return [lease.cell_id for lease in leases if lease.state == "running"]
+
+
 def test_a_rerun_right_after_kill_9_finishes_the_grid(tmp_path: Path) -> None:
     # cells of a second or so (fine-tuning), so the kill lands mid-cell
     raw = tiny_grid(3) | {"finetune": {"epochs": 20, "lr": 0.01, "batch_size": 32}}
@@ -456,10 +469,7 @@ def test_a_rerun_right_after_kill_9_finishes_the_grid(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and run.poll() is None:
-            path = out / "results.sqlite"
-            if path.is_file() and any(
-                lease.state == "running" for lease in ResultStore(path, read_only=True).leases()
-            ):
+            if _running_leases(out / "results.sqlite"):
                 break
             time.sleep(0.1)
         assert run.poll() is None, "the run ended before it could be killed mid-cell"
