@@ -167,6 +167,7 @@ def test_a_malformed_file_is_one_line_exit_2_and_writes_nothing(tmp_path: Path, 
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert words in lines[0], lines[0]
     assert "Traceback" not in result.output
+    assert not result.stdout.strip()  # not even the run's header: the error is the only line
     assert not out.exists()  # no folder, no store, no cells
 
 

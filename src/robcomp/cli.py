@@ -92,7 +92,6 @@ def _run_and_report(
 
     experiment = load_experiment(source, overrides)
     header = f"[bold]{escape(experiment.name)}[/]: {len(experiment.cells)} cells -> {out}"
-    console.print(header, soft_wrap=True)
     start = time.perf_counter()
     try:
         with progress.display(console):
@@ -100,7 +99,10 @@ def _run_and_report(
             if executor == "ray":
                 options["address"] = ray_address
             executor_ = make_executor(executor, **options)
-            summary = run_experiment(experiment, out, executor_, append=append, store=store)
+            summary = run_experiment(
+                experiment, out, executor_, append=append, store=store,
+                started=lambda: console.print(header, soft_wrap=True),
+            )  # fmt: skip
     except KeyboardInterrupt:
         # Finished cells are committed one by one, so nothing done is lost.
         console.print("interrupted; rerun the same command to resume", highlight=False)

@@ -6,7 +6,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +59,7 @@ def run_experiment(
     append: bool = False,
     store: str | Path | None = None,
     lease_seconds: float = LEASE_SECONDS,
+    started: Callable[[], None] | None = None,
 ) -> RunSummary:
     """Run every cell of ``experiment`` not already done in ``out_dir``.
 
@@ -75,6 +76,8 @@ def run_experiment(
             are left to it (``RunSummary.elsewhere``); when this run has finished its own, it
             tries them again (their owners may have died meanwhile), and the ones still not
             done are ``RunSummary.unfinished``.
+        started: called once the checks before any cell have passed and before anything is
+            written (the CLI prints its header then, so a refused file prints only its error).
         lease_seconds: how long a claim lasts unless renewed (renewed every third of it while
             this run lives); a crashed run's cells are taken again after this long, or at
             once when it was a process of this machine (:mod:`robcomp.experiments.leases`).
@@ -96,6 +99,8 @@ def run_experiment(
     local = executor is None or executor.on_this_machine
     crafted = experiment.transfer.attacks if experiment.transfer is not None else ()
     preflight(todo, experiment.source, devices=local, transfer=crafted)
+    if started is not None:
+        started()
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(yaml.safe_dump(experiment.raw, sort_keys=False))
     results = results or ResultStore(target)
