@@ -19,25 +19,10 @@ from robcomp.experiments import STORE_NAME, ResultStore, load_experiment, run_ex
 from robcomp.experiments.pipeline import CellInfo
 from robcomp.experiments.runner import CellResult, run_cell
 from robcomp.models import create
+from test_contracts_compress import FAST  # every compressor, quick on a tiny model
 
 SRC = Path(robcomp.__file__).parent
 PGD2 = "pgd:eps=0.1,steps=2"
-EPOCH: dict[str, Any] = {"epochs": 1, "lr": 0.01, "batch_size": 16, "keep_best": False}
-# Settings that make every registered compressor quick on a tiny model and 48 points.
-FAST: dict[str, dict[str, Any]] = {
-    "none": {},
-    "magnitude": {"sparsity": 0.5},
-    "random": {"sparsity": 0.5},
-    "gradual": {"sparsity": 0.5, "steps": 2, "train": EPOCH},
-    "l1-filter": {"ratio": 0.5},
-    "int8": {"compile": False, "calibration_batches": 1, "batch_size": 8},
-    "lowbit": {"bits": 4, "act_bits": 8, "calibration_batches": 1, "batch_size": 8},
-    "binary": {"calibration_batches": 1, "batch_size": 8},
-    "admm": {"sparsity": 0.5, "admm_epochs": 1, "retrain": EPOCH, "objective": {"name": "ce"}},
-    "distill": {"student": "tiny_mlp", "student_options": {"hidden": 8}, "train": EPOCH},
-    "hydra": {"sparsity": 0.5, "prune": EPOCH, "finetune": EPOCH, "objective": {"name": "ce"}},
-    "proximal-l0": {"sparsity": 0.5, "train": EPOCH},
-}
 
 
 def _tiny_data(n: int = 48, classes: int = 4) -> DataSplits:
