@@ -137,7 +137,8 @@ def run_experiment(
                     failed.append(result)
                 advance(1, status=f"{result.cell_id} {'FAILED' if result.error else 'done'}")
             progressed = len(held) < len(pending)
-            elsewhere, pending = held, [c for c in pending if c.cell_id in set(held)]
+            still_held = set(held)
+            elsewhere, pending = held, [c for c in pending if c.cell_id in still_held]
             if not progressed:
                 break
     ran = len(todo) - len(elsewhere)

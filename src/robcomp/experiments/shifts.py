@@ -48,8 +48,9 @@ def build_shifts(cfg: CellConfig) -> list[Any]:
 
 def shift_key(cfg: CellConfig, shift: Any) -> str:
     """Hash of what the shifted arrays depend on (see the module docstring)."""
+    canonical = cfg.canonical()  # builds every component: once per key
     parts: dict[str, Any] = {
-        "data": cfg.canonical()["data"],
+        "data": canonical["data"],
         "shift": {"name": type(shift).__name__, **identity_dict(shift)},
         **({"revision": shift.revision} if getattr(shift, "revision", None) else {}),
         "seed": cfg.seed,
@@ -57,7 +58,7 @@ def shift_key(cfg: CellConfig, shift: Any) -> str:
     }
     if uses_baseline(shift):
         parts["baseline"] = cfg.baseline_key()
-    if needs_manifold(shift) and "vae" in (canonical := cfg.canonical()):
+    if needs_manifold(shift) and "vae" in canonical:
         parts["vae"] = canonical["vae"]  # the adv-on set is made through the VAE
     return config_hash(parts)
 
