@@ -349,12 +349,6 @@ def train(
     )
 
 
-def _parse_attack(text: str) -> dict[str, Any]:
-    """``pgd:eps=8/255,steps=20`` -> ``{"name": "pgd", "eps": "8/255", "steps": 20}``; a value
-    may be a list (``autoattack:eps=0.03,version=custom,attacks=[apgd-ce,apgd-t]``)."""
-    return parse_spec(text)
-
-
 def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
     """``0.49,0.48,0.45`` or ``[0.49, 0.48, 0.45]`` -> a tuple of floats."""
     if text is None:
@@ -363,12 +357,6 @@ def _floats(text: str | None, option: str) -> tuple[float, ...] | None:
         return tuple(float(v) for v in text.strip("[] ").split(","))
     except ValueError:
         raise ConfigError(f"{option}: expected numbers separated by commas, got {text!r}") from None
-
-
-def _data_spec(text: str) -> Any:
-    """``--data``: a name, ``npz:path=test.npz,split=test``, a YAML mapping or an .npz path
-    (one parser for the CLI and the API: :func:`robcomp.config.parse_data_spec`)."""
-    return parse_data_spec(text)
 
 
 DEFAULT_ATTACK = "pgd:eps=0.1"  # PGD-10, L-inf, on [0, 1] inputs
@@ -459,8 +447,8 @@ def evaluate(
         "seed": seed,
         "data": data_spec if isinstance(data_spec, dict) else {"name": data_spec},
         "evaluate": {
-            "attacks": [_parse_attack(a) for a in attack or [DEFAULT_ATTACK]],
-            "shifts": [_parse_attack(s) for s in shift or []],
+            "attacks": [parse_spec(a) for a in attack or [DEFAULT_ATTACK]],
+            "shifts": [parse_spec(s) for s in shift or []],
             "limit": limit or None, "diagnostics": False, "latency_batch_sizes": [],
         },
     }  # fmt: skip
@@ -505,7 +493,7 @@ def _model_and_data(
     if weights is not None and checkpoint is None:
         if model is None or data is None:
             raise ConfigError("--weights needs --model (its architecture) and --data")
-        data_spec = _data_spec(data)
+        data_spec = parse_data_spec(data)
         splits = get(data_spec, seed=seed)
         options = dict(parse_override(o) for o in option or [])
         net = model_from_weights(
@@ -517,10 +505,10 @@ def _model_and_data(
         net, _ = load_checkpoint(checkpoint, trust_code=trust_code)
         config_path = checkpoint / "config.yaml"
         saved = load_yaml(config_path)["data"] if config_path.is_file() else None
-        data_spec = _data_spec(data) if data else saved
-        if data_spec is None:
+        spec = parse_data_spec(data) if data else saved
+        if spec is None:
             raise ConfigError(f"{checkpoint}: no config.yaml to tell the dataset; pass --data NAME")
-        return net, get(data_spec, seed=seed), data_spec, str(checkpoint)
+        return net, get(spec, seed=seed), spec, str(checkpoint)
     raise ConfigError("pass a checkpoint folder, or --model and --weights (not both)")
 
 
