@@ -39,7 +39,7 @@ import yaml
 from robcomp import data as datasets
 from robcomp.data.base import DataSplits, Split
 from robcomp.evaluate import accuracy
-from robcomp.evaluate.manifold import ManifoldSets, reconstruct
+from robcomp.evaluate.manifold import ManifoldSets, reconstruction_split
 from robcomp.experiments.runner import trained_baseline
 from robcomp.experiments.spec import resolve
 from robcomp.models.generative import VAEManifold, VAESpec, train_latent_classifier, train_vae
@@ -62,17 +62,24 @@ def preset_cell(name: str) -> dict[str, Any]:
 
 
 def adv_on_sizes(
-    shift: ManifoldSets, baseline: torch.nn.Module, manifold: VAEManifold, test: Split
+    shift: ManifoldSets,
+    baseline: torch.nn.Module,
+    manifold: VAEManifold,
+    test: Split,
+    right: torch.Tensor,
 ) -> dict[str, int]:
     """Adv-on under the old rule (fooled and kept) and the current one (also right on the
-    reconstruction), over ``test``."""
+    reconstruction: ``right``, one flag per point of ``test``), over ``test``."""
     attack = shift.on_attack().bind(manifold)
-    old = new = 0
+    old = new = start = 0
     for x, y in test.batches(256):
         kept = attack.perturb(baseline, x, y).kept
-        with torch.no_grad():
-            right = baseline(reconstruct(manifold, x)).argmax(1) == y
-        old, new = old + int(kept.sum()), new + int((kept & right).sum())
+        right_here = right[start : start + len(y)]
+        old, new, start = (
+            old + int(kept.sum()),
+            new + int((kept & right_here).sum()),
+            start + len(y),
+        )
     return {"adv_on_old_rule": old, "adv_on": new, "adv_on_excluded": old - new}
 
 
@@ -88,9 +95,12 @@ def measure(
     manifold = VAEManifold(vae, classifier)
     test = data.test.head(shift.limit)
     x, y = test.tensors()
-    x_rec = torch.cat([reconstruct(manifold, xb) for xb, _ in test.batches(512)])
+    reconstructions = reconstruction_split(manifold, test, 512)
+    x_rec = reconstructions.x
+    with torch.no_grad():
+        right = torch.cat([baseline(xb).argmax(1) == yb for xb, yb in reconstructions.batches(512)])
     clean = accuracy(baseline, test)
-    recon = accuracy(baseline, Split(x_rec, y))
+    recon = accuracy(baseline, reconstructions)
     with torch.no_grad():
         codes = vae.encode(x)[0]
     return {
@@ -107,7 +117,7 @@ def measure(
         ),
         "code_std": float(codes.std(0).mean()),
         "test_points": len(test),
-        **adv_on_sizes(shift, baseline, manifold, test),
+        **adv_on_sizes(shift, baseline, manifold, test, right),
     }  # fmt: skip
 
 
