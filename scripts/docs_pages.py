@@ -107,12 +107,11 @@ def summary(obj: Any) -> str:
 def described(obj: Any) -> dict[str, str]:
     """Field descriptions from the ``Attributes:``/``Args:`` sections of ``obj``'s docstring
     and, for a class, of its bases' (a subclass's own wins)."""
-    sources = reversed(inspect.getmro(obj)) if inspect.isclass(obj) else [obj]
-    found: dict[str, str] = {}
-    for source in sources:
-        found.update(_sections(inspect.cleandoc(source.__dict__.get("__doc__") or "")))
     if not inspect.isclass(obj):
-        found.update(_sections(inspect.cleandoc(obj.__doc__ or "")))
+        return _sections(inspect.cleandoc(obj.__doc__ or ""))
+    found: dict[str, str] = {}
+    for source in reversed(inspect.getmro(obj)):
+        found.update(_sections(inspect.cleandoc(source.__dict__.get("__doc__") or "")))
     return found
 
 
