@@ -15,8 +15,9 @@ import robcomp.models
 import robcomp.train
 from robcomp.attacks import ATTACKS, Attack
 from robcomp.attacks.apgd import APGDCE, APGDDLR, APGDT, AutoAttackNorm
-from robcomp.attacks.autoattack import FABT, Square
 from robcomp.attacks.cascade import Cascade, CascadeResult
+from robcomp.attacks.fab import FABT
+from robcomp.attacks.square import Square
 from robcomp.config import ConfigError, build_component
 from robcomp.evaluate import attack_batch, check_threat_model
 from test_apgd import NoisyModel

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from robcomp.attacks import PGD
-from robcomp.attacks.autoattack import Square
+from robcomp.attacks.square import Square
 from robcomp.data.base import DataSplits
 from robcomp.evaluate import accuracy
 from robcomp.evaluate.adversarial import check_threat_model

@@ -19,9 +19,10 @@ from robcomp.attacks.apgd import (
     check_norm,
     seeded_global_rng,
 )
-from robcomp.attacks.autoattack import FABT, Square
 from robcomp.attacks.base import ATTACKS, Attack, check_eps
+from robcomp.attacks.fab import FABT
 from robcomp.attacks.labels import settings_label
+from robcomp.attacks.square import Square
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ class Cascade:
     sequence, each on the points still robust, so a point counts as robust only if it survives
     them all.
 
-    The versions pin the settings of the authors' code (fra31/auto-attack, ``autoattack.py``),
+    The versions pin the settings of the authors' code (fra31/auto-attack, its ``autoattack.py``),
     with every member seeded by ``seed`` as the reference passes its seed to every attack:
 
     - ``standard`` (linf, l2): ``apgd-ce`` (100 steps, 1 restart, rho 0.75), ``apgd-t``

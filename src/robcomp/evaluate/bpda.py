@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from robcomp.attacks.autoattack import Square
 from robcomp.attacks.base import Attack
 from robcomp.attacks.pgd import PGD
+from robcomp.attacks.square import Square
 from robcomp.data.base import Split
 from robcomp.evaluate.adversarial import AttackResult, attack_batch, attack_mode
 from robcomp.models.capabilities import GradientFree
