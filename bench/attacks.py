@@ -25,15 +25,31 @@ What it measures (issue: attacks and trustworthy evaluation, item 9):
   search is kept for comparison (``*_without_search``). ``--curve-check MODEL START`` repeats
   the part on another pretrained model (resnet20, resnet32) and the 128 test images from
   ``START``, stored under ``curve_checks`` without headline keys.
-- ``cascade``: our standard AutoAttack (``Cascade(eps=8/255)``, the defaults: APGD-CE, APGD-T,
-  FAB-T, Square with the reference's standard settings) against the official
-  ``AutoAttack(version="standard").run_standard_evaluation`` on the same points.
-  ``cascade_speedup`` = official seconds / ours. Both skip the points an earlier attack broke;
-  ours also stops attacking a point inside APGD once it is broken (the official APGD iterates
-  on the whole batch to the end), which on an undefended model is nearly all of the saving,
-  since APGD-CE breaks every point and the later attacks have nothing left to do. Running
-  every member on every point instead is not measured: FAB-T alone on the 120 clean-correct
-  points had not finished after 12 minutes (at a load average of 6-13 on the 2 cores).
+- ``autoattack`` (issue 18: AutoAttack at 3x): robcomp's standard AutoAttack
+  (``Cascade(eps, norm="linf")``: APGD-CE, APGD-T, FAB-T, Square) against the official
+  ``pyautoattack.AutoAttack(version="standard").run_standard_evaluation`` (fra31/auto-attack) on
+  the same points, seed 0 for both, on one thread (``torch.set_num_threads(1)`` for this part,
+  whatever ``--threads`` says), on two models: ``mnist_small_cnn``, TRADES' SmallCNN (Zhang et
+  al. 2019) trained here with robcomp's PGD-AT (Madry et al. 2018) at eps 0.3 (a robust model,
+  on which every stage runs on most points: the case the issue's goal is about), attacked on the
+  first ``autoattack_points`` MNIST test images at eps 0.3; and ``resnet20``, the pretrained
+  CIFAR-10 ResNet-20 on the first real CIFAR-10 test images at eps 1/255. The robust model is
+  trained once (``RobustMnist``: a natural epoch, then PGD-AT, ``fit``'s robust selection) and
+  cached as safetensors under ``bench/cache/`` (gitignored), keyed by its training settings;
+  its training time and its clean and PGD-40 accuracies on the MNIST test set are stored under
+  ``training``. The runs alternate (official, ours, ours, official: medians over
+  ``rounds``); per stage, ours come from ``CascadeResult.seconds_per_attack`` (and
+  ``points_per_attack`` when the cascade reports it), the official's from timers wrapped
+  around the ``perturb`` methods of the AutoAttack object's four attacks (which they call
+  unchanged). ``autoattack_speedup_vs_official`` = official median seconds / ours;
+  ``autoattack_gap_points`` = our robust accuracy minus the official's, in points;
+  ``autoattack_verdict_mismatches`` counts the points whose verdict (robust or broken) differs
+  between ours and the official at seed 0, beside ``autoattack_official_seed_mismatches``
+  (the official at seed 0 against seed 1: the variation the randomised stages bring by
+  themselves) and ``autoattack_ours_seed_mismatches``. ``autoattack_goal_met``: speed-up >= 3
+  and a gap of at most 0.5 points. The headline keys are the robust MNIST model's. The part
+  takes about 25 minutes (the official runs dominate); ``--device cuda`` runs it on the GPU.
+  Needs ``ROBCOMP_DATA`` (MNIST, CIFAR-10 images, ResNet-20 weights); skipped without it.
 - ``apgd``: our APGD-CE against the official one (pyautoattack's ``APGDAttack``) on the first
   ``APGD_POINTS`` real CIFAR-10 test images with their true labels, pretrained ResNet-20, L∞ eps
   1/255, 100 iterations, 1 restart, seed 0 for both. At this eps most points break within a few
@@ -48,8 +64,9 @@ What it measures (issue: attacks and trustworthy evaluation, item 9):
   (the thread count is recorded under ``apgd.run``). Needs ``ROBCOMP_DATA`` (real images and
   weights); skipped without it.
 
-Sizes, chosen so the whole run takes about 8 minutes with one other core's worth of load
-(10 minutes is the limit; more load stretches it, see ``wall_s`` and the load average):
+Sizes, chosen so the default run (speed, curve, apgd) takes about 8 minutes with one other
+core's worth of load (10 minutes is the limit; more load stretches it, see ``wall_s`` and the
+load average); ``autoattack`` runs only when asked for (``--only autoattack``):
 
 - ResNet-20 (pretrained, real CIFAR-10 images when ROBCOMP_DATA is set, else random): batch
   128, PGD-20, as the issue specifies; 4 timed rounds.
@@ -68,19 +85,27 @@ Sizes, chosen so the whole run takes about 8 minutes with one other core's worth
   next to a busy process can run several times slower, so seconds move between rounds by
   10-30% (``floor_spread``) and single ratios by several percent; medians of interleaved
   rounds and the paired ratios are the steadiest estimates we can afford here.
-- The curve and the cascades are long, deterministic amounts of work. The FMN run sits between
-  the first and the last five PGD runs, and our cascade runs before and after the official one
-  (the mean is used), so a drift in load hits both sides of each ratio alike.
+- The curve and the AutoAttack runs are long, deterministic amounts of work. The FMN run sits
+  between the first and the last five PGD runs, and the AutoAttack rounds alternate their
+  order, so a drift in load hits both sides of each ratio alike. The AutoAttack runs get no
+  warm-up: one run of either takes minutes, next to which first-call costs vanish.
+- ``autoattack``: 50 points per model; 2 rounds on the robust MNIST model (one official run
+  there took 164 s before issue 18), 1 on ResNet-20 (an official run took about 10 minutes
+  there), then one more run of each side at seed 1 for the seed-to-seed mismatches.
 
 ``--quick`` shrinks everything to a smoke test (a minute; numbers meaningless, nothing written).
-``--only PART [PART ...]`` runs only those parts (speed, curve, cascade, apgd) and updates their
-keys in the existing bench/results/attacks.json, keeping the other numbers.
+``--only PART [PART ...]`` runs only those parts (speed, curve, apgd, autoattack) and updates
+their keys in the existing bench/results/attacks.json, keeping the other numbers (the default
+run keeps the ``autoattack`` numbers too).
+``--device cuda`` runs the ``autoattack`` part on the GPU (it stops with a message without one).
 ``--threads N`` sets torch's intra-op threads (default: min(2, CPUs)).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
 import os
 import statistics
@@ -96,9 +121,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from robcomp.attacks import ATTACKS, PGD, Cascade
-from robcomp.evaluate import attack_mode
+from robcomp.data import DATASETS, DataSplits
+from robcomp.evaluate import accuracy, attack_mode
 from robcomp.evaluate.curves import minimal_norms, robust_curve
-from robcomp.models import Classifier, create, load_weights
+from robcomp.models import Classifier, create, load_weights, save_tensors
+from robcomp.train import TrainConfig, fit
 
 EPS = 8 / 255
 CIFAR_MEAN, CIFAR_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -110,11 +137,51 @@ CURVE_PGD_STEPS = 20
 CURVE_SEARCH_STEPS = 10
 PEERS = ("torchattacks_pgd", "foolbox_pgd", "official_apgd_ce")
 OUT = Path(__file__).parent / "results" / "attacks.json"
-PARTS = ("speed", "curve", "cascade", "apgd")
+PARTS = ("speed", "curve", "apgd", "autoattack")
+# The default run; autoattack takes about 25 minutes and runs only when named in --only.
+DEFAULT_PARTS = ("speed", "curve", "apgd")
+# Keys of the former cascade part (ResNet-20 at 8/255, where APGD-CE breaks every point), which
+# the autoattack part replaced; dropped from the results file on the next write.
+OBSOLETE = ("cascade", "cascade_speedup")
 APGD_EPS = 1 / 255
 PRETRAINED = {"resnet20": "resnet20-12fca82f.th", "resnet32": "resnet32-d509ac18.th"}
 
 Timings = dict[str, list[float]]
+
+
+@dataclass(frozen=True)
+class RobustMnist:
+    """How the bench trains its robust MNIST SmallCNN with robcomp's PGD-AT; the cache key.
+
+    PGD-AT at eps 0.3 from the start stalls near chance on MNIST for longer than this budget
+    allows (one epoch on 10,000 images after a natural one: 18 % PGD accuracy, 61 % clean), so
+    the training is a curriculum: a natural epoch, then one PGD-AT epoch at each eps of
+    ``ramp``, then ``epochs`` at ``eps``, each with PGD's step 2.5 eps / steps (Madry et al.),
+    Adam at a constant rate as in Madry et al.'s MNIST model. The inner attack runs in eval mode
+    (dropout off), as TRADES' code for this architecture does. The last stage keeps its epoch
+    with the best PGD-10 accuracy on 256 validation points (``fit``'s robust selection).
+    """
+
+    train_points: int = 10_000
+    natural_epochs: int = 1
+    ramp: tuple[float, ...] = (0.1, 0.2)
+    epochs: int = 2
+    eps: float = 0.3
+    steps: int = 5
+    lr: float = 1e-3
+    batch_size: int = 128
+    seed: int = 0
+
+    def key(self) -> str:
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def objective(self, eps: float) -> dict[str, Any]:
+        return {"name": "pgd-at", "eps": eps, "step": 2.5 * eps / self.steps,
+                "steps": self.steps, "attack_mode": "eval"}  # fmt: skip
+
+
+QUICK_MNIST = RobustMnist(train_points=1024, ramp=(), epochs=1)
 
 
 @dataclass(frozen=True)
@@ -125,7 +192,7 @@ class Sizes:
     speed: dict[str, tuple[int, int, int]] = field(
         default_factory=lambda: {"resnet20": (128, 20, 4), "resnet18": (128, 2, 5)}
     )
-    points: int = 128  # points of the curve and the cascades
+    points: int = 128  # points of the curve
     # 10 PGD-20 runs cost 200 gradient passes, so FMN must stay under 40 iterations to be 5x
     # cheaper. On these 128 points with Foolbox's default step (1.0), FMN-30, -35, -40 and -50
     # all gave curves within 2.3 points of PGD-20's on this grid before the boundary search
@@ -135,6 +202,13 @@ class Sizes:
     apgd_points: int = 500  # real images of the APGD comparison, as in the issue's measurement
     apgd_steps: int = 100
     apgd_rounds: int = 2  # each round: ours and the official once (~15 s and ~70 s)
+    autoattack_points: int = 50  # first test images of each model, as in issue 18
+    # ResNet-20: one round, since one official run takes about 10 minutes there (see the
+    # module docstring); the robust MNIST model, whose numbers are the headline, gets two.
+    autoattack_rounds: dict[str, int] = field(
+        default_factory=lambda: {"mnist_small_cnn": 2, "resnet20": 1}
+    )
+    robust_mnist: RobustMnist = field(default_factory=RobustMnist)
 
 
 QUICK = Sizes(
@@ -144,6 +218,9 @@ QUICK = Sizes(
     apgd_points=16,
     apgd_steps=5,
     apgd_rounds=1,
+    autoattack_points=3,
+    autoattack_rounds={"mnist_small_cnn": 1, "resnet20": 1},
+    robust_mnist=QUICK_MNIST,
 )
 
 
@@ -340,33 +417,225 @@ def curve(model: nn.Module, x: Tensor, y: Tensor, fmn_steps: int) -> dict[str, A
     }
 
 
-def cascade(model: nn.Module, x: Tensor, y: Tensor) -> dict[str, Any]:
-    """Our standard cascade against the official standard AutoAttack on the same points."""
+# The official AutoAttack's attack objects, by the name of the stage each one runs in the
+# standard version (its FAB object runs FAB-T there).
+OFFICIAL_STAGES = {"apgd-ce": "apgd", "apgd-t": "apgd_targeted", "fab-t": "fab", "square": "square"}
+
+
+@dataclass
+class AutoAttackRun:
+    """What one AutoAttack run (ours or the official) found and spent, per stage."""
+
+    robust: list[bool]  # per point: clean-correct and robust to every stage
+    stage_s: dict[str, float]
+    robust_after: dict[str, float]
+    points: dict[str, int] | None  # points each stage attacked (None: not reported)
+
+
+def ours_autoattack(model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int) -> AutoAttackRun:
+    """robcomp's standard AutoAttack, the thing under test."""
+    result = Cascade(eps=eps, norm="linf", seed=seed).run(model, x, y)
+    # points_per_attack arrives with issue 18's cascade changes; older cascades lack it.
+    points = getattr(result, "points_per_attack", None)
+    return AutoAttackRun(
+        robust=[found is None for found in result.found_by],
+        stage_s=dict(result.seconds_per_attack),
+        robust_after=dict(result.robust_after),
+        points=dict(points) if points is not None else None,
+    )
+
+
+def official_autoattack(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, seed: int
+) -> AutoAttackRun:
+    """The official standard AutoAttack, its four attacks' ``perturb`` calls timed."""
     from pyautoattack import AutoAttack
 
-    ours = Cascade(eps=EPS)  # version="standard" with its defaults: the thing under test
-    official = AutoAttack(model, eps=EPS, norm="Linf", version="standard", seed=0, device="cpu")
-    results = []
-    official_out: list[Tensor] = []
+    official = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed,
+                          device=x.device)  # fmt: skip
+    stage_s = dict.fromkeys(OFFICIAL_STAGES, 0.0)
+    calls: dict[str, list[tuple[Tensor, Tensor]]] = {stage: [] for stage in OFFICIAL_STAGES}
+    for stage, attribute in OFFICIAL_STAGES.items():
+        attack = getattr(official, attribute)
+        attack.perturb = timed_stage(attack.perturb, stage, stage_s, calls[stage], x.device)
+    x_adv = official.run_standard_evaluation(x, y, batch_size=len(x))[0]
+    # Robust accuracy after each stage, from what each stage returned (counted after the run,
+    # so the counting costs the official nothing).
+    with torch.no_grad():
+        left = int((model(x).argmax(1) == y).sum())
+        robust_after = {}
+        for stage, seen in calls.items():
+            left -= sum(int((model(adv).argmax(1) != labels).sum()) for adv, labels in seen)
+            robust_after[stage] = left / len(x)
+    return AutoAttackRun(
+        robust=robust_points(model, x_adv, x, y).tolist(),
+        stage_s=stage_s,
+        robust_after=robust_after,
+        points={stage: sum(len(labels) for _, labels in seen) for stage, seen in calls.items()},
+    )
+
+
+def timed_stage(
+    perturb: Callable[[Tensor, Tensor], Tensor],
+    stage: str,
+    seconds: dict[str, float],
+    calls: list[tuple[Tensor, Tensor]],
+    device: torch.device,
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """``perturb`` unchanged, its wall time added to ``seconds[stage]`` and its output kept."""
+
+    def run(x: Tensor, y: Tensor) -> Tensor:
+        start = time.perf_counter()
+        adv = perturb(x, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[stage] += time.perf_counter() - start
+        calls.append((adv, y))
+        return adv
+
+    return run
+
+
+def autoattack_vs_official(
+    model: nn.Module, x: Tensor, y: Tensor, eps: float, rounds: int
+) -> dict[str, Any]:
+    """Ours against the official standard AutoAttack on the same points; see the docstring."""
+    runs: dict[str, list[AutoAttackRun]] = {"official": [], "ours": []}
+    attacks = {"official": official_autoattack, "ours": ours_autoattack}
+
+    def method(name: str, seed: int) -> Callable[[], None]:
+        def run() -> None:
+            runs[name].append(attacks[name](model, x, y, eps, seed))
+            if x.device.type == "cuda":
+                torch.cuda.synchronize(x.device)
+
+        return run
+
     with attack_mode(model):
-        before = timed_once(lambda: results.append(ours.run(model, x, y)))
-        official_s = timed_once(
-            lambda: official_out.append(
-                official.run_standard_evaluation(x, y, batch_size=len(x))[0]
-            )
-        )
-        after = timed_once(lambda: results.append(ours.run(model, x, y)))
-        official_robust = robust_accuracy(model, official_out[0], x, y)
-    ours_s = (before + after) / 2
+        with torch.no_grad():
+            clean = float((model(x).argmax(1) == y).float().mean())
+        # official first: the order official, ours, ours, official over two rounds
+        seconds = interleaved({name: method(name, 0) for name in runs}, rounds)
+        seed_one = {name: attacks[name](model, x, y, eps, 1) for name in runs}
+    median = {name: statistics.median(v) for name, v in seconds.items()}
+    first = {name: v[0] for name, v in runs.items()}
+    robust = {name: sum(run.robust) / len(x) for name, run in first.items()}
+    gap = 100 * (robust["ours"] - robust["official"])
+    speedup = median["official"] / median["ours"]
     return {
         "n": len(x),
-        "members": [attack.label() for _, attack in ours.members()],
-        "ours_s": [before, after],
-        "ours_per_attack_s": results[0].seconds_per_attack,
-        "ours_robust_after": results[0].robust_after,
-        "official_s": official_s,
-        "official_robust_accuracy": official_robust,
-        "cascade_speedup": official_s / ours_s,
+        "eps": eps,
+        "rounds": rounds,
+        "clean_accuracy": clean,
+        "seconds": seconds,
+        "median_s": median,
+        "ours_robust_accuracy": robust["ours"],
+        "official_robust_accuracy": robust["official"],
+        # Every run of a side at seed 0 gave the same verdicts.
+        "deterministic": all(r.robust == first[k].robust for k, v in runs.items() for r in v),
+        "stages": stage_rows(runs),
+        "ours_points_per_stage": first["ours"].points,
+        "autoattack_speedup_vs_official": speedup,
+        "autoattack_gap_points": gap,
+        "autoattack_verdict_mismatches": mismatches(first["ours"], first["official"]),
+        "autoattack_official_seed_mismatches": mismatches(first["official"], seed_one["official"]),
+        "autoattack_ours_seed_mismatches": mismatches(first["ours"], seed_one["ours"]),
+        "seed_1_robust_accuracy": {k: sum(r.robust) / len(x) for k, r in seed_one.items()},
+        "autoattack_goal_met": speedup >= 3 and abs(gap) <= 0.5,
+    }
+
+
+def mismatches(a: AutoAttackRun, b: AutoAttackRun) -> int:
+    """Points whose verdict (robust or broken) differs between two runs."""
+    return sum(p != q for p, q in zip(a.robust, b.robust, strict=True))
+
+
+def stage_rows(runs: dict[str, list[AutoAttackRun]]) -> list[dict[str, Any]]:
+    """One row per stage: median seconds of both sides, points attacked, robust accuracy after."""
+    rows = []
+    for stage in OFFICIAL_STAGES:
+        row: dict[str, Any] = {"stage": stage}
+        for name, side in runs.items():
+            row[f"{name}_s"] = statistics.median(r.stage_s.get(stage, 0.0) for r in side)
+            row[f"{name}_robust_after"] = side[0].robust_after.get(stage)
+            points = side[0].points
+            row[f"{name}_points"] = points.get(stage, 0) if points is not None else None
+        ran = row["official_s"] > 0 and row["ours_s"] > 0  # a skipped stage has no ratio
+        row["speedup"] = row["official_s"] / row["ours_s"] if ran else None
+        rows.append(row)
+    return rows
+
+
+ROBUST_CHECK_POINTS = 1000  # first MNIST test images of the stored PGD-40 check
+CACHE = Path(__file__).parent / "cache"
+
+
+def mnist_splits(root: str, settings: RobustMnist) -> DataSplits:
+    dataset = DATASETS.get("mnist")(root=root, train_limit=settings.train_points)
+    splits: DataSplits = dataset.load(seed=settings.seed)
+    return splits
+
+
+def robust_mnist(root: str, settings: RobustMnist) -> tuple[Classifier, dict[str, Any]]:
+    """The robust SmallCNN, from the cache, else trained (and cached); with its training record."""
+    weights = CACHE / f"small_cnn-pgd-at-{settings.key()}.safetensors"
+    record_file = weights.with_suffix(".json")
+    model = create("small_cnn", 10, (1, 28, 28))
+    if weights.is_file() and record_file.is_file():
+        load_weights(model, weights)
+        record = json.loads(record_file.read_text())
+        return model.eval().requires_grad_(False), {**record, "cached": True}
+    data = mnist_splits(root, settings)
+    common: dict[str, Any] = {
+        "batch_size": settings.batch_size,
+        "optimizer": "adam",
+        "lr": settings.lr,
+        "weight_decay": 0.0,
+        "schedule": "constant",
+    }
+    start = time.perf_counter()
+    stages = [(settings.natural_epochs, {"name": "ce"}, "last")]
+    stages += [(1, settings.objective(eps), "last") for eps in settings.ramp]
+    stages += [(settings.epochs, settings.objective(settings.eps), "robust")]
+    epochs: list[dict[str, Any]] = []
+    for i, (count, objective, select) in enumerate(stages):
+        config = TrainConfig(epochs=count, objective=objective, select=select, **common)
+        # A seed per stage: each stage sees the training points in a new order.
+        history = fit(model, data, config, seed=settings.seed + i, description=objective["name"])
+        epochs += [{"eps": objective.get("eps", 0.0), **keep(e)} for e in history.epochs]
+    seconds = time.perf_counter() - start
+    model.eval().requires_grad_(False)
+    record = {
+        "model": "small_cnn",
+        "settings": dataclasses.asdict(settings),
+        "objective": settings.objective(settings.eps),
+        "training_s": seconds,
+        "training_threads": torch.get_num_threads(),
+        "last_stage_best_epoch": history.best_epoch,
+        "epochs": epochs,
+        **robust_check(model, data),
+    }
+    save_tensors(weights, model.state_dict())
+    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    return model, {**record, "cached": False}
+
+
+def keep(epoch: dict[str, Any]) -> dict[str, Any]:
+    """The parts of an epoch's record worth storing."""
+    names = ("epoch", "val_accuracy", "val_adv_accuracy", "seconds")
+    return {k: v for k, v in epoch.items() if k in names}
+
+
+def robust_check(model: nn.Module, data: DataSplits) -> dict[str, Any]:
+    """Clean accuracy on the whole MNIST test set, PGD-40 accuracy on its first images."""
+    x, y = data.test.take(slice(0, ROBUST_CHECK_POINTS)).tensors()
+    pgd = PGD(eps=0.3, steps=40)
+    with attack_mode(model):
+        robust = robust_accuracy(model, pgd(model, x, y), x, y)
+    return {
+        "test_clean_accuracy": accuracy(model, data.test),
+        "pgd_check": f"{pgd.label()} (step 2.5 eps / 40, random start), first {len(x)} test images",
+        "test_pgd40_robust_accuracy": robust,
     }
 
 
@@ -440,8 +709,16 @@ def main() -> None:
         "--only",
         nargs="+",
         choices=PARTS,
-        default=list(PARTS),
-        help="run only these parts; their keys update the existing results file",
+        default=list(DEFAULT_PARTS),
+        help="run only these parts; their keys update the existing results file "
+        f"(default: {' '.join(DEFAULT_PARTS)})",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="device of the autoattack part (the other parts run on the CPU); its numbers go "
+        "under autoattack_cuda, without headline keys",
     )
     parser.add_argument(
         "--curve-check",
@@ -453,6 +730,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.curve_check and (args.curve_check[0] not in PRETRAINED or args.only != ["curve"]):
         parser.error(f"--curve-check needs --only curve and a model in {sorted(PRETRAINED)}")
+    if args.device == "cuda" and args.only != ["autoattack"]:
+        parser.error("--device cuda applies to the autoattack part only: add --only autoattack")
     sizes = QUICK if args.quick else Sizes()
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
@@ -461,7 +740,7 @@ def main() -> None:
     if args.curve_check:
         report = curve_check(sizes, root, args.curve_check[0], int(args.curve_check[1]))
     else:
-        report = run_parts(set(args.only), sizes, root)
+        report = run_parts(set(args.only), sizes, root, args.device)
     context: dict[str, Any] = {
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -470,13 +749,17 @@ def main() -> None:
         "wall_s": time.perf_counter() - wall_start,
     }
     old = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    for key in OBSOLETE:
+        old.pop(key, None)
     # Curve checks on other models accumulate, one --curve-check run each.
     new_checks = report.pop("curve_checks", {})
     for value in new_checks.values():
         value["run"] = context
     checks = {**old.get("curve_checks", {}), **new_checks}
-    if set(args.only) == set(PARTS):
-        report = {"eps": EPS, **context, **report}
+    if set(args.only) == set(DEFAULT_PARTS):
+        # A default run rewrites the file, keeping only the numbers of the parts it skips.
+        kept = {k: v for k, v in old.items() if k.startswith("autoattack")}
+        report = {"eps": EPS, **context, **report, **kept}
     else:  # the other parts' numbers stay, each part carries the context it ran in
         for value in report.values():
             if isinstance(value, dict):
@@ -490,7 +773,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, dict)}, indent=2))
 
 
-def run_parts(parts: set[str], sizes: Sizes, root: str | None) -> dict[str, Any]:
+def run_parts(parts: set[str], sizes: Sizes, root: str | None, device: str) -> dict[str, Any]:
     """Run the chosen parts; their results and headline keys (see the module docstring)."""
     n = max(sizes.points, *(b for b, _, _ in sizes.speed.values()))
     x, y, real = load_data(root, max(n, sizes.apgd_points) if "apgd" in parts else n)
@@ -509,10 +792,6 @@ def run_parts(parts: set[str], sizes: Sizes, root: str | None) -> dict[str, Any]
         print(f"curve: {json.dumps(report['curve'], indent=1)}", flush=True)
         for key in ("curve_cost_ratio", "curve_max_gap_points"):
             report[key] = report["curve"][key]
-    if "cascade" in parts:
-        report["cascade"] = cascade(models["resnet20"], *points)
-        print(f"cascade: {json.dumps(report['cascade'], indent=1)}", flush=True)
-        report["cascade_speedup"] = report["cascade"]["cascade_speedup"]
     if "apgd" in parts and not real:
         print("apgd: skipped, it needs the real images and weights (set ROBCOMP_DATA)")
     elif "apgd" in parts:
@@ -523,7 +802,48 @@ def run_parts(parts: set[str], sizes: Sizes, root: str | None) -> dict[str, Any]
         print(f"apgd: {json.dumps(report['apgd'], indent=1)}", flush=True)
         for key in ("apgd_speedup_vs_official", "apgd_gap_points"):
             report[key] = report["apgd"][key]
+    if "autoattack" in parts:
+        report.update(autoattack_part(sizes, root, device))
     return report
+
+
+def autoattack_part(sizes: Sizes, root: str | None, device: str) -> dict[str, Any]:
+    """The ``autoattack`` part (see the module docstring): its dict and headline keys."""
+    if not root:
+        print("autoattack: skipped, it needs MNIST, CIFAR-10 images and weights (set ROBCOMP_DATA)")
+        return {}
+    if device == "cuda" and not torch.cuda.is_available():
+        print("autoattack: skipped, --device cuda was asked for but CUDA is not available")
+        return {}
+    threads = torch.get_num_threads()
+    model, training = robust_mnist(root, sizes.robust_mnist)  # trained at --threads when new
+    n = sizes.autoattack_points
+    rounds = sizes.autoattack_rounds
+    torch.set_num_threads(1)
+    try:
+        x, y = mnist_splits(root, sizes.robust_mnist).test.take(slice(0, n)).tensors()
+        mnist = autoattack_vs_official(model.to(device), x.to(device), y.to(device), 0.3,
+                                       rounds["mnist_small_cnn"])  # fmt: skip
+        mnist["training"] = training
+        print(f"autoattack mnist_small_cnn: {json.dumps(mnist, indent=1)}", flush=True)
+        x, y, _ = load_data(root, n)
+        resnet = build_models(root, True, ("resnet20",))["resnet20"].to(device)
+        cifar = autoattack_vs_official(resnet, x.to(device), y.to(device), APGD_EPS,
+                                       rounds["resnet20"])  # fmt: skip
+        if rounds["resnet20"] < rounds["mnist_small_cnn"]:
+            cifar["rounds_note"] = (
+                f"{rounds['resnet20']} round(s) only, against {rounds['mnist_small_cnn']} on the "
+                "MNIST model: one official run takes about 10 minutes here, and the part has to "
+                "stay near 25 minutes"
+            )
+        print(f"autoattack resnet20: {json.dumps(cifar, indent=1)}", flush=True)
+    finally:
+        torch.set_num_threads(threads)
+    part = {"threads": 1, "device": device, "mnist_small_cnn": mnist, "resnet20": cifar}
+    if device == "cuda":
+        return {"autoattack_cuda": part}
+    headline = {k: v for k, v in mnist.items() if k.startswith("autoattack_")}
+    return {"autoattack": part, **headline}
 
 
 def curve_check(sizes: Sizes, root: str | None, name: str, start: int) -> dict[str, Any]:

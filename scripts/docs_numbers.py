@@ -5,7 +5,7 @@ comments that rendered Markdown hides, around text this script writes:
 
 * an inline value::
 
-      <!-- n: bench/results/attacks.json#/cascade_speedup fmt=.0f -->15<!-- /n -->
+      <!-- n: bench/results/attacks.json#/apgd_speedup_vs_official fmt=.1f -->5.7<!-- /n -->
 
   ``n:`` is followed by an expression over *references* ``FILE#POINTER`` (FILE relative to the
   repository root, or an alias; POINTER a JSON pointer, RFC 6901), numbers, ``+ - * /``,
