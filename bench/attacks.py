@@ -48,7 +48,7 @@ What it measures (issue: attacks and trustworthy evaluation, item 9):
   (the official at seed 0 against seed 1: the variation the randomised stages bring by
   themselves) and ``autoattack_ours_seed_mismatches``. ``autoattack_goal_met``: speed-up >= 3
   and a gap of at most 0.5 points. The headline keys are the robust MNIST model's. The part
-  takes about 25 minutes (the official runs dominate); ``--device cuda`` runs it on the GPU.
+  takes 20-30 minutes (the official runs dominate); ``--device cuda`` runs it on the GPU.
   Needs ``ROBCOMP_DATA`` (MNIST, CIFAR-10 images, ResNet-20 weights); skipped without it.
 - ``apgd``: our APGD-CE against the official one (pyautoattack's ``APGDAttack``) on the first
   ``APGD_POINTS`` real CIFAR-10 test images with their true labels, pretrained ResNet-20, L∞ eps
@@ -90,9 +90,10 @@ load average); ``autoattack`` runs only when asked for (``--only autoattack``):
   order, so a drift in load hits both sides of each ratio alike. The AutoAttack runs get no
   warm-up: one run of either takes minutes, next to which first-call costs vanish.
 - ``autoattack``: 50 points per model; 2 rounds on the robust MNIST model (one official run
-  there took 164 s before issue 18), then one more run of each side at seed 1 for the
-  seed-to-seed mismatches; 1 round and no seed-1 runs on ResNet-20, where one official run
-  takes about 10 minutes (its seed mismatches are null; see its ``note``).
+  there took 183 s at a load average of 2-4 before issue 18), then one more run of each side at seed 1 for the
+  seed-to-seed mismatches; the same on ResNet-20 but with 1 round (one official run there
+  took 137 s at a load average of 1-2 before issue 18; more rounds would take the part past
+  25 minutes while robcomp's stages are as slow as the official's; see its ``note``).
 
 ``--quick`` shrinks everything to a smoke test (a minute; numbers meaningless, nothing written).
 ``--only PART [PART ...]`` runs only those parts (speed, curve, apgd, autoattack) and updates
@@ -139,7 +140,7 @@ CURVE_SEARCH_STEPS = 10
 PEERS = ("torchattacks_pgd", "foolbox_pgd", "official_apgd_ce")
 OUT = Path(__file__).parent / "results" / "attacks.json"
 PARTS = ("speed", "curve", "apgd", "autoattack")
-# The default run; autoattack takes about 25 minutes and runs only when named in --only.
+# The default run; autoattack takes 20-30 minutes and runs only when named in --only.
 DEFAULT_PARTS = ("speed", "curve", "apgd")
 # Keys of the former cascade part (ResNet-20 at 8/255, where APGD-CE breaks every point), which
 # the autoattack part replaced; dropped from the results file on the next write.
@@ -204,15 +205,14 @@ class Sizes:
     apgd_steps: int = 100
     apgd_rounds: int = 2  # each round: ours and the official once (~15 s and ~70 s)
     autoattack_points: int = 50  # first test images of each model, as in issue 18
-    # ResNet-20: one round, since one official run takes about 10 minutes there (see the
-    # module docstring); the robust MNIST model, whose numbers are the headline, gets two.
+    # ResNet-20: one round (see the module docstring); the robust MNIST model, whose numbers
+    # are the headline, gets two.
     autoattack_rounds: dict[str, int] = field(
         default_factory=lambda: {"mnist_small_cnn": 2, "resnet20": 1}
     )
-    # Seed-1 runs (seed-to-seed mismatches) per model: on ResNet-20 they would add about 13
-    # minutes (an official run there takes about 10), so only the robust model gets them.
+    # Seed-1 runs of both sides per model, for the seed-to-seed mismatches.
     autoattack_seed_one: dict[str, bool] = field(
-        default_factory=lambda: {"mnist_small_cnn": True, "resnet20": False}
+        default_factory=lambda: {"mnist_small_cnn": True, "resnet20": True}
     )
     robust_mnist: RobustMnist = field(default_factory=RobustMnist)
 
@@ -858,8 +858,8 @@ def autoattack_part(sizes: Sizes, root: str | None, device: str) -> dict[str, An
         if rounds["resnet20"] < rounds["mnist_small_cnn"] or not cifar["seed_1_robust_accuracy"]:
             cifar["note"] = (
                 f"{rounds['resnet20']} round(s) against {rounds['mnist_small_cnn']} on the MNIST "
-                f"model, seed-1 runs: {sizes.autoattack_seed_one['resnet20']}; one official run "
-                "takes about 10 minutes here, and the part has to stay near 25 minutes"
+                f"model, seed-1 runs: {sizes.autoattack_seed_one['resnet20']}; to keep the part "
+                "under about 25 minutes"
             )
         print(f"autoattack resnet20: {json.dumps(cifar, indent=1)}", flush=True)
     finally:
