@@ -90,10 +90,11 @@ load average); ``autoattack`` runs only when asked for (``--only autoattack``):
   order, so a drift in load hits both sides of each ratio alike. The AutoAttack runs get no
   warm-up: one run of either takes minutes, next to which first-call costs vanish.
 - ``autoattack``: 50 points per model; 2 rounds on the robust MNIST model (one official run
-  there took 183 s at a load average of 2-4 before issue 18), then one more run of each side at seed 1 for the
-  seed-to-seed mismatches; the same on ResNet-20 but with 1 round (one official run there
-  took 137 s at a load average of 1-2 before issue 18; more rounds would take the part past
-  25 minutes while robcomp's stages are as slow as the official's; see its ``note``).
+  there took 183 s at a load average of 2-4 before issue 18), then one more run of each side
+  at seed 1 for the seed-to-seed mismatches; the same on ResNet-20 but with 1 round (one
+  official run there took 137 s at a load average of 1-2 before issue 18; more rounds would
+  take the part past 25 minutes while robcomp's stages are as slow as the official's; see its
+  ``note``).
 
 ``--quick`` shrinks everything to a smoke test (a minute; numbers meaningless, nothing written).
 ``--only PART [PART ...]`` runs only those parts (speed, curve, apgd, autoattack) and updates
