@@ -2,22 +2,299 @@
 
 Square queries the model thousands of times per point and FAB checks each iterate; both only
 need logits. :func:`query_fn` is the one place that decides how such a query runs, so a faster
-execution path (issue: AutoAttack at 3x) changes every forward-only query at once.
+execution path (issue 18: AutoAttack at 3x) changes every forward-only query at once.
+
+On the CPU the fast path is the model traced, frozen and optimized for inference by TorchScript
+(``torch.jit.trace`` -> ``torch.jit.freeze`` -> ``torch.jit.optimize_for_inference``): the
+weights become constants, BatchNorm folds into the convolution before it, and convolutions,
+ReLUs and max-pools run on oneDNN's blocked layout without converting back between layers.
+Measured by ``bench/queries.py`` (``bench/results/queries.json``) against eager PyTorch and the
+other candidates (``torch.compile``, channels-last inputs, ``torch.inference_mode``).
+
+It is the same function as the model, and checked to be: every query object compares the fast
+path with the eager model on the first batch of each shape it serves (logits within
+:data:`RTOL` of each row's largest logit, identical argmax) and answers eagerly for good if
+they differ. The graph is rebuilt whenever the model's parameters, buffers, hooks or modes
+change, so a cached graph never serves stale weights. Anything the checks cannot vouch for runs
+eagerly: see :func:`query_fn`. ``ROBCOMP_FAST_QUERIES=0`` turns the fast path off.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+import logging
+import os
+import warnings
+import weakref
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from robcomp.models.capabilities import Capabilities, capabilities
 
-def query_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
-    """A function computing ``model``'s logits without building an autograd graph."""
+log = logging.getLogger(__name__)
 
-    def query(x: Tensor) -> Tensor:
+ENV = "ROBCOMP_FAST_QUERIES"
+# Largest difference allowed between the fast path's logits and eager's, relative to each row's
+# largest eager logit: float32 rounding from folding BatchNorm and reordering sums is ~1e-6 of
+# the logits; a stale or wrong graph is off by far more.
+RTOL = 1e-4
+
+Forward = Callable[[Tensor], Tensor]
+_SERIALS = itertools.count()
+
+
+@dataclass
+class _Graph:
+    """The fast path built for one model: the graph, or why there is none, and the model's
+    fingerprint it was built from."""
+
+    fingerprint: Hashable
+    forward: Forward | None
+    reason: str | None = None
+    serial: int = field(default_factory=lambda: next(_SERIALS))  # names it in Query's checks
+
+
+# One fast path per live model; a weak key, so caching never keeps a model alive.
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, _Graph] = weakref.WeakKeyDictionary()
+# Fallback reasons already logged per model (each is logged once).
+_LOGGED: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
+
+
+def query_fn(model: nn.Module, *, fast: bool | None = None) -> Query:
+    """A function computing ``model``'s logits without building an autograd graph.
+
+    Call it once per attack run and query the result many times: on the CPU it serves the
+    model as a frozen, inference-optimized TorchScript graph (see the module docstring), built
+    on the first batch, cached per model and rebuilt when the model changes. The result is the
+    model's function up to float32 rounding: the query compares the graph with the eager model
+    on the first batch of every new shape and falls back to eager for good if they differ.
+
+    The query runs the model eagerly (``with torch.no_grad(): model(x)``), logging why once per
+    model, when: the fast path is off (``fast=False``, or the environment variable
+    ``ROBCOMP_FAST_QUERIES=0`` when ``fast`` is None); the inputs are not float32 on the CPU
+    (other devices run eagerly: the graph's oneDNN layouts are CPU-only); a module is in
+    training mode; the model declares its own execution (an int8 model, see
+    :class:`robcomp.models.capabilities.GradientFree`) or has no parameters or buffers, or
+    holds packed weights outside them; two eager passes differ (randomness); tracing warns
+    (Python control flow depending on the data) or fails; or the graph's logits differ from
+    eager's. An empty batch always runs eagerly.
+
+    The graph is rebuilt when any parameter or buffer is replaced or changed
+    in place through autograd-visible ops (optimizer steps, ``load_state_dict``,
+    ``torch.no_grad()`` updates bump a tensor's version), or a hook or training flag changes.
+    Writes through ``tensor.data`` bypass version counters, and plain tensor attributes are not
+    tracked; those changes are caught by the comparison each new query makes on its first
+    batch, which is why a query should not outlive a change of weights.
+
+    Args:
+        model: the classifier, taking inputs in [0, 1] and returning logits.
+        fast: use the fast path where it is exact; None reads ``ROBCOMP_FAST_QUERIES``
+            (anything but ``0`` means on).
+
+    Returns:
+        A :class:`Query`: ``query(x)`` returns ``model(x)``'s logits, detached.
+    """
+    if fast is None:
+        fast = os.environ.get(ENV, "1").strip() != "0"
+    return Query(model, fast)
+
+
+@dataclass(eq=False)
+class Query:
+    """``model``'s logits without autograd, through the fast path where it is verified exact.
+
+    Attributes:
+        model: the model queried.
+        fast: whether the fast path may be used at all.
+        served: how the last call was answered, ``fast`` or ``eager``.
+        reason: why the last call ran eagerly, if it did.
+    """
+
+    model: nn.Module
+    fast: bool = True
+    served: str = ""
+    reason: str | None = None
+    # (graph serial, input shape) pairs on which this query compared the graph with eager.
+    _verified: set[tuple[int, tuple[int, ...]]] = field(default_factory=set)
+    # model.modules(), listed once: walking the tree on every call costs more than the rest.
+    _modules: list[nn.Module] = field(default_factory=list)
+
+    def __call__(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            return model(x)
+            reason = self._transient_reason(x)
+            if reason is None and len(x) > 0:  # an empty batch costs nothing eagerly
+                graph, reason = self._graph(x)
+                if reason is None and graph is not None and graph.forward is not None:
+                    self.served, self.reason = "fast", None
+                    return _run(graph.forward, x)
+            self.served, self.reason = "eager", reason
+            if reason is not None:
+                _log_once(self.model, reason)
+            out: Tensor = self.model(x)
+            return out
 
-    return query
+    def _transient_reason(self, x: Tensor) -> str | None:
+        """Why this call cannot use the fast path, for reasons that may pass (None if it can)."""
+        if not self.fast:
+            return f"fast queries are off ({ENV}=0 or fast=False)"
+        if not isinstance(self.model, nn.Module):
+            return f"the model is a {type(self.model).__name__}, not an nn.Module"
+        if x.device.type != "cpu" or x.dtype != torch.float32:
+            return f"inputs are {x.dtype} on {x.device}; the fast path is for float32 on the CPU"
+        return None
+
+    def _graph(self, x: Tensor) -> tuple[_Graph | None, str | None]:
+        """The model's graph, verified on ``x``'s shape (built or rebuilt if needed), or why
+        there is none."""
+        graph = _GRAPHS.get(self.model)
+        if graph is not None and graph.reason is not None:
+            return None, graph.reason  # not retried when the weights change: the code did not
+        if graph is None or not self._unchanged(graph):
+            self._modules = list(self.model.modules())
+            if any(m.training for m in self._modules):
+                return None, "the model is in training mode"
+            graph = _rebuild(self.model, x, self._modules)
+            return graph, graph.reason or self._check(graph, x)
+        reason = self._check(graph, x)
+        if reason is not None:
+            # Weights written through ``.data`` leave the fingerprint as it was: a cached
+            # graph that differs is rebuilt once before giving up on the model.
+            graph = _rebuild(self.model, x, self._modules)
+            reason = graph.reason or self._check(graph, x)
+        return graph, reason
+
+    def _unchanged(self, graph: _Graph) -> bool:
+        """Whether the model is as ``graph`` was built from, relisting its modules first if
+        that is what differs (a submodule was added or replaced)."""
+        if self._modules and graph.fingerprint == _fingerprint(self._modules):
+            return True
+        self._modules = list(self.model.modules())
+        return graph.fingerprint == _fingerprint(self._modules)
+
+    def _check(self, graph: _Graph, x: Tensor) -> str | None:
+        """Compare the graph with eager on the first batch of each shape this query serves;
+        a graph that fails or differs is dropped for good."""
+        key = (graph.serial, tuple(x.shape))
+        if key in self._verified or graph.forward is None:
+            return graph.reason
+        try:
+            difference = _difference(_run(graph.forward, x), self.model(x))
+        except Exception as err:  # TorchScript raises many types; any means not this graph
+            difference = f"it failed: {_first(err)}"
+        if difference is not None:
+            graph.reason = f"the traced graph differs from eager on {tuple(x.shape)}: {difference}"
+            graph.forward = None
+            log.warning("fast queries off for this model: %s", graph.reason)
+            return graph.reason
+        self._verified.add(key)
+        return None
+
+
+def _run(forward: Forward, x: Tensor) -> Tensor:
+    """Run the graph as optimized when it was built, without the profiling executor
+    re-specializing it per shape: the graph verified is the graph that runs. (The flag is
+    thread-local.)"""
+    with torch.jit.optimized_execution(False):
+        return forward(x)
+
+
+def _rebuild(model: nn.Module, x: Tensor, modules: list[nn.Module]) -> _Graph:
+    graph = _build(model, x, _fingerprint(modules))
+    _GRAPHS[model] = graph
+    return graph
+
+
+def _fingerprint(modules: list[nn.Module]) -> Hashable:
+    """What the frozen graph depends on: each module's identity, mode, children and hooks,
+    and each parameter's and buffer's identity, storage and version counter (bumped by every
+    in-place change autograd sees). Plain tensor attributes are left out: pruning's forward
+    hook sets a new ``weight`` attribute on every call."""
+    parts: list[Hashable] = []
+    add = parts.append
+    for module in modules:
+        add(id(module))
+        add(module.training)
+        add(tuple(map(id, module._modules.values())))
+        add(tuple(module._forward_pre_hooks))  # handle ids, never reused
+        add(tuple(module._forward_hooks))
+        for tensors in (module._parameters.values(), module._buffers.values()):
+            for t in tensors:
+                if t is not None:
+                    add((id(t), t.data_ptr(), t._version))
+    return tuple(parts)
+
+
+def _build(model: nn.Module, x: Tensor, fingerprint: Hashable) -> _Graph:
+    """Trace, freeze and optimize ``model`` on ``x``, or say why it must run eagerly."""
+    reason = _unsupported(model) or _random(model, x)
+    if reason is not None:
+        return _Graph(fingerprint, None, reason)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # TorchScript is deprecated in torch 2.14 (FutureWarning) but is the fastest exact
+            # path measured (bench/queries.py); torch.compile costs seconds per shape instead.
+            warnings.filterwarnings("ignore", r".*torch\.jit.*deprecated", FutureWarning)
+            traced = torch.jit.trace(model, x, check_trace=False)
+            forward = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
+    except Exception as err:  # tracing fails on many constructs; each means: run eagerly
+        return _Graph(fingerprint, None, f"tracing failed: {_first(err)}")
+    for warning in caught:
+        if issubclass(warning.category, torch.jit.TracerWarning):
+            # The trace fixed a branch, a Python number or a shape taken from this batch.
+            return _Graph(fingerprint, None, f"tracing warned: {_first(warning.message)}")
+    return _Graph(fingerprint, forward)
+
+
+def _unsupported(model: nn.Module) -> str | None:
+    """Why ``model`` is not a plain module of tensors the trace can freeze (None if it is)."""
+    if capabilities(model) != Capabilities():
+        return "the model declares its own execution (e.g. int8 kernels)"
+    if next(itertools.chain(model.parameters(), model.buffers()), None) is None:
+        return "the model has no parameters or buffers"
+    for module in model.modules():
+        if any(isinstance(v, torch.ScriptObject) for v in vars(module).values()):
+            return "the model holds packed weights outside its parameters"
+    return None
+
+
+def _random(model: nn.Module, x: Tensor) -> str | None:
+    """Whether two eager passes differ; the caller's random stream is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        first, second = model(x), model(x)
+    if not isinstance(first, Tensor):
+        return f"the model returns a {type(first).__name__}, not a tensor of logits"
+    if not torch.equal(first, second):
+        return "two eager passes differ (the model is random)"
+    return None
+
+
+def _difference(out: Tensor, ref: Tensor) -> str | None:
+    """How ``out`` differs from ``ref`` beyond rounding, or None if it does not."""
+    if out.shape != ref.shape or out.dtype != ref.dtype:
+        return f"shape {tuple(out.shape)} {out.dtype} vs {tuple(ref.shape)} {ref.dtype}"
+    scale = ref.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(ref.dtype).tiny)
+    excess = ((out - ref).abs() / scale).nan_to_num(nan=float("inf")).max()
+    if excess > RTOL:
+        return f"logits differ by {float(excess):.2e} of their scale (allowed {RTOL:g})"
+    if ref.ndim > 1 and not torch.equal(out.argmax(-1), ref.argmax(-1)):
+        return "argmax differs"
+    return None
+
+
+def _first(err: object) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _log_once(model: nn.Module, reason: str) -> None:
+    try:
+        seen = _LOGGED.setdefault(model, set())
+    except TypeError:  # not weakly referenceable
+        return
+    if reason not in seen:
+        seen.add(reason)
+        log.info("forward-only queries run eagerly: %s", reason)
