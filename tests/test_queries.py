@@ -12,7 +12,9 @@ from torch import Tensor, nn
 import robcomp.models
 from robcomp.attacks import queries
 from robcomp.attacks.queries import ENV, RTOL, Query, query_fn
+from robcomp.compress.quantize import Int8PTQ
 from robcomp.models.capabilities import Capabilities
+from test_compressors import _fake_data
 
 SHAPES = {"small_cnn": (1, 28, 28), "lenet5": (1, 28, 28), "resnet20": (3, 32, 32)}
 
@@ -279,3 +281,18 @@ def test_the_cache_does_not_keep_a_model_alive() -> None:
     del model
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.slow  # quantizing takes seconds; the fast tier has the declared-int8 stand-in
+def test_an_int8_model_runs_its_own_kernels() -> None:
+    """A real int8 model (oneDNN kernels, packed weights outside its parameters) is queried
+    as it is, not traced."""
+    data = _fake_data((1, 8, 8), n=16)
+    torch.manual_seed(0)
+    float_model = robcomp.models.create("tiny_cnn", 10, (1, 8, 8)).eval()
+    int8, _ = Int8PTQ(compile=False, calibration_batches=1, batch_size=8)(float_model, data)
+    query = query_fn(int8, fast=True)
+    x = _inputs(4, (1, 8, 8))
+    out = query(x)
+    assert query.served == "eager" and "its own execution" in (query.reason or "")
+    assert torch.equal(out, _eager(int8, x))
