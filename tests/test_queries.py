@@ -92,6 +92,24 @@ def test_shrinking_batches_are_served_by_one_graph(builds: list[nn.Module]) -> N
     assert query(x[:0]).shape == (0, 10)
 
 
+def test_eager_is_consulted_on_the_first_batch_and_a_few_sizes_only() -> None:
+    model = _model("small_cnn")
+    eager_calls: list[int] = []
+    model.register_forward_hook(lambda module, args, out: eager_calls.append(args[0].shape[0]))
+    x = _inputs(9, SHAPES["small_cnn"])
+    query = query_fn(model, fast=True)
+    for n in (9, 8, 7):
+        query(x[:n])
+    assert eager_calls[-3:] == [9, 8, 7]  # compared (building also ran the model)
+    called = len(eager_calls)
+    for n in (6, 5, 9, 1):
+        query(x[:n])
+        assert query.served == "fast", query.reason
+    assert len(eager_calls) == called
+    query_fn(model, fast=True)(x[:4])  # a new query compares its first batch
+    assert eager_calls[-1] == 4
+
+
 def test_no_autograd_graph_is_built() -> None:
     model = _model("small_cnn")
     x = _inputs(4, SHAPES["small_cnn"]).requires_grad_(True)

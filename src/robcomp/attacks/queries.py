@@ -17,9 +17,10 @@ the model's own weights into them, and the optimizations are identities of real 
 layout), so only float32 rounding changes (about 1e-7 of the logits on the zoo's models). The
 trace is also the risk: it keeps the one branch of Python control flow it saw and any number
 it read off the batch, and a frozen graph keeps the weights it was built with. Hence the
-checks: tracing must not warn, every query object compares the graph with the eager model on
-the first batch of each shape it serves (logits within :data:`RTOL` of each row's largest
-logit, identical argmax) and answers eagerly for good if they differ, and the graph is rebuilt
+checks: tracing must not warn, the graph is compared with the eager model (logits within
+:data:`RTOL` of each row's largest logit, identical argmax) on the first batch of every query
+object and on the first :data:`TRUSTED_SIZES` batch sizes it serves, and answers eagerly for
+good if they differ, and the graph is rebuilt
 whenever the model's parameters, buffers, hooks or modes change. Anything the checks cannot
 vouch for runs eagerly: see :func:`query_fn`. ``ROBCOMP_FAST_QUERIES=0`` turns the fast path
 off.
@@ -48,6 +49,12 @@ ENV = "ROBCOMP_FAST_QUERIES"
 # the logits; a stale or wrong graph is off by far more.
 RTOL = 1e-4
 
+# Batch sizes on which a graph is compared with eager before other sizes are trusted to it
+# (besides the first batch of every query). The trace reads no batch size: a branch on one
+# warns while tracing, and a size fixed by the code fails on any other; comparing a few sizes
+# checks that, without an eager pass for each size as points retire.
+TRUSTED_SIZES = 3
+
 Forward = Callable[[Tensor], Tensor]
 _SERIALS = itertools.count()
 
@@ -61,6 +68,8 @@ class _Graph:
     forward: Forward | None
     reason: str | None = None
     serial: int = field(default_factory=lambda: next(_SERIALS))  # names it in Query's checks
+    # Batch sizes it was compared with eager on, per shape of one input.
+    compared: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
 
 
 # One fast path per live model; a weak key, so caching never keeps a model alive.
@@ -76,7 +85,8 @@ def query_fn(model: nn.Module, *, fast: bool | None = None) -> Query:
     model as a frozen, inference-optimized TorchScript graph (see the module docstring), built
     on the first batch, cached per model and rebuilt when the model changes. The result is the
     model's function up to float32 rounding: the query compares the graph with the eager model
-    on the first batch of every new shape and falls back to eager for good if they differ.
+    on its first batch and on the graph's first :data:`TRUSTED_SIZES` batch sizes, and falls
+    back to eager for good if they differ.
 
     The query runs the model eagerly (``with torch.no_grad(): model(x)``), logging why once per
     model, when: the fast path is off (``fast=False``, or the environment variable
@@ -123,8 +133,8 @@ class Query:
     fast: bool = True
     served: str = ""
     reason: str | None = None
-    # (graph serial, input shape) pairs on which this query compared the graph with eager.
-    _verified: set[tuple[int, tuple[int, ...]]] = field(default_factory=set, init=False, repr=False)
+    # Serials of the graphs this query compared with eager at least once.
+    _compared: set[int] = field(default_factory=set, init=False, repr=False)
     # model.modules(), listed once: walking the tree on every call costs more than the rest.
     _modules: list[nn.Module] = field(default_factory=list, init=False, repr=False)
 
@@ -132,15 +142,22 @@ class Query:
         with torch.no_grad():
             reason = self._transient_reason(x)
             if reason is None and len(x) > 0:  # an empty batch costs nothing eagerly
-                graph, reason = self._graph(x)
-                if reason is None and graph is not None and graph.forward is not None:
+                graph, built, reason = self._graph(x)
+                out = None if graph is None else self._fast(graph, x)
+                if graph is not None and out is None and not built:
+                    # Weights written through ``.data`` leave the fingerprint as it was: a
+                    # cached graph that differs is rebuilt once before giving up on the model.
+                    graph = _rebuild(self.model, x, self._modules)
+                    out = self._fast(graph, x)
+                if out is not None:
                     self.served, self.reason = "fast", None
-                    return _run(graph.forward, x)
+                    return out
+                reason = reason or (graph.reason if graph is not None else None)
             self.served, self.reason = "eager", reason
             if reason is not None:
                 _log_once(self.model, reason)
-            out: Tensor = self.model(x)
-            return out
+            eager: Tensor = self.model(x)
+            return eager
 
     def _transient_reason(self, x: Tensor) -> str | None:
         """Why this call cannot use the fast path, for reasons that may pass (None if it can)."""
@@ -152,25 +169,19 @@ class Query:
             return f"inputs are {x.dtype} on {x.device}; the fast path is for float32 on the CPU"
         return None
 
-    def _graph(self, x: Tensor) -> tuple[_Graph | None, str | None]:
-        """The model's graph, verified on ``x``'s shape (built or rebuilt if needed), or why
-        there is none."""
+    def _graph(self, x: Tensor) -> tuple[_Graph | None, bool, str | None]:
+        """The model's graph (built or rebuilt on ``x`` if the model changed), whether it was
+        built now, or why there is none."""
         graph = _GRAPHS.get(self.model)
         if graph is not None and graph.reason is not None:
-            return None, graph.reason  # not retried when the weights change: the code did not
-        if graph is None or not self._unchanged(graph):
-            self._modules = list(self.model.modules())
-            if any(m.training for m in self._modules):
-                return None, "the model is in training mode"
-            graph = _rebuild(self.model, x, self._modules)
-            return graph, graph.reason or self._check(graph, x)
-        reason = self._check(graph, x)
-        if reason is not None:
-            # Weights written through ``.data`` leave the fingerprint as it was: a cached
-            # graph that differs is rebuilt once before giving up on the model.
-            graph = _rebuild(self.model, x, self._modules)
-            reason = graph.reason or self._check(graph, x)
-        return graph, reason
+            return None, False, graph.reason  # not retried when the weights change
+        if graph is not None and self._unchanged(graph):
+            return graph, False, None
+        self._modules = list(self.model.modules())
+        if any(m.training for m in self._modules):
+            return None, False, "the model is in training mode"
+        graph = _rebuild(self.model, x, self._modules)
+        return (graph, True, None) if graph.reason is None else (None, True, graph.reason)
 
     def _unchanged(self, graph: _Graph) -> bool:
         """Whether the model is as ``graph`` was built from, relisting its modules first if
@@ -180,23 +191,29 @@ class Query:
         self._modules = list(self.model.modules())
         return graph.fingerprint == _fingerprint(self._modules)
 
-    def _check(self, graph: _Graph, x: Tensor) -> str | None:
-        """Compare the graph with eager on the first batch of each shape this query serves;
-        a graph that fails or differs is dropped for good."""
-        key = (graph.serial, tuple(x.shape))
-        if key in self._verified or graph.forward is None:
-            return graph.reason
+    def _fast(self, graph: _Graph, x: Tensor) -> Tensor | None:
+        """The graph's logits on ``x``, compared with eager's where that is due (see
+        :data:`TRUSTED_SIZES`); None, and the graph dropped for good, if it fails or differs."""
+        if graph.forward is None:
+            return None
+        sizes = graph.compared.setdefault(tuple(x.shape[1:]), set())
+        compare = graph.serial not in self._compared or (
+            len(x) not in sizes and len(sizes) < TRUSTED_SIZES
+        )
         try:
-            difference = _difference(_run(graph.forward, x), self.model(x))
+            out = _run(graph.forward, x)
+            difference = _difference(out, self.model(x)) if compare else None
         except Exception as err:  # TorchScript raises many types; any means not this graph
             difference = f"it failed: {_first(err)}"
         if difference is not None:
             graph.reason = f"the traced graph differs from eager on {tuple(x.shape)}: {difference}"
             graph.forward = None
             log.warning("fast queries off for this model: %s", graph.reason)
-            return graph.reason
-        self._verified.add(key)
-        return None
+            return None
+        if compare:
+            sizes.add(len(x))
+            self._compared.add(graph.serial)
+        return out
 
 
 def _run(forward: Forward, x: Tensor) -> Tensor:
