@@ -67,6 +67,7 @@ def test_member_runs_on_the_gpu_like_on_the_cpu(
     assert differ <= TOLERANCE, f"{differ:.2f} of the verdicts differ between CPU and GPU"
 
 
+@pytest.mark.slow
 def test_standard_cascade_runs_on_the_gpu(on_gpu: tuple[nn.Module, Tensor, Tensor]) -> None:
     model, x, y = on_gpu
     result = Cascade(eps=0.1).run(model, x[:32], y[:32])
