@@ -23,6 +23,7 @@ from robcomp.attacks.apgd import (
     dlr_loss,
     targeted_dlr_loss,
 )
+from robcomp.attacks.norms import get_norm
 from robcomp.evaluate import check_threat_model
 
 N_POINTS = 200
@@ -384,3 +385,30 @@ def test_apgd_t_drops_broken_points_inside_each_run(
         assert len(passes) <= 10 + 1
     # The model saw the clean batch once (for the targets), then exactly these passes.
     assert rows == [len(x)] + [n for passes in recorder.passes for n, _ in passes]
+
+
+@pytest.mark.parametrize("momentum", [1.0, apgd.MOMENTUM])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_in_place_step_is_bitwise_the_plain_update(norm: AutoAttackNorm, momentum: float) -> None:
+    # The step is computed in place for speed; it must round exactly like the plain expression
+    # (the authors' order of operations), or verdicts could drift from the official ones.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 8, 8, generator=gen)
+    eps = 0.1 if norm == "linf" else 0.5
+    attack = APGDCE(eps=eps, norm=norm)
+    norm_ = get_norm(norm)
+    lo, hi = (x - eps).clamp_min(0.0), (x + eps).clamp_max(1.0)
+    x_prev = attack._project(x, lo, hi, x + 0.1 * torch.randn(x.shape, generator=gen), norm_)
+    x_adv = x_prev if momentum == 1.0 else attack._project(x, lo, hi, x_prev + 0.05, norm_)
+    grad = torch.randn(x.shape, generator=gen)
+    eta = torch.rand(16, 1, 1, 1, generator=gen) * eps
+    state = apgd._RunState(
+        **{f.name: None for f in dataclasses.fields(apgd._RunState)}  # type: ignore[arg-type]
+        | {"x": x, "lo": lo, "hi": hi, "x_adv": x_adv, "x_prev": x_prev, "grad": grad, "eta": eta}
+    )
+    z = attack._project(x, lo, hi, x_adv + eta * norm_.ascent(grad), norm_)
+    v = x_adv + momentum * (z - x_adv) + (1.0 - momentum) * (x_adv - x_prev)
+    expected = attack._project(x, lo, hi, v, norm_)
+    before = [t.clone() for t in (x_adv, x_prev, grad)]
+    assert torch.equal(attack._step(state, momentum, norm_), expected)
+    assert all(torch.equal(a, b) for a, b in zip(before, (x_adv, x_prev, grad), strict=True))
