@@ -153,12 +153,13 @@ class FABT:
 
     Per iteration FAB needs the logits of the new iterate (is it adversarial?) and the
     gradient at the point it continues from; after a success that point is the backward step,
-    not the iterate, and in practice about 90 % of FAB's iterates are adversarial (it moves
-    onto the boundary and steps back), so the check stays a separate forward-only pass
+    not the iterate, and most of FAB's iterates are adversarial (it moves onto the boundary,
+    overshooting, and steps back), so the check stays a separate forward-only pass
     (through :func:`robcomp.attacks.queries.query_fn`), as in the authors' code: fusing it into
     the next gradient pass would change the algorithm. Later restarts start at distance
-    ``eps / 2`` from the clean point in a uniformly random direction (Linf: uniform in the
-    cube, rescaled; L2: Gaussian, rescaled), drawn from the attack's own generator seeded by
+    ``eps / 2`` from the clean point, drawn as the authors draw it (Linf: a uniform point of
+    the cube ``[-1, 1]^D`` rescaled to Linf norm ``eps / 2``; L2: a standard Gaussian rescaled
+    to L2 norm ``eps / 2``; then clipped to [0, 1]), from the attack's own generator seeded by
     ``seed``, not from torch's global one. On the CPU broken points leave the batch after
     every iteration; on an accelerator every few iterations, where reading the mask stalls
     the device (points broken in between keep iterating, which changes no verdict).
