@@ -263,7 +263,8 @@ class FABT:
         """The next iterate: the biased, overshooting projection onto the linearised boundary.
 
         The hyperplane ``{z : gap + grad . (z - x1) = 0}`` is where the linearised
-        ``f_target - f_y`` vanishes; ``c`` is each point's signed offset from it.
+        ``f_target - f_y`` vanishes; ``gap`` is the iterate's signed offset from it and
+        ``offset_x0`` the clean point's.
         """
         project = _PROJECTIONS[self.norm]
         norm = get_norm(self.norm)
