@@ -17,6 +17,8 @@ Two parts, one thread (``--threads``), the official code being pyautoattack's
   mismatches between ours and the official (``mismatches``; with one restart from the clean
   point both are deterministic, so the official's own seed-to-seed mismatches are 0 by
   construction), the broken counts and the seconds.
+- ``verdicts_cifar`` (needs ``ROBCOMP_DATA``): the same on the pretrained CIFAR-10 ResNet-20
+  and the first ``--points`` real test images, L∞ eps 0.5/255.
 """
 
 from __future__ import annotations
@@ -129,18 +131,55 @@ def verdicts(points: int) -> dict[str, Any]:
     return out
 
 
+def verdicts_cifar(points: int) -> dict[str, Any]:
+    import os
+
+    import numpy as np
+
+    root = Path(os.environ["ROBCOMP_DATA"])
+    arrays = np.load(root / "cifar10-test-first1000.npz")
+    x = torch.from_numpy(arrays["x"][:points]).permute(0, 3, 1, 2).float().div(255).contiguous()
+    y = torch.from_numpy(arrays["y"][:points]).long()
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    model = robcomp.models.create("resnet20", 10, (3, 32, 32), mean=mean, std=std)
+    robcomp.models.load_weights(model, root / "models" / "resnet20-12fca82f.th")
+    model.eval().requires_grad_(False)
+    eps = 0.5 / 255
+    t_off, adv_off = timed(lambda: official(model, x, y, eps, "linf"))
+    t_ours, adv_ours = timed(lambda: ours(model, x, y, eps, "linf"))
+    b_off, b_ours = (
+        broken(model, x, y, adv_off, eps, "linf"),
+        broken(model, x, y, adv_ours, eps, "linf"),
+    )
+    with torch.no_grad():
+        clean = int((model(x).argmax(1) == y).sum())
+    return {
+        "model": "pretrained resnet20, CIFAR-10 test images",
+        "points": points,
+        "eps": "0.5/255",
+        "clean_correct": clean,
+        "broken_official": int(b_off.sum()),
+        "broken_ours": int(b_ours.sum()),
+        "mismatches": int((b_off != b_ours).sum()),
+        "official_s": round(t_off, 2),
+        "ours_s": round(t_ours, 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--points", type=int, default=20)
-    parser.add_argument("--only", choices=["speed", "verdicts"])
+    parser.add_argument("--only", choices=["speed", "verdicts", "cifar"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     result["threads"] = args.threads
     if args.only in (None, "verdicts"):
         result["verdicts"] = verdicts(100)
+    if args.only == "cifar":
+        result["verdicts_cifar"] = verdicts_cifar(args.points)
     if args.only in (None, "speed"):
         result["speed"] = {
             "small_cnn": speed("small_cnn", (1, 28, 28), args.points, args.rounds),
