@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import robcomp.attacks.fab
 import robcomp.models
 from robcomp.attacks.fab import FABT, project_l2, project_linf
 from robcomp.evaluate import check_threat_model
@@ -208,6 +209,22 @@ def test_broken_points_leave_the_batch(digits: tuple[nn.Module, Tensor, Tensor])
     x_adv = FABT(eps=GENEROUS["linf"], steps=100, n_target_classes=1)(counting, x, y)
     assert bool(broken(model, x, y, x_adv, GENEROUS["linf"], "linf").all())
     assert counting.rows < 0.2 * (2 * 100 * len(x))
+
+
+def test_retiring_every_few_iterations_keeps_the_verdicts(
+    digits: tuple[nn.Module, Tensor, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On an accelerator broken points leave the batch every few iterations: the points broken
+    # in between keep iterating, which must change no verdict. Exercised on the CPU here.
+    model, x, y = digits
+    x, y = x[:48], y[:48]
+    attack = FABT(eps=PARTIAL["linf"], steps=30, n_target_classes=3)
+    every = broken(model, x, y, attack(model, x, y), attack.eps, "linf")
+    monkeypatch.setattr(robcomp.attacks.fab, "_compaction_period", lambda device: 4)
+    x_adv = attack(model, x, y)
+    check_threat_model(x, x_adv, attack.eps, "linf", where="fab-t")
+    assert torch.equal(broken(model, x, y, x_adv, attack.eps, "linf"), every)
+    assert 0 < int(every.sum()) < len(x)
 
 
 # --- same verdicts as the official FAB-T -----------------------------------------------------
