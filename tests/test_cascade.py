@@ -121,9 +121,9 @@ def test_missing_pyautoattack_names_the_extra(
     digits: tuple[nn.Module, Tensor, Tensor], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, x, y = digits
-    monkeypatch.setitem(sys.modules, "pyautoattack.square", None)  # makes the import fail
+    monkeypatch.setitem(sys.modules, "pyautoattack.fab_pt", None)  # makes the import fail
     with pytest.raises(ImportError, match=r"pip install 'pyautoattack==0\.2\.0'"):
-        Square(eps=0.1)(model, x[:4], y[:4])
+        FABT(eps=0.1)(model, x[:4], y[:4])
 
 
 def test_square_rejects_non_images(digits: tuple[nn.Module, Tensor, Tensor]) -> None:
