@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from robcomp.attacks.square import Square, eta, p_schedule, square_side
+from robcomp.attacks.square import Square, _corners, eta, p_schedule, square_side
 from robcomp.evaluate import check_threat_model
 
 try:
@@ -231,14 +231,14 @@ def test_square_positions_have_the_official_support_and_are_uniform() -> None:
     torch.manual_seed(0)
     theirs = torch.cat([official.random_int(0, h - s) for _ in range(2000)])
     generator = torch.Generator().manual_seed(0)
-    ours = Square(eps=0.1)._corners(draws, s, h, generator)
+    ours = _corners(draws, s, h, generator)
     assert set(ours.tolist()) == set(theirs.tolist()) == set(range(h - s))
     counts = torch.bincount(ours, minlength=h - s).double()
     expected = draws / (h - s)
     chi2 = float(((counts - expected) ** 2 / expected).sum())
     assert chi2 < 20.5  # the 0.999 quantile of chi^2 with 4 degrees of freedom is 18.5
     # A square as large as the image has one position.
-    assert set(Square(eps=0.1)._corners(100, h, h, generator).tolist()) == {0}
+    assert set(_corners(100, h, h, generator).tolist()) == {0}
 
 
 def test_linf_start_and_proposals_have_the_official_shape() -> None:

@@ -91,17 +91,39 @@ def eta(s: int) -> Tensor:
     return window / window.norm()
 
 
+@cache
+def _eta_on(s: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """:func:`eta` on ``device``, copied there once per run size rather than per iteration."""
+    return eta(s).to(device=device, dtype=dtype)
+
+
 def _column(v: Tensor) -> Tensor:
     """A (B,) vector shaped (B, 1, 1, 1), to broadcast over images."""
     return v.reshape(-1, 1, 1, 1)
 
 
 def _margin(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """``z_y - max_{k != y} z_k`` per point, and whether the prediction is not ``y``."""
+    """``z_y - max_{k != y} z_k`` per point, and whether the prediction (argmax, as the
+    evaluator takes it, which on ties may differ from topk's order) is not ``y``."""
     top, top_idx = logits.topk(2, dim=1)
     z_y = logits.gather(1, y[:, None]).squeeze(1)
     z_other = torch.where(top_idx[:, 0] == y, top[:, 1], top[:, 0])
-    return z_y - z_other, top_idx[:, 0] != y
+    return z_y - z_other, logits.argmax(1) != y
+
+
+def _corners(b: int, s: int, size: int, generator: torch.Generator) -> Tensor:
+    """(b,) top-left offsets along an axis of length ``size``, uniform on 0 .. size - s - 1
+    (0 if s = size), the range of the authors' ``random_int(0, size - s)``."""
+    return torch.randint(0, max(size - s, 1), (b,), generator=generator, device=generator.device)
+
+
+def _window(rows: Tensor, cols: Tensor, s: int, h: int, w: int) -> Tensor:
+    """(B, 1, H, W) masks of the s x s windows with top-left corners ``(rows, cols)``."""
+    device = rows.device
+    # (i - r) mod H < s  <=>  r <= i < r + s, for 0 <= r <= H - s.
+    in_rows = (torch.arange(h, device=device) - rows[:, None]).remainder(h) < s
+    in_cols = (torch.arange(w, device=device) - cols[:, None]).remainder(w) < s
+    return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
 
 
 @dataclass
@@ -151,12 +173,14 @@ class SquareResult:
 @dataclass(frozen=True, kw_only=True)
 class Square:
     """Square Attack (Andriushchenko, Croce, Flammarion & Hein 2020, "Square Attack: a
-    query-efficient black-box adversarial attack via random search", ECCV), as run by AutoAttack.
-
-    A score-based black-box attack: a random search over perturbations at the boundary of the
-    eps ball, changing one square window at a time and keeping a change when it lowers the
+    query-efficient black-box adversarial attack via random search", ECCV), as run by AutoAttack:
+    a score-based black-box attack, a random search over perturbations at the boundary of the
+    eps ball that changes one square window at a time and keeps a change when it lowers the
     margin ``z_y - max_{k != y} z_k``. It uses no gradients, so it is the member of the ensemble
-    that gradient masking cannot fool. Inputs must be images (N, C, H, W).
+    that gradient masking cannot fool. Native and batched, with the sampling distributions of
+    the authors' code (fra31/auto-attack) drawn from its own seeded generator, one draw per
+    point; broken points leave the batch and proposals equal to a point's best are not sent to
+    the model. Inputs must be images (N, C, H, W).
 
     The algorithm, with AutoAttack's settings (margin loss, untargeted, ``p_init`` 0.8, 5000
     queries, 1 restart, the square-size schedule not rescaled to the budget):
@@ -348,34 +372,19 @@ class Square:
 
     # --- proposals ----------------------------------------------------------------------------
 
-    def _corners(self, b: int, s: int, size: int, generator: torch.Generator) -> Tensor:
-        """(b,) top-left offsets along an axis of length ``size``, uniform on 0 .. size - s - 1
-        (0 if s = size), the range of the authors' ``random_int(0, size - s)``."""
-        return torch.randint(
-            0, max(size - s, 1), (b,), generator=generator, device=generator.device
-        )
-
-    def _window(self, rows: Tensor, cols: Tensor, s: int, h: int, w: int) -> Tensor:
-        """(B, 1, H, W) masks of the s x s windows with top-left corners ``(rows, cols)``."""
-        device = rows.device
-        # (i - r) mod H < s  <=>  r <= i < r + s, for 0 <= r <= H - s.
-        in_rows = (torch.arange(h, device=device) - rows[:, None]).remainder(h) < s
-        in_cols = (torch.arange(w, device=device) - cols[:, None]).remainder(w) < s
-        return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
-
     def _linf_proposal(self, pts: _Points, s: int, generator: torch.Generator) -> Tensor:
         """Per point, its best with one s x s square set to ``x +- eps`` (a sign per channel)."""
         assert pts.lo is not None and pts.hi is not None
         b, c, h, w = pts.x.shape
-        rows, cols = self._corners(b, s, h, generator), self._corners(b, s, w, generator)
+        rows, cols = _corners(b, s, h, generator), _corners(b, s, w, generator)
         up = torch.rand(b, c, 1, 1, generator=generator, device=pts.x.device) < 0.5
-        square = self._window(rows, cols, s, h, w)
+        square = _window(rows, cols, s, h, w)
         return torch.where(square, torch.where(up, pts.hi, pts.lo), pts.x_best)
 
     def _etas(self, b: int, c: int, s: int, generator: torch.Generator, like: Tensor) -> Tensor:
         """(b, c, s, s): per point ``eta(s)``, transposed with probability 1/2, times a random
         sign per channel."""
-        pattern = eta(s).to(device=like.device, dtype=like.dtype)
+        pattern = _eta_on(s, like.device, like.dtype)
         flip = torch.rand(b, 1, 1, generator=generator, device=like.device) < 0.5
         oriented = torch.where(flip, pattern.T, pattern)[:, None]
         sign = torch.rand(b, c, 1, 1, generator=generator, device=like.device) < 0.5
@@ -405,8 +414,8 @@ class Square:
         into the first, with the norm the budget allows, and rescale to norm eps."""
         b, c, h, w = pts.x.shape
         delta = pts.x_best - pts.x
-        rows, cols = self._corners(b, s, h, generator), self._corners(b, s, w, generator)
-        rows2, cols2 = self._corners(b, s, h, generator), self._corners(b, s, w, generator)
+        rows, cols = _corners(b, s, h, generator), _corners(b, s, w, generator)
+        rows2, cols2 = _corners(b, s, h, generator), _corners(b, s, w, generator)
         # Flat pixel indices of the first window, (B, C, s*s), to gather and scatter its values.
         offsets = (torch.arange(s, device=delta.device) * w)[:, None] + torch.arange(
             s, device=delta.device
@@ -416,8 +425,8 @@ class Square:
         flat = delta.flatten(2)
         old = flat.gather(2, first)
         old_norm = old.norm(dim=2, keepdim=True)  # (B, C, 1)
-        second = self._window(rows2, cols2, s, h, w)
-        both = self._window(rows, cols, s, h, w) | second
+        second = _window(rows2, cols2, s, h, w)
+        both = _window(rows, cols, s, h, w) | second
         both_norm = (delta * both).flatten(2).norm(dim=2, keepdim=True)  # (B, C, 1)
         image_norm = delta.flatten(1).norm(dim=1)[:, None, None]  # (B, 1, 1)
         new = self._etas(b, c, s, generator, delta).flatten(2) + old / (old_norm + 1e-12)
