@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import robcomp.attacks.square as square_module
 from robcomp.attacks.square import Square, _corners, eta, p_schedule, square_side
 from robcomp.evaluate import check_threat_model
 
@@ -190,6 +191,32 @@ def test_broken_points_leave_the_batch() -> None:
     assert all(len(b) <= 1 and float(b.mean()) > 0.5 for b in model.batches[2:])
     assert result.broken.tolist() == [True, False] and result.queries.tolist() == [1, 31]
     assert torch.equal(result.x_adv[0], model.batches[1][0])  # its start broke it
+
+
+def test_compacting_every_few_iterations_freezes_broken_points(
+    digits: tuple[nn.Module, Tensor, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What an accelerator does: broken points stay in the batch up to 4 more iterations,
+    # where the acceptance mask must keep their first misclassified proposal.
+    model, x, y = digits
+    x, y = x[:64], y[:64]
+    every_step = NoSkip(eps=0.1, queries=60).run(model, x, y)
+    monkeypatch.setattr(square_module, "_compaction_period", lambda device: 5)
+    model = Recorder(model)
+    result = NoSkip(eps=0.1, queries=60).run(model, x, y)
+    check_threat_model(x, result.x_adv, 0.1, "linf")
+    assert torch.equal(broken(model, result.x_adv, y), broken(model, x, y) | result.broken)
+    # The starts are drawn before any compaction: the same points break there.
+    assert torch.equal(result.queries == 1, every_step.queries == 1)
+    assert result.broken.sum() > (result.queries == 1).sum()  # some break during the run
+    # Each broken point returns the proposal that broke it: the one the model saw in the
+    # call its query count points at (call 1 is the start, call k + 2 iteration k).
+    for i in result.broken.nonzero().flatten().tolist():
+        batch = model.batches[int(result.queries[i])]
+        assert any(torch.equal(row, result.x_adv[i]) for row in batch)
+    # Rows sent to the model: the broken points' too, until the next compaction.
+    iterations = [len(b) for b in model.batches[2:]]
+    assert sum(iterations) > int(result.queries.sum()) - int((result.queries > 0).sum())
 
 
 # --- the sampling distributions of the authors' code -------------------------------------------

@@ -41,6 +41,11 @@ _L2_GRID = 5
 _COMPACT_EVERY = 5
 
 
+def _compaction_period(device: torch.device) -> int:
+    """Every how many iterations the points broken so far leave the batch, on ``device``."""
+    return 1 if device.type == "cpu" else _COMPACT_EVERY
+
+
 def p_schedule(p_init: float, iteration: int) -> float:
     """The fraction of pixels a square covers at ``iteration`` (counted from 0)."""
     halvings = sum(iteration > last for last in _P_HALVINGS)
@@ -303,9 +308,10 @@ class Square:
         misclassified, the queries spent, and the number of no-op proposals skipped."""
         pts = self._start(query, x, y, generator)
         x_best, wrong, spent = pts.x_best.clone(), pts.wrong.clone(), pts.queries.clone()
-        cpu = x.device.type == "cpu"
-        period = 1 if cpu else _COMPACT_EVERY
-        skip = cpu and self._skip_noops
+        period = _compaction_period(x.device)
+        # Skipping needs the host to know which proposals changed, every iteration: free on
+        # the CPU, a stall of the queue on an accelerator.
+        skip = x.device.type == "cpu" and self._skip_noops
         skipped = 0
         _, c, h, w = x.shape
         shape = (c, h, w)
