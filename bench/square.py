@@ -4,14 +4,17 @@ Two parts, one thread (``torch.set_num_threads(1)``), ours and the official (pya
 ``SquareAttack`` with AutoAttack's settings: margin loss, untargeted, p_init 0.8, no schedule
 rescaling, 1 restart) interleaved within each round, medians over rounds:
 
-- ``overhead``: seconds per run of ``QUERIES`` queries on ``POINTS`` points at a tiny eps
-  (1e-6, L∞) where nothing breaks, with the labels set to the model's own predictions, so both
-  run every query on every point. Models: robcomp's ``small_cnn`` (TRADES' SmallCNN, random
-  weights with the zeroed last layer redrawn, 1x28x28, real MNIST test images when
-  ROBCOMP_DATA is set) and ``resnet20`` (3x32x32; pretrained weights and real CIFAR-10 images
-  when ROBCOMP_DATA is set, else random). ``ours_noskip`` is ours with every proposal sent to
-  the model, which isolates the overhead of the loop from the no-op lever;
-  ``noop_fraction`` = the share of iteration queries answered without the model.
+- ``overhead_*``: seconds per run of ``QUERIES[model]`` iterations on ``POINTS`` points at a
+  tiny eps (1e-6, L∞) where nothing breaks, with the labels set to the model's own
+  predictions, so both run every iteration on every point. Models: a linear layer on 1x28x28
+  (the model costs nothing: ``ms_per_iteration`` is the attack loop's own overhead), robcomp's
+  ``small_cnn`` (TRADES' SmallCNN, random weights with the zeroed last layer redrawn) on the
+  same images, and ``resnet20`` (3x32x32); real MNIST / CIFAR-10 test images and the
+  pretrained ResNet-20 when ROBCOMP_DATA is set, else random. ``ours_noskip`` is ours with
+  every proposal sent to the model, which separates the loop from the no-op lever;
+  ``noop_fraction`` = the share of iterations answered without the model; ``rows`` = images
+  the model evaluated and ``work_ratio`` = official rows / ours, which load does not move (the
+  seconds it moves a lot on the shared 2-core machine).
 - ``mnist`` (needs ROBCOMP_DATA): a small_cnn trained for one epoch on 10k real MNIST training
   images (plain training, a few seconds), attacked on the first ``MNIST_POINTS`` test images at
   eps 0.1 L∞ with ``MNIST_QUERIES`` queries, seeds 0..``MNIST_SEEDS - 1`` for both. Reports
@@ -46,9 +49,23 @@ from robcomp.train import TrainConfig, fit
 
 OUT = Path(__file__).parent / "results" / "square.json"
 CIFAR_MEAN, CIFAR_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-POINTS, QUERIES, ROUNDS = 50, 500, 2
-MNIST_POINTS, MNIST_QUERIES, MNIST_SEEDS, MNIST_EPS = 100, 1000, 3, 0.1
+POINTS, ROUNDS = 50, 2
+# Iterations per model in the overhead part: the loop alone is cheap, the CNNs are not.
+QUERIES = {"linear": 500, "small_cnn": 200, "resnet20": 200}
+MNIST_POINTS, MNIST_QUERIES, MNIST_SEEDS, MNIST_EPS = 100, 500, 3, 0.1
 TINY_EPS = 1e-6
+
+
+class Counted(nn.Module):
+    """The model, counting the rows it is asked about (the work, which load does not move)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.rows = model, 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.rows += len(x)
+        return self.model(x)
 
 
 class NoSkip(Square):
@@ -91,19 +108,24 @@ def predictions(model: nn.Module, x: Tensor) -> Tensor:
 
 
 def overhead(model: nn.Module, x: Tensor, queries: int, rounds: int) -> dict[str, Any]:
-    """Seconds of ours, ours without the no-op skip, and the official, all queries run."""
+    """Seconds and model rows of ours, ours without the no-op skip, and the official, with
+    every query run on every point."""
     y = predictions(model, x)  # every point correct: every point attacked
+    counted = Counted(model)
     runs = {
-        "ours": lambda: Square(eps=TINY_EPS, queries=queries).run(model, x, y),
-        "ours_noskip": lambda: NoSkip(eps=TINY_EPS, queries=queries).run(model, x, y),
-        "official": lambda: official(model, x, y, TINY_EPS, queries, 0),
+        "ours": lambda: Square(eps=TINY_EPS, queries=queries).run(counted, x, y),
+        "ours_noskip": lambda: NoSkip(eps=TINY_EPS, queries=queries).run(counted, x, y),
+        "official": lambda: official(counted, x, y, TINY_EPS, queries, 0),
     }
     seconds: dict[str, list[float]] = {name: [] for name in runs}
+    rows: dict[str, int] = {}
     skipped = broken = 0
     for r in range(rounds):
         for name in list(runs) if r % 2 == 0 else list(reversed(runs)):
+            counted.rows = 0
             s, out = timed(runs[name])
             seconds[name].append(s)
+            rows[name] = counted.rows
             if name == "ours":
                 skipped = out.skipped
                 broken = int(out.broken.sum())
@@ -112,8 +134,11 @@ def overhead(model: nn.Module, x: Tensor, queries: int, rounds: int) -> dict[str
         "points": len(x),
         "queries": queries,
         "seconds": seconds,
+        "ms_per_iteration": {name: 1000 * v / queries for name, v in med.items()},
         "ours_over_official": med["ours"] / med["official"],
         "ours_noskip_over_official": med["ours_noskip"] / med["official"],
+        "rows": rows,
+        "work_ratio": rows["official"] / rows["ours"],
         "noop_fraction": skipped / (len(x) * queries),
         "broken_ours": broken,  # 0 expected: then both ran every query on every point
     }
@@ -131,28 +156,37 @@ def mnist_model(root: str, train_points: int) -> tuple[nn.Module, Tensor, Tensor
 
 
 def mnist(root: str, points: int, queries: int, seeds: int, train_points: int) -> dict[str, Any]:
-    model, x, y = mnist_model(root, train_points)
+    trained, x, y = mnist_model(root, train_points)
+    model = Counted(trained)
     x, y = x[:points], y[:points]
     ours_s, off_s, ours_broken, off_broken, noop = [], [], [], [], []
+    ours_rows, off_rows = [], []
     for seed in range(seeds):
         s, result = timed(
             lambda seed=seed: Square(eps=MNIST_EPS, queries=queries, seed=seed).run(model, x, y)
         )
         ours_s.append(s)
-        ours_broken.append(predictions(model, result.x_adv) != y)
+        ours_rows.append(model.rows)
+        model.rows = 0
+        ours_broken.append(predictions(trained, result.x_adv) != y)
         iteration_queries = int(result.queries.sum()) - int((result.queries > 0).sum())
         noop.append(result.skipped / max(iteration_queries, 1))
         s, x_off = timed(lambda seed=seed: official(model, x, y, MNIST_EPS, queries, seed))
         off_s.append(s)
-        off_broken.append(predictions(model, x_off) != y)
+        off_rows.append(model.rows)
+        model.rows = 0
+        off_broken.append(predictions(trained, x_off) != y)
     return {
         "points": points,
         "queries": queries,
         "eps": MNIST_EPS,
-        "clean_accuracy": float((predictions(model, x) == y).float().mean()),
+        "clean_accuracy": float((predictions(trained, x) == y).float().mean()),
         "seconds_ours": ours_s,
         "seconds_official": off_s,
         "ours_over_official": statistics.median(ours_s) / statistics.median(off_s),
+        "rows_ours": ours_rows,
+        "rows_official": off_rows,
+        "work_ratio": sum(off_rows) / sum(ours_rows),
         "broken_ours": [int(b.sum()) for b in ours_broken],
         "broken_official": [int(b.sum()) for b in off_broken],
         "verdict_mismatches_ours_vs_official": [
@@ -171,7 +205,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     root = os.environ.get("ROBCOMP_DATA")
-    q = 20 if args.quick else QUERIES
+    q = 20 if args.quick else 0  # 0: each model's own count
     n = 8 if args.quick else POINTS
     rounds = 1 if args.quick else ROUNDS
     start = time.perf_counter()
@@ -194,7 +228,9 @@ def main() -> None:
     x_small = torch.rand(n, 1, 28, 28, generator=g)
     if root:
         x_small = datasets.get({"name": "mnist", "root": root}).test.tensors()[0][:n]
-    report["overhead_small_cnn"] = overhead(small, x_small, q, rounds)
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval().requires_grad_(False)
+    report["overhead_linear"] = overhead(linear, x_small, q or QUERIES["linear"], rounds + 1)
+    report["overhead_small_cnn"] = overhead(small, x_small, q or QUERIES["small_cnn"], rounds)
     torch.manual_seed(0)
     resnet = create("resnet20", 10, (3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD)
     x_cifar = torch.rand(n, 3, 32, 32, generator=g)
@@ -203,7 +239,9 @@ def main() -> None:
         arrays = np.load(Path(root, "cifar10-test-first1000.npz"))
         x_cifar = torch.from_numpy(arrays["x"][:n]).permute(0, 3, 1, 2).float().div(255)
     resnet.eval().requires_grad_(False)
-    report["overhead_resnet20"] = overhead(resnet, x_cifar.contiguous(), q, rounds)
+    report["overhead_resnet20"] = overhead(
+        resnet, x_cifar.contiguous(), q or QUERIES["resnet20"], rounds
+    )
     report["overhead_resnet20"]["real"] = bool(root)
     if root:
         report["mnist"] = mnist(

@@ -29,6 +29,8 @@ from robcomp.attacks.queries import query_fn
 log = logging.getLogger(__name__)
 
 Query = Callable[[Tensor], Tensor]
+# Builds the proposals of some points (their positions in the batch; None: all points).
+Proposals = Callable[[Tensor | None], Tensor]
 
 # The authors' schedule of p (fra31/auto-attack ``p_selection`` without ``resc_schedule``):
 # p_init is halved after the iterations listed here, down to p_init / 512 after 8000.
@@ -120,6 +122,18 @@ def _corners(b: int, s: int, size: int, generator: torch.Generator) -> Tensor:
     """(b,) top-left offsets along an axis of length ``size``, uniform on 0 .. size - s - 1
     (0 if s = size), the range of the authors' ``random_int(0, size - s)``."""
     return torch.randint(0, max(size - s, 1), (b,), generator=generator, device=generator.device)
+
+
+def _window_indices(rows: Tensor, cols: Tensor, s: int, w: int) -> Tensor:
+    """(B, s*s) flat pixel indices (row * W + column) of the s x s windows at ``(rows, cols)``."""
+    steps = torch.arange(s, device=rows.device)
+    offsets = (steps[:, None] * w + steps[None, :]).flatten()
+    return (rows * w + cols)[:, None] + offsets[None]
+
+
+def _rows_of(x: Tensor) -> Proposals:
+    """Proposals already built as full images ``x``."""
+    return lambda points: x if points is None else x[points]
 
 
 def _window(rows: Tensor, cols: Tensor, s: int, h: int, w: int) -> Tensor:
@@ -330,10 +344,11 @@ class Square:
                         break
             s = square_side(p_schedule(self.p_init, iteration), shape, self.norm)
             if self.norm == "linf":
-                x_new = self._linf_proposal(pts, s, generator)
+                proposals, changed = self._linf_proposal(pts, s, generator)
             else:
                 x_new = self._l2_proposal(pts, s, generator)
-            skipped += self._step(query, pts, x_new, skip)
+                proposals, changed = _rows_of(x_new), (x_new != pts.x_best).flatten(1).any(1)
+            skipped += self._step(query, pts, proposals, changed if skip else None)
         x_best[pts.idx], wrong[pts.idx], spent[pts.idx] = pts.x_best, pts.wrong, pts.queries
         return x_best, wrong, spent, skipped
 
@@ -352,40 +367,62 @@ class Square:
         idx = torch.arange(len(x), device=x.device)
         return _Points(idx, x, y, lo, hi, x_best, margin, wrong, queries)
 
-    def _step(self, query: Query, pts: _Points, x_new: Tensor, skip: bool) -> int:
-        """Query the proposals and keep the better ones; returns the no-ops skipped."""
+    def _step(
+        self, query: Query, pts: _Points, proposals: Proposals, changed: Tensor | None
+    ) -> int:
+        """Query the proposals and keep the better ones; returns the no-ops skipped.
+
+        ``proposals(rows)`` builds the proposals of the points ``rows`` (all if None).
+        ``changed`` (on the CPU) marks the proposals that differ from their point's best; the
+        others would return the best margin and fail the strict comparison, so they are
+        counted as queries and rejected without running the model.
+        """
         live = pts.margin > 0  # all True on the CPU, where broken points have left
         pts.queries += live
-        skipped = 0
-        if skip:
-            changed = (x_new != pts.x_best).flatten(1).any(1).nonzero().squeeze(1)
-            skipped = len(pts.idx) - len(changed)
-            # A skipped proposal is the best point itself: its margin would equal the best
-            # margin and fail the strict comparison, so +inf rejects it alike.
-            margin = torch.full_like(pts.margin, math.inf)
-            wrong = torch.zeros_like(pts.wrong)
-            if skipped == 0:
-                margin, wrong = _margin(query(x_new), pts.y)
-            elif len(changed) > 0:
-                margin[changed], wrong[changed] = _margin(query(x_new[changed]), pts.y[changed])
-        else:
+        if changed is None:  # no host read: masked updates of every point
+            x_new = proposals(None)
             margin, wrong = _margin(query(x_new), pts.y)
-        better = (margin < pts.margin) & live
-        pts.x_best = torch.where(_column(better), x_new, pts.x_best)
-        pts.margin = torch.where(better, margin, pts.margin)
-        pts.wrong = torch.where(better, wrong, pts.wrong)
-        return skipped
+            better = (margin < pts.margin) & live
+            pts.x_best = torch.where(_column(better), x_new, pts.x_best)
+            pts.margin = torch.where(better, margin, pts.margin)
+            pts.wrong = torch.where(better, wrong, pts.wrong)
+            return 0
+        rows = (changed & live).nonzero().squeeze(1)
+        if len(rows) > 0:
+            x_new = proposals(rows)
+            margin, wrong = _margin(query(x_new), pts.y[rows])
+            better = margin < pts.margin[rows]
+            kept = rows[better]
+            pts.x_best[kept] = x_new[better]
+            pts.margin[kept] = margin[better]
+            pts.wrong[kept] = wrong[better]
+        return len(pts.idx) - len(rows)
 
     # --- proposals ----------------------------------------------------------------------------
 
-    def _linf_proposal(self, pts: _Points, s: int, generator: torch.Generator) -> Tensor:
-        """Per point, its best with one s x s square set to ``x +- eps`` (a sign per channel)."""
+    def _linf_proposal(
+        self, pts: _Points, s: int, generator: torch.Generator
+    ) -> tuple[Proposals, Tensor]:
+        """Per point, its best with one s x s square set to ``x +- eps`` (a sign per channel),
+        and whether that changes it. Only the squares are read and compared, so the cost of a
+        step shrinks with the squares; full images are built for the points queried only."""
         assert pts.lo is not None and pts.hi is not None
         b, c, h, w = pts.x.shape
         rows, cols = _corners(b, s, h, generator), _corners(b, s, w, generator)
-        up = torch.rand(b, c, 1, 1, generator=generator, device=pts.x.device) < 0.5
-        square = _window(rows, cols, s, h, w)
-        return torch.where(square, torch.where(up, pts.hi, pts.lo), pts.x_best)
+        up = torch.rand(b, c, 1, generator=generator, device=pts.x.device) < 0.5
+        square = _window_indices(rows, cols, s, w)[:, None].expand(b, c, s * s)
+        best = pts.x_best.reshape(b, c, h * w)
+        old = best.gather(2, square)
+        hi = pts.hi.reshape(b, c, h * w).gather(2, square)
+        new = torch.where(up, hi, pts.lo.reshape(b, c, h * w).gather(2, square))
+
+        def proposals(points: Tensor | None) -> Tensor:
+            if points is None:
+                return best.scatter(2, square, new).view(b, c, h, w)
+            scattered = best[points].scatter(2, square[points], new[points])
+            return scattered.view(len(points), c, h, w)
+
+        return proposals, (new != old).flatten(1).any(1)
 
     def _etas(self, b: int, c: int, s: int, generator: torch.Generator, like: Tensor) -> Tensor:
         """(b, c, s, s): per point ``eta(s)``, transposed with probability 1/2, times a random
@@ -423,11 +460,7 @@ class Square:
         rows, cols = _corners(b, s, h, generator), _corners(b, s, w, generator)
         rows2, cols2 = _corners(b, s, h, generator), _corners(b, s, w, generator)
         # Flat pixel indices of the first window, (B, C, s*s), to gather and scatter its values.
-        offsets = (torch.arange(s, device=delta.device) * w)[:, None] + torch.arange(
-            s, device=delta.device
-        )
-        first = (rows * w + cols)[:, None] + offsets.flatten()[None]
-        first = first[:, None].expand(b, c, s * s)
+        first = _window_indices(rows, cols, s, w)[:, None].expand(b, c, s * s)
         flat = delta.flatten(2)
         old = flat.gather(2, first)
         old_norm = old.norm(dim=2, keepdim=True)  # (B, C, 1)
