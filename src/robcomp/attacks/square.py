@@ -231,16 +231,21 @@ class Square:
     ``s = H``): the paper's range ends at ``H - s``, but robcomp's Square is AutoAttack's stage
     and its verdicts are compared with the official run, so it keeps the official distribution
     (whose squares never reach the last row and column after the start). The L2 start clips
-    grid windows to the image where the authors' code fails on such sizes. Outputs need no
-    projection: Linf pixels are exactly ``max(x - eps, 0)`` or ``min(x + eps, 1)`` and L2 ones
-    ``x + delta`` clipped with ``||delta|| = eps``, so the only excess over eps is the float
-    rounding of that addition, which re-projecting would repeat.
+    grid windows to the image where the authors' code fails on such sizes. Outputs are not
+    projected afterwards, so each is the very point the model judged: Linf pixels are the
+    rounded ``max(x - eps, 0)`` or ``min(x + eps, 1)`` (projecting them again gives the same
+    floats; the rounding of ``x + eps`` can put them ~2e-8 past eps), L2 ones ``x + delta``
+    clipped to [0, 1] with ``||delta|| = eps`` up to float32 rounding (~1e-7 relative). Both
+    are far inside the evaluator's tolerance, and a projection could not remove them for
+    certain, as it ends with the same rounded addition.
 
     Speed, without changing a decision: a point leaves the batch as soon as it is broken (every
     iteration on the CPU, every few on an accelerator, where reading the mask stalls the
     device); on the CPU, a proposal equal to its point's best would return the same margin and
     be rejected, so it counts as a query without running the model; the proposals of all points
-    are built at once and queried through :func:`robcomp.attacks.queries.query_fn`.
+    are built at once (a Linf step reads and writes only the squares) and queried through
+    :func:`robcomp.attacks.queries.query_fn`. :meth:`run` reports the queries each point spent
+    and how many were skipped.
 
     Attributes:
         eps: radius of the threat model, in pixel units of [0, 1] inputs.
