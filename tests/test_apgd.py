@@ -23,6 +23,7 @@ from robcomp.attacks.apgd import (
     dlr_loss,
     targeted_dlr_loss,
 )
+from robcomp.attacks.norms import get_norm
 from robcomp.evaluate import check_threat_model
 
 N_POINTS = 200
@@ -307,3 +308,107 @@ def test_dropping_broken_points_changes_no_result(
     # Unbroken points ended on the same highest-loss iterate. (A broken point may differ:
     # without compaction it keeps the last misclassified iterate, with it the first.)
     assert torch.equal(compacted[robust], kept[robust])
+
+
+# --- APGD-T: retiring points across targets ---------------------------------------------------
+
+
+class Recorder:
+    """Wraps APGD's private passes and runs to record what each one was given."""
+
+    def __init__(self, x: Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.x = x
+        self.runs: list[dict[str, Tensor]] = []  # per run: attacked and broken positions in x
+        self.passes: list[list[tuple[int, int]]] = []  # per run: (rows, broken) of each pass
+        run, gradient, evaluate = apgd._APGD._run, apgd._APGD._gradient, apgd._APGD._evaluate
+
+        def recording_run(attack: apgd._APGD, model: nn.Module, x: Tensor, *args: object,
+                          **kwargs: object) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+            self.passes.append([])
+            points, found, loss = run(attack, model, x, *args, **kwargs)  # type: ignore[arg-type]
+            at = self.positions(x)
+            self.runs.append({"attacked": at, "broken": at[found]})
+            return points, found, loss
+
+        def counted(inner, attack, model, x_adv, y, target):  # type: ignore[no-untyped-def]
+            out = inner(attack, model, x_adv, y, target)
+            self.passes[-1].append((len(y), int((out[1].argmax(1) != y).sum())))
+            return out
+
+        monkeypatch.setattr(apgd._APGD, "_run", recording_run)
+        monkeypatch.setattr(apgd._APGD, "_gradient", lambda *a: counted(gradient, *a))
+        monkeypatch.setattr(apgd._APGD, "_evaluate", lambda *a: counted(evaluate, *a))
+
+    def positions(self, rows: Tensor) -> Tensor:
+        """Where each row of ``rows`` (clean inputs) is in ``x``."""
+        same = (rows[:, None] == self.x[None]).flatten(2).all(2)
+        assert bool((same.sum(1) == 1).all())
+        return same.int().argmax(1)
+
+
+def test_apgd_t_never_attacks_a_broken_point_again(
+    digits: tuple[nn.Module, Tensor, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, x, y = digits
+    recorder = Recorder(x, monkeypatch)
+    x_adv = APGDT(eps=0.05, steps=10, n_target_classes=4, restarts=2)(model, x, y)
+    runs = recorder.runs
+    assert len(runs) == 8  # 4 targets x 2 restarts, each still had points to attack
+    with torch.no_grad():
+        todo = model(x).argmax(1) == y
+    for k, run in enumerate(runs):
+        # Each run gets exactly the points correct on the clean input and unbroken so far.
+        assert sorted(run["attacked"].tolist()) == todo.nonzero().squeeze(1).tolist(), k
+        todo[run["broken"]] = False
+    assert sum(len(run["broken"]) for run in runs[2:]) > 0, "later targets broke nothing"
+    with torch.no_grad():
+        assert torch.equal(model(x_adv).argmax(1) == y, todo)
+
+
+def test_apgd_t_drops_broken_points_inside_each_run(
+    digits: tuple[nn.Module, Tensor, Tensor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, x, y = digits
+    recorder = Recorder(x, monkeypatch)
+    rows: list[int] = []
+    hook = model.register_forward_hook(lambda module, args, out: rows.append(len(args[0])))
+    try:
+        APGDT(eps=0.05, steps=10, n_target_classes=3)(model, x, y)
+    finally:
+        hook.remove()
+    assert sum(b for passes in recorder.passes for _, b in passes[:-1]) > 0
+    for passes, run in zip(recorder.passes, recorder.runs, strict=True):
+        # The start pass sees every attacked point; each later pass only the points the
+        # passes before it left unbroken; a run that breaks all its points stops early.
+        assert passes[0][0] == len(run["attacked"])
+        assert [n for n, _ in passes[1:]] == [n - b for n, b in passes[:-1]]
+        assert len(passes) <= 10 + 1
+    # The model saw the clean batch once (for the targets), then exactly these passes.
+    assert rows == [len(x)] + [n for passes in recorder.passes for n, _ in passes]
+
+
+@pytest.mark.parametrize("momentum", [1.0, apgd.MOMENTUM])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_in_place_step_is_bitwise_the_plain_update(norm: AutoAttackNorm, momentum: float) -> None:
+    # The step is computed in place for speed; it must round exactly like the plain expression
+    # (the authors' order of operations), or verdicts could drift from the official ones.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 8, 8, generator=gen)
+    eps = 0.1 if norm == "linf" else 0.5
+    attack = APGDCE(eps=eps, norm=norm)
+    norm_ = get_norm(norm)
+    lo, hi = (x - eps).clamp_min(0.0), (x + eps).clamp_max(1.0)
+    x_prev = attack._project(x, lo, hi, x + 0.1 * torch.randn(x.shape, generator=gen), norm_)
+    x_adv = x_prev if momentum == 1.0 else attack._project(x, lo, hi, x_prev + 0.05, norm_)
+    grad = torch.randn(x.shape, generator=gen)
+    eta = torch.rand(16, 1, 1, 1, generator=gen) * eps
+    state = apgd._RunState(
+        **{f.name: None for f in dataclasses.fields(apgd._RunState)}  # type: ignore[arg-type]
+        | {"x": x, "lo": lo, "hi": hi, "x_adv": x_adv, "x_prev": x_prev, "grad": grad, "eta": eta}
+    )
+    z = attack._project(x, lo, hi, x_adv + eta * norm_.ascent(grad), norm_)
+    v = x_adv + momentum * (z - x_adv) + (1.0 - momentum) * (x_adv - x_prev)
+    expected = attack._project(x, lo, hi, v, norm_)
+    before = [t.clone() for t in (x_adv, x_prev, grad)]
+    assert torch.equal(attack._step(state, momentum, norm_), expected)
+    assert all(torch.equal(a, b) for a, b in zip(before, (x_adv, x_prev, grad), strict=True))

@@ -265,3 +265,44 @@ def test_rand_version_is_deterministic_on_a_randomized_model(
     second = cascade.run(noisy, x[:32], y[:32])
     assert torch.equal(first.x_adv, second.x_adv) and first.found_by == second.found_by
     assert first.robust_after["apgd-dlr"] <= 0.1
+
+
+class Recording:
+    """An attack that records the batch size it is given and delegates to ``inner``."""
+
+    def __init__(self, inner: Attack, sizes: list[int]) -> None:
+        self.inner, self.sizes = inner, sizes
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        self.sizes.append(len(x))
+        return self.inner(model, x, y)
+
+
+@pytest.mark.parametrize("eps", [0.05, 2.0])
+def test_points_per_attack_counts_the_survivors_each_attack_got(
+    digits: tuple[nn.Module, Tensor, Tensor], eps: float
+) -> None:
+    model, x, y = digits
+    sizes: list[int] = []
+
+    class Recorded(Cascade):
+        def members(self) -> list[tuple[str, Attack]]:
+            return [
+                (name, Recording(attack, sizes))  # type: ignore[misc]
+                for name, attack in [
+                    ("fgsm", ATTACKS.get("fgsm")(eps=self.eps)),
+                    ("apgd-ce", APGDCE(eps=self.eps, steps=5)),
+                    ("apgd-t", APGDT(eps=self.eps, steps=5, n_target_classes=3)),
+                ]
+            ]
+
+    result = Recorded(eps=eps).run(model, x, y)
+    assert list(result.points_per_attack) == ["fgsm", "apgd-ce", "apgd-t"]
+    # Each attack got exactly the points robust after the one before it (none, once none
+    # was left: then it is not called at all).
+    before = [result.clean_accuracy, *result.robust_after.values()][:-1]
+    expected = [round(a * len(x)) for a in before]
+    assert list(result.points_per_attack.values()) == expected
+    assert sizes == [n for n in expected if n]
+    if eps > 1:
+        assert expected[-1] == 0  # everything broke before the last attack: it never ran

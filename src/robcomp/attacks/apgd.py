@@ -15,7 +15,10 @@ Speed: the model's parameters are frozen by the evaluator and gradients are take
 best-point bookkeeping) are masked tensor operations with no host synchronisation. Points
 already misclassified are dropped from the batch (after every iteration on the CPU, every few
 on an accelerator, where reading the mask stalls the device), so no gradient is spent on a
-broken point and the run stops once every point is broken.
+broken point and the run stops once every point is broken; each drop reads the device once.
+APGD-T hands each target's runs only the points no earlier target broke. What is left per
+iteration besides the model's forward and backward pass is a few passes over the batch (the
+step, in place, and the best-point updates), which costs less than the authors' bookkeeping.
 """
 
 from __future__ import annotations
@@ -165,9 +168,9 @@ class _RunState:
     reduced: Tensor  # (B,) bool: the step was halved at the last check
     loss_best_checked: Tensor  # loss_best at the last check
 
-    def select(self, keep: Tensor) -> _RunState:
-        """The state of the points in the (B,) bool mask ``keep`` only."""
-        return _RunState(**{f.name: getattr(self, f.name)[keep] for f in dataclasses.fields(self)})
+    def select(self, rows: Tensor) -> _RunState:
+        """The state of the points at the integer positions ``rows`` only."""
+        return _RunState(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -399,9 +402,7 @@ class _APGD:
             s = remaining
             momentum = 1.0 if i == 0 else MOMENTUM  # the first step has no previous one
             with torch.no_grad():
-                z = self._project(s.x, s.lo, s.hi, s.x_adv + s.eta * norm.ascent(s.grad), norm)
-                v = s.x_adv + momentum * (z - s.x_adv) + (1.0 - momentum) * (s.x_adv - s.x_prev)
-                s.x_prev, s.x_adv = s.x_adv, self._project(s.x, s.lo, s.hi, v, norm)
+                s.x_prev, s.x_adv = s.x_adv, self._step(s, momentum, norm)
             if i + 1 < self.steps:
                 loss, logits, s.grad = self._gradient(model, s.x_adv, s.y, s.target)
             else:  # no step follows the last iterate: its loss is needed, its gradient is not
@@ -409,7 +410,12 @@ class _APGD:
             with torch.no_grad():
                 broken = logits.argmax(1) != s.y
                 s.found = s.found | broken
-                s.x_found = torch.where(_col(broken, x), s.x_adv, s.x_found)
+                if period == 1:
+                    # Every broken point retires below at this very iterate, so the iterate
+                    # itself is each found point's misclassified one: no copy is needed.
+                    s.x_found = s.x_adv
+                else:
+                    s.x_found = torch.where(_col(broken, x), s.x_adv, s.x_found)
                 s.n_increases += loss > s.loss_prev
                 s.loss_prev = loss
                 improved = loss > s.loss_best
@@ -419,10 +425,32 @@ class _APGD:
                 if i + 1 in checks:
                     self._check_step_size(s, checks[i + 1])
                 if i + 1 == self.steps:
-                    self._write_out(s, torch.ones_like(s.found), *out)
+                    self._write_out(s, torch.arange(len(s.idx), device=x.device), *out)
                 elif (i + 1) % period == 0:
                     remaining = self._retire(s, s.found, out)
         return out
+
+    def _step(self, s: _RunState, momentum: float, norm: Norm) -> Tensor:
+        """The next iterate: a projected gradient step, then the momentum mix and projection.
+
+        ``x + m (z - x) + (1 - m) (x - x_prev)`` with ``z`` the projected gradient step: the
+        float operations of the authors' update in their order (so the iterates are bitwise
+        the same), done in place on fresh buffers, since allocating a new tensor for each of
+        these passes over the batch was about a third of their cost. Nothing of the state is
+        written in place: its tensors alias one another (``x_best`` is ``x_adv`` at the start).
+        """
+        z = s.eta * norm.ascent(s.grad)
+        z.add_(s.x_adv)
+        if self.norm == "linf":
+            torch.clamp(z, s.lo, s.hi, out=z)
+        else:
+            z = self._project(s.x, s.lo, s.hi, z, norm)
+        v = z.sub_(s.x_adv).mul_(momentum).add_(s.x_adv)
+        if momentum != 1.0:  # else the previous step's weight is 0: adding 0 changes nothing
+            v.add_(torch.sub(s.x_adv, s.x_prev).mul_(1.0 - momentum))
+        if self.norm == "linf":
+            return torch.clamp(v, s.lo, s.hi, out=v)
+        return self._project(s.x, s.lo, s.hi, v, norm)
 
     def _retire(
         self, s: _RunState, done: Tensor, out: tuple[Tensor, Tensor, Tensor]
@@ -435,8 +463,13 @@ class _APGD:
         n_done = int(done.sum())  # the only host synchronisation in the loop
         if n_done == 0:
             return s
-        self._write_out(s, done, *out)
-        return None if n_done == len(done) else s.select(~done)
+        # A stable sort puts the kept rows first, each group in order; its halves are integer
+        # indices, so neither writing out nor compacting needs another host read (a boolean
+        # mask index would read its count once per tensor indexed).
+        order = torch.sort(done.to(torch.uint8), stable=True).indices
+        n_keep = len(done) - n_done
+        self._write_out(s, order[n_keep:], *out)
+        return None if n_keep == 0 else s.select(order[:n_keep])
 
     def _check_step_size(self, s: _RunState, window: int) -> None:
         """Halve the step of the points whose loss stalled, and restart them from their best.
@@ -457,12 +490,13 @@ class _APGD:
         s.n_increases = torch.zeros_like(s.n_increases)
 
     @staticmethod
-    def _write_out(s: _RunState, done: Tensor, points: Tensor, found: Tensor, loss: Tensor) -> None:
-        """Copy the results of the points in the mask ``done`` into the run's output tensors."""
-        idx = s.idx[done]
-        points[idx] = torch.where(_col(s.found, s.x), s.x_found, s.x_best)[done]
-        found[idx] = s.found[done]
-        loss[idx] = s.loss_best[done]
+    def _write_out(s: _RunState, rows: Tensor, points: Tensor, found: Tensor, loss: Tensor) -> None:
+        """Copy the results of the points at the integer positions ``rows`` of the state into
+        the run's output tensors."""
+        idx, hit = s.idx[rows], s.found[rows]
+        points[idx] = torch.where(_col(hit, s.x), s.x_found[rows], s.x_best[rows])
+        found[idx] = hit
+        loss[idx] = s.loss_best[rows]
 
     def _warn_zero_gradients(self, grad: Tensor) -> None:
         """Log when some input gradients are exactly zero, as the authors' checks do for DLR.
@@ -520,7 +554,8 @@ class APGDT(_APGD):
     adversarial robustness with an ensemble of diverse parameter-free attacks", ICML).
 
     The targets are the classes ranked 2nd, 3rd, ... by the clean logits; each gets
-    ``restarts`` runs on the points still unbroken. Needs at least 4 classes.
+    ``restarts`` runs on the points still unbroken: a point stops at its first successful
+    target, and leaves the batch within the run that breaks it. Needs at least 4 classes.
 
     Attributes:
         n_target_classes: how many of the top wrong classes to target (9 in AutoAttack's

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from robcomp.attacks.base import ATTACKS, check_eps, check_positive
 from robcomp.attacks.labels import settings_label
 from robcomp.attacks.norms import get_norm
+from robcomp.attacks.reference import parameters_frozen
 
 # Rows whose float32 norm still exceeds eps after clipping are shrunk by this extra factor.
 _SHRINK = 1.0 - 1e-6
@@ -143,7 +144,9 @@ class MinimalNormAttack(ABC):
         if len(index) == 0:
             return result
         devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
+        # Foolbox calls .backward(), which would accumulate .grad into the caller's parameters
+        # when the attack is used outside the evaluator (which freezes them).
+        with torch.random.fork_rng(devices=devices), parameters_frozen(model):
             torch.manual_seed(self.seed)
             fmodel = fb.PyTorchModel(model, bounds=(0.0, 1.0), device=x.device)
             criterion = fb.criteria.Misclassification(y[index])

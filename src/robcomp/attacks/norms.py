@@ -15,7 +15,8 @@ NormName = Literal["linf", "l2", "l1"]
 
 
 def _flat(t: Tensor) -> Tensor:
-    return t.reshape(len(t), -1)
+    # flatten, not reshape(len(t), -1): the -1 is ambiguous for an empty batch
+    return t.flatten(1)
 
 
 def _per_sample(v: Tensor, like: Tensor) -> Tensor:
