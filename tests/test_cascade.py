@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import sys
 
 import pytest
 import torch
@@ -115,15 +114,6 @@ def test_wrappers_project_what_they_return(digits: tuple[nn.Module, Tensor, Tens
     x_adv = Square(eps=eps, queries=100)(model, x, y)
     assert float((x_adv - x).abs().amax()) <= eps + 1e-7
     assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
-
-
-def test_missing_pyautoattack_names_the_extra(
-    digits: tuple[nn.Module, Tensor, Tensor], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    model, x, y = digits
-    monkeypatch.setitem(sys.modules, "pyautoattack.fab_pt", None)  # makes the import fail
-    with pytest.raises(ImportError, match=r"pip install 'pyautoattack==0\.2\.0'"):
-        FABT(eps=0.1)(model, x[:4], y[:4])
 
 
 def test_square_rejects_non_images(digits: tuple[nn.Module, Tensor, Tensor]) -> None:

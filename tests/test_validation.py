@@ -193,12 +193,11 @@ def test_attack_libraries_are_in_the_base_install() -> None:
 def test_a_missing_attack_library_fails_at_load_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "pyautoattack", None)  # as if not installed
-    # fab-t still runs the official code (square is native now and needs no library).
-    raw = _base(evaluate=_base()["evaluate"] | {"attacks": [{"name": "fab-t", "eps": 0.1}]})
-    with pytest.raises(ConfigError, match=r"needs pyautoattack.*pip install 'pyautoattack=="):
+    monkeypatch.setitem(sys.modules, "foolbox", None)  # as if not installed
+    # ddn wraps Foolbox (square and fab-t are native and need no library).
+    raw = _base(evaluate=_base()["evaluate"] | {"attacks": [{"name": "ddn"}]})
+    with pytest.raises(ConfigError, match=r"needs foolbox.*pip install 'foolbox=="):
         load_experiment(raw)
-    monkeypatch.setitem(sys.modules, "foolbox", None)
     result = runner.invoke(app, ["quickstart", "--quick", "--out", "unused"])
     assert result.exit_code == 2, result.output
     assert _one_line(result.output) and "attacks[" in result.output
