@@ -20,7 +20,7 @@ rescaling, 1 restart) interleaved within each round, medians over rounds:
   eps 0.1 L∞ with ``MNIST_QUERIES`` queries, seeds 0..``MNIST_SEEDS - 1`` for both. Reports
   seconds, points broken per seed, per-point verdict mismatches of ours against the official
   at the same seed beside the official's own mismatches between consecutive seeds, and the
-  no-op fraction on real, saturated images.
+  no-op fraction on real images.
 
 ``--quick`` shrinks everything to a smoke test (numbers meaningless, nothing written).
 """

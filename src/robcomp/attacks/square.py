@@ -4,8 +4,10 @@ The attack is a random search: every iteration proposes, for each point still un
 perturbation that differs from its best one on a square window, queries the model once and keeps
 the proposal if it lowers the margin. The proposals of all points of a batch are built at once
 (per-point windows, no loop over points) and the model sees only the proposals worth a query:
-broken points leave the batch, and a proposal equal to its point's current best (frequent for
-Linf on images with saturated pixels) is counted as a rejected query without running the model.
+broken points leave the batch, and a proposal equal to its point's current best is counted as a
+rejected query without running the model. Such no-ops are common for Linf on few-channel images:
+an accepted square sets a block of pixels to one corner of the ball, and a later square inside
+that block whose drawn signs agree changes nothing.
 """
 
 from __future__ import annotations
