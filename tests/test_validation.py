@@ -183,7 +183,7 @@ def test_run_settings_fail_when_the_file_is_loaded(key: str, value: Any, words: 
 
 
 def test_attack_libraries_are_in_the_base_install() -> None:
-    """The quickstart runs Square and DDN; `pip install -e .` alone must give their libraries."""
+    """The quickstart runs DDN (Foolbox); `pip install -e .` alone must give its library."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert set(LIBRARIES.values()) <= set(project["dependencies"])
     ci = (ROOT / ".ci" / "run").read_text()

@@ -65,7 +65,7 @@ def check_positive(obj: Any, *names: str, strict: bool = True) -> None:
 
 # Third-party libraries some attacks wrap, with the pip requirement that provides each (robcomp
 # is installed from a checkout, so "pip install robcomp[...]" would name no real package).
-LIBRARIES = {"foolbox": "foolbox==3.3.4", "pyautoattack": "pyautoattack==0.2.0"}
+LIBRARIES = {"foolbox": "foolbox==3.3.4"}
 
 
 def missing_library(attack: Any) -> str | None:
