@@ -267,6 +267,9 @@ class Square:
     seed: int = 0
 
     uses_gradients: ClassVar[bool] = False  # score-based: queries the model's outputs only
+    # 2: native (its own generator, per-point squares); 1 ran the official code. Same fields,
+    # other random draws: results stored under revision 1 are not reused.
+    revision: ClassVar[int] = 2
     # Switch for the tests: the same run must come out with and without the no-op skip.
     _skip_noops: ClassVar[bool] = True
 
