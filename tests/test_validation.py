@@ -183,7 +183,7 @@ def test_run_settings_fail_when_the_file_is_loaded(key: str, value: Any, words: 
 
 
 def test_attack_libraries_are_in_the_base_install() -> None:
-    """The quickstart runs Square and DDN; `pip install -e .` alone must give their libraries."""
+    """The quickstart runs DDN (Foolbox); `pip install -e .` alone must give its library."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert set(LIBRARIES.values()) <= set(project["dependencies"])
     ci = (ROOT / ".ci" / "run").read_text()
@@ -193,11 +193,11 @@ def test_attack_libraries_are_in_the_base_install() -> None:
 def test_a_missing_attack_library_fails_at_load_time(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "pyautoattack", None)  # as if not installed
-    raw = _base(evaluate=_base()["evaluate"] | {"attacks": [{"name": "square", "eps": 0.1}]})
-    with pytest.raises(ConfigError, match=r"needs pyautoattack.*pip install 'pyautoattack=="):
+    monkeypatch.setitem(sys.modules, "foolbox", None)  # as if not installed
+    # ddn wraps Foolbox (square and fab-t are native and need no library).
+    raw = _base(evaluate=_base()["evaluate"] | {"attacks": [{"name": "ddn"}]})
+    with pytest.raises(ConfigError, match=r"needs foolbox.*pip install 'foolbox=="):
         load_experiment(raw)
-    monkeypatch.setitem(sys.modules, "foolbox", None)
     result = runner.invoke(app, ["quickstart", "--quick", "--out", "unused"])
     assert result.exit_code == 2, result.output
     assert _one_line(result.output) and "attacks[" in result.output

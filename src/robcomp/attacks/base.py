@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
@@ -64,7 +65,7 @@ def check_positive(obj: Any, *names: str, strict: bool = True) -> None:
 
 # Third-party libraries some attacks wrap, with the pip requirement that provides each (robcomp
 # is installed from a checkout, so "pip install robcomp[...]" would name no real package).
-LIBRARIES = {"foolbox": "foolbox==3.3.4", "pyautoattack": "pyautoattack==0.2.0"}
+LIBRARIES = {"foolbox": "foolbox==3.3.4"}
 
 
 def missing_library(attack: Any) -> str | None:
@@ -84,3 +85,20 @@ def missing_library(attack: Any) -> str | None:
                 "robcomp checkout, which installs it)"
             )
     return None
+
+
+@contextmanager
+def parameters_frozen(model: nn.Module) -> Iterator[None]:
+    """Turn off parameter gradients inside, restoring each flag afterwards.
+
+    The evaluator already freezes them; library attacks that call ``.backward()`` (Foolbox's)
+    would otherwise accumulate ``.grad`` into the caller's model when used on their own.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)

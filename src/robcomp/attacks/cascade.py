@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -106,6 +106,9 @@ class Cascade:
     version: Literal["standard", "rand", "custom"] = "standard"
     attacks: tuple[str, ...] = ()
     seed: int = 0
+
+    # 2: FAB-T and Square native (revision 2 of each); stored results of 1 are not reused.
+    revision: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         check_eps(self.eps, CASCADE_NAME)

@@ -189,6 +189,9 @@ class FABT:
     seed: int = 0
 
     uses_gradients: ClassVar[bool] = True
+    # 2: native (retires decided points, its own generator); 1 ran the official code. Results
+    # stored under revision 1 are not reused.
+    revision: ClassVar[int] = 2
 
     def __post_init__(self) -> None:
         check_eps(self.eps, "fab-t")

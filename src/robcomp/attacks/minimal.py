@@ -29,10 +29,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from robcomp.attacks.base import ATTACKS, check_eps, check_positive
+from robcomp.attacks.base import ATTACKS, check_eps, check_positive, parameters_frozen
 from robcomp.attacks.labels import settings_label
 from robcomp.attacks.norms import get_norm
-from robcomp.attacks.reference import parameters_frozen
 
 # Rows whose float32 norm still exceeds eps after clipping are shrunk by this extra factor.
 _SHRINK = 1.0 - 1e-6
