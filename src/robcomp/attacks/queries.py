@@ -98,9 +98,9 @@ def query_fn(model: nn.Module, *, fast: bool | None = None) -> Query:
     (other devices run eagerly: the graph's oneDNN layouts are CPU-only); a module is in
     training mode; autocast is on; the model declares its own execution (an int8 model, see
     :class:`robcomp.models.capabilities.GradientFree`) or has no parameters or buffers, or
-    holds packed weights outside them; two eager passes differ (randomness); tracing reads a tensor's value
-    into Python or warns (control flow depending on the data) or fails; or the graph's logits differ from
-    eager's. An empty batch always runs eagerly.
+    holds packed weights outside them; two eager passes differ (randomness); tracing reads a
+    tensor's value into Python or warns (control flow depending on the data) or fails; or the
+    graph's logits differ from eager's. An empty batch always runs eagerly.
 
     The graph is rebuilt when any parameter or buffer is replaced or changed
     in place through autograd-visible ops (optimizer steps, ``load_state_dict``,
