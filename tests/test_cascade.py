@@ -283,3 +283,15 @@ def test_points_per_attack_counts_the_survivors_each_attack_got(
     assert sizes == [n for n in expected if n]
     if eps > 1:
         assert expected[-1] == 0  # everything broke before the last attack: it never ran
+
+
+def test_standard_cascade_refuses_non_images_before_its_first_stage() -> None:
+    """Square, the last stage, cannot take (N, C, L) signals: the cascade must say so before
+    APGD and FAB spend minutes on them."""
+    calls = []
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 10))
+    model.register_forward_pre_hook(lambda module, inputs: calls.append(1))
+    x, y = torch.rand(4, 3, 4), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        Cascade(eps=0.1).run(model.eval(), x, y)
+    assert not calls

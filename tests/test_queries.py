@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -198,6 +199,60 @@ class _Branches(nn.Module):
         return -self.fc(x)
 
 
+class _HiddenBranches(_Branches):
+    """The same branch with the TracerWarning silenced by the model's own code, as some
+    libraries do: the warning cannot be what catches it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            high = bool(x.mean() > 0.5)
+        return self.fc(x) if high else -self.fc(x)
+
+
+class _PerRow(nn.Module):
+    """Traces without a warning but fixes the batch size: the graph fails on any other size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([self.fc(row) for row in x.unbind(0)])
+
+
+def test_a_graph_failing_at_other_sizes_is_rebuilt_at_most_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Shrinking batches (points retiring) must not retrace the model at every size."""
+    builds = []
+    build = queries._build
+
+    def counted(*args: object) -> object:
+        builds.append(1)
+        return build(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(queries, "_build", counted)
+    model = _PerRow().eval()
+    query = query_fn(model, fast=True)
+    x = torch.rand(12, 4)
+    for n in range(12, 4, -1):
+        torch.testing.assert_close(query(x[:n]), _eager(model, x[:n]))
+    assert len(builds) <= 2 and query.served == "eager"
+
+
+def test_autocast_runs_eagerly() -> None:
+    model = _model("small_cnn")
+    query = query_fn(model, fast=True)
+    x = _inputs(4, SHAPES["small_cnn"])
+    query(x)
+    assert query.served == "fast"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = query(x)
+        assert query.served == "eager" and "autocast" in (query.reason or "")
+        assert torch.equal(out, _eager(model, x))
+
+
 class _Noisy(nn.Module):
     """Random even in eval mode (randomized smoothing-style noise)."""
 
@@ -240,7 +295,8 @@ class _Parameterless(nn.Module):
 @pytest.mark.parametrize(
     ("make", "why"),
     [
-        (lambda: _Branches().eval(), "tracing warned"),
+        (lambda: _Branches().eval(), "reads tensor values into Python"),
+        (lambda: _HiddenBranches().eval(), "reads tensor values into Python"),
         (lambda: _Noisy().eval(), "random"),
         (lambda: _Dropout().train(), "training mode"),
         (lambda: _DeclaresInt8().eval(), "its own execution"),

@@ -206,6 +206,10 @@ class Cascade:
                 self.label(),
             )
         members = self.members()
+        for _, attack in members:  # a member that cannot take x fails before the first stage
+            check_inputs = getattr(attack, "check_inputs", None)
+            if check_inputs is not None:
+                check_inputs(x)
         x_adv = x.clone()
         robust_after: dict[str, float] = {}
         seconds: dict[str, float] = {}

@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as global_hooks
+from torch.overrides import TorchFunctionMode
 
 from robcomp.models.capabilities import Capabilities, capabilities
 
@@ -70,6 +72,8 @@ class _Graph:
     serial: int = field(default_factory=lambda: next(_SERIALS))  # names it in Query's checks
     # Batch sizes it was compared with eager on, per shape of one input.
     compared: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
+    # Built again after its predecessor failed or differed: if it fails too, it is not rebuilt.
+    retry: bool = False
 
 
 # One fast path per live model; a weak key, so caching never keeps a model alive.
@@ -92,11 +96,11 @@ def query_fn(model: nn.Module, *, fast: bool | None = None) -> Query:
     model, when: the fast path is off (``fast=False``, or the environment variable
     ``ROBCOMP_FAST_QUERIES=0`` when ``fast`` is None); the inputs are not float32 on the CPU
     (other devices run eagerly: the graph's oneDNN layouts are CPU-only); a module is in
-    training mode; the model declares its own execution (an int8 model, see
+    training mode; autocast is on; the model declares its own execution (an int8 model, see
     :class:`robcomp.models.capabilities.GradientFree`) or has no parameters or buffers, or
-    holds packed weights outside them; two eager passes differ (randomness); tracing warns
-    (Python control flow depending on the data) or fails; or the graph's logits differ from
-    eager's. An empty batch always runs eagerly.
+    holds packed weights outside them; two eager passes differ (randomness); tracing reads a
+    tensor's value into Python or warns (control flow depending on the data) or fails; or the
+    graph's logits differ from eager's. An empty batch always runs eagerly.
 
     The graph is rebuilt when any parameter or buffer is replaced or changed
     in place through autograd-visible ops (optimizer steps, ``load_state_dict``,
@@ -144,10 +148,11 @@ class Query:
             if reason is None and len(x) > 0:  # an empty batch costs nothing eagerly
                 graph, built, reason = self._graph(x)
                 out = None if graph is None else self._fast(graph, x)
-                if graph is not None and out is None and not built:
+                if graph is not None and out is None and not built and not graph.retry:
                     # Weights written through ``.data`` leave the fingerprint as it was: a
-                    # cached graph that differs is rebuilt once before giving up on the model.
-                    graph = _rebuild(self.model, x, self._modules)
+                    # cached graph that differs is rebuilt once before giving up on the model
+                    # (once: a graph that fails at another batch size would fail every time).
+                    graph = _rebuild(self.model, x, self._modules, retry=True)
                     out = self._fast(graph, x)
                 if out is not None:
                     self.served, self.reason = "fast", None
@@ -167,6 +172,9 @@ class Query:
             return f"the model is a {type(self.model).__name__}, not an nn.Module"
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return f"inputs are {x.dtype} on {x.device}; the fast path is for float32 on the CPU"
+        if torch.is_autocast_enabled("cpu"):
+            # The graph was traced in float32; under autocast eager runs in lower precision.
+            return "autocast is on; the fast path is traced in float32"
         return None
 
     def _graph(self, x: Tensor) -> tuple[_Graph | None, bool, str | None]:
@@ -224,9 +232,10 @@ def _run(forward: Forward, x: Tensor) -> Tensor:
         return forward(x)
 
 
-def _rebuild(model: nn.Module, x: Tensor, modules: list[nn.Module]) -> _Graph:
+def _rebuild(model: nn.Module, x: Tensor, modules: list[nn.Module], retry: bool = False) -> _Graph:
     reason = _unsupported(model, modules)
     graph = _Graph(None, None, reason) if reason else _build(model, x, _fingerprint(modules))
+    graph.retry = retry
     _GRAPHS[model] = graph
     return graph
 
@@ -234,12 +243,18 @@ def _rebuild(model: nn.Module, x: Tensor, modules: list[nn.Module]) -> _Graph:
 def _fingerprint(modules: list[nn.Module]) -> Hashable:
     """What the frozen graph depends on: each module's identity, mode, children and hooks,
     and each parameter's and buffer's identity, storage and version counter (bumped by every
-    in-place change autograd sees). Plain tensor attributes are left out: pruning's forward
+    in-place change autograd sees), each module's class and any forward set on the instance,
+    and the global module hooks. Plain tensor attributes are left out: pruning's forward
     hook sets a new ``weight`` attribute on every call."""
-    parts: list[Hashable] = []
+    parts: list[Hashable] = [
+        tuple(global_hooks._global_forward_pre_hooks),
+        tuple(global_hooks._global_forward_hooks),
+    ]
     add = parts.append
     for module in modules:
         add(id(module))
+        add(id(type(module)))
+        add(id(module.__dict__.get("forward")))  # a forward replaced on the instance
         add(module.training)
         add(tuple(map(id, module._modules.values())))
         add(tuple(module._forward_pre_hooks))  # handle ids, never reused
@@ -256,8 +271,9 @@ def _build(model: nn.Module, x: Tensor, fingerprint: Hashable) -> _Graph:
     reason = _random(model, x)
     if reason is not None:
         return _Graph(fingerprint, None, reason)
+    conversions = _Conversions()
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, conversions:
             warnings.simplefilter("always")
             # TorchScript is deprecated in torch 2.14 (FutureWarning) but is the fastest exact
             # path measured (bench/queries.py); torch.compile costs seconds per shape instead.
@@ -266,11 +282,40 @@ def _build(model: nn.Module, x: Tensor, fingerprint: Hashable) -> _Graph:
             forward = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
     except Exception as err:  # tracing fails on many constructs; each means: run eagerly
         return _Graph(fingerprint, None, f"tracing failed: {_first(err)}")
+    if conversions.seen:
+        # Warning filters in the model's code can hide the TracerWarning; this cannot be hidden.
+        names = ", ".join(sorted(conversions.seen))
+        return _Graph(fingerprint, None, f"the model reads tensor values into Python ({names})")
     for warning in caught:
         if issubclass(warning.category, torch.jit.TracerWarning):
             # The trace fixed a branch, a Python number or a shape taken from this batch.
             return _Graph(fingerprint, None, f"tracing warned: {_first(warning.message)}")
     return _Graph(fingerprint, forward)
+
+
+class _Conversions(TorchFunctionMode):
+    """Records, while tracing, every tensor value the model turns into a Python value: the
+    trace freezes it (a branch, a loop count, an index) as it was on the traced batch."""
+
+    NAMES = frozenset(
+        {"__bool__", "__int__", "__float__", "__index__", "__len__", "item", "tolist", "numpy"}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_function__(
+        self,
+        func: Callable[..., object],
+        types: object,
+        args: tuple[object, ...] = (),
+        kwargs: dict[str, object] | None = None,
+    ) -> object:
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES:
+            self.seen.add(name)
+        return func(*args, **(kwargs or {}))
 
 
 def _unsupported(model: nn.Module, modules: list[nn.Module]) -> str | None:

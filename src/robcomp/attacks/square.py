@@ -288,8 +288,9 @@ class Square:
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         return self.run(model, x, y).x_adv
 
-    def run(self, model: nn.Module, x: Tensor, y: Tensor) -> SquareResult:
-        """Attack the images ``x`` with labels ``y``; see :class:`SquareResult`."""
+    def check_inputs(self, x: Tensor) -> None:
+        """Raise ValueError unless Square can attack inputs shaped like ``x`` (the cascade
+        calls it before its first stage, so a bad input fails before minutes of APGD)."""
         if x.ndim != 4:
             raise ValueError(
                 f"square attacks images (N, C, H, W); got inputs of shape {tuple(x.shape)}"
@@ -299,6 +300,10 @@ class Square:
                 f"square's L2 start tiles the image with a {_L2_GRID} x {_L2_GRID} grid; "
                 f"images must be at least {_L2_GRID} x {_L2_GRID}, got {tuple(x.shape[2:])}"
             )
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor) -> SquareResult:
+        """Attack the images ``x`` with labels ``y``; see :class:`SquareResult`."""
+        self.check_inputs(x)
         query = query_fn(model)
         n = len(x)
         x_adv = x.clone()
